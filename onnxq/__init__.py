@@ -1,0 +1,8 @@
+"""onnxq: post-training quantization of ONNX models for TensorRT and ONNX Runtime."""
+
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import QuantizeResult, quantize
+from onnxq.plan import QuantPlan
+
+__version__ = "0.1.0"
+__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "quantize", "__version__"]

@@ -1,0 +1,200 @@
+"""Calibration and evaluation data: where it comes from and how it reaches the model.
+
+A data source is one of
+- an ``.npz`` file: one array per model input, the leading axis indexing samples;
+- a directory of such ``.npz`` files, read in name order;
+- ``module:function`` (or ``path/to/file.py:function``): the function returns an iterable of
+  feed dicts ``{input name: array}``, each fed to the model as it is.
+
+Arrays are read one sample at a time and never all kept (``.npz`` members are memory-mapped when
+uncompressed). Each feed is checked against the model's inputs: names, dtypes, static dimensions,
+and, for calibration, finite values.
+
+For an array source, a sample is ``arr[i:i+1]`` when the array has the model input's rank (the
+leading axis is the batch axis) and ``arr[i]`` when it has one more dimension than the input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxq.errors import DataError
+
+Feed = dict[str, np.ndarray]
+InputSpec = Mapping[str, tuple[type, list]]
+
+
+def _load_npz(path: Path) -> Mapping[str, np.ndarray]:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+
+
+def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterator[Feed]]]:
+    arrays = _load_npz(path)
+    names = list(arrays.keys())
+    missing = [n for n in spec if n not in names]
+    extra = [n for n in names if n not in spec]
+    if missing or extra:
+        raise DataError(
+            f"{path}: arrays {names} do not match the model inputs {list(spec)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unexpected {extra})" if extra else "")
+            + "; save one array per model input, named like the input"
+        )
+    counts = {}
+    per_sample_rank = {}
+    for name, (_, shape) in spec.items():
+        arr = arrays[name]
+        if arr.ndim == len(shape):
+            per_sample_rank[name] = False  # leading axis is the batch axis: feed arr[i:i+1]
+        elif arr.ndim == len(shape) + 1:
+            per_sample_rank[name] = True  # one extra leading axis: feed arr[i]
+        else:
+            raise DataError(
+                f"{path}: array {name!r} has shape {list(arr.shape)} but the model input has rank "
+                f"{len(shape)}; give [samples, ...input dims] (or [samples, ...] with batch 1)"
+            )
+        counts[name] = arr.shape[0]
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{path}: arrays have different sample counts {counts}; give every input the same number")
+    n = next(iter(counts.values())) if counts else 0
+
+    def gen() -> Iterator[Feed]:
+        data = _load_npz(path)
+        for i in range(n):
+            yield {
+                name: np.array(data[name][i] if per_sample_rank[name] else data[name][i : i + 1])
+                for name in spec
+            }
+
+    return n, gen
+
+
+def _import_callable(ref: str) -> Callable[[], Iterable[Mapping[str, np.ndarray]]]:
+    mod_name, _, func_name = ref.rpartition(":")
+    try:
+        if mod_name.endswith(".py") or os.sep in mod_name:
+            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {mod_name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise DataError(f"data source {ref!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"data source {ref!r}: {mod_name} has no function {func_name!r}")
+    return func
+
+
+@dataclass
+class DataSource:
+    """A re-iterable source of validated feed dicts for one model."""
+
+    description: str
+    length: int | None
+    _factory: Callable[[], Iterator[Feed]]
+    spec: InputSpec
+    require_finite: bool = True
+
+    def __len__(self) -> int:
+        return self.length or 0
+
+    def __iter__(self) -> Iterator[Feed]:
+        from onnxq.runtime.ort import validate_feed
+
+        count = 0
+        for i, raw in enumerate(self._factory()):
+            if not isinstance(raw, Mapping):
+                raise DataError(
+                    f"{self.description}: item {i} is a {type(raw).__name__}, expected a dict of "
+                    "{input name: array}"
+                )
+            feed = validate_feed(raw, self.spec, f"{self.description}, sample {i}")
+            if self.require_finite:
+                for name, arr in feed.items():
+                    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                        bad = "NaN" if np.isnan(arr).any() else "Inf"
+                        raise DataError(
+                            f"{self.description}, sample {i}: input {name!r} contains {bad}; "
+                            "calibration data must be finite — clean or drop that sample"
+                        )
+            count += 1
+            yield feed
+        if count == 0:
+            raise DataError(f"{self.description} holds no samples; give at least one")
+
+
+def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None = None, require_finite: bool = True) -> DataSource:
+    """Resolve a data source (see module docstring) against a model's input spec."""
+    if not isinstance(source, (str, os.PathLike)):
+        items = source
+
+        def from_iterable() -> Iterator[Feed]:
+            return iter(items)
+
+        length = len(items) if hasattr(items, "__len__") else None
+        return _limited(DataSource("data", length, from_iterable, spec, require_finite), limit)
+
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise DataError(f"{path} holds no .npz files; put one .npz per batch of samples there")
+        parts = [_npz_samples(f, spec) for f in files]
+
+        def from_dir() -> Iterator[Feed]:
+            for _, gen in parts:
+                yield from gen()
+
+        return _limited(DataSource(str(path), sum(n for n, _ in parts), from_dir, spec, require_finite), limit)
+    if path.suffix == ".npz" or path.exists():
+        if not path.exists():
+            raise DataError(f"{path}: no such file; give an .npz, a directory of .npz, or module:function")
+        n, gen = _npz_samples(path, spec)
+        return _limited(DataSource(str(path), n, gen, spec, require_finite), limit)
+    if ":" in text:
+        func = _import_callable(text)
+
+        def from_func() -> Iterator[Feed]:
+            try:
+                result = func()
+            except Exception as exc:
+                raise DataError(f"data source {text!r} raised {type(exc).__name__}: {exc}") from None
+            return iter(result)
+
+        return _limited(DataSource(text, None, from_func, spec, require_finite), limit)
+    raise DataError(f"{text}: no such file; give an .npz, a directory of .npz, or module:function")
+
+
+def _limited(src: DataSource, limit: int | None) -> DataSource:
+    if limit is None:
+        return src
+    if limit <= 0:
+        raise DataError(f"a sample limit must be positive, got {limit}")
+    inner = src._factory
+
+    def capped() -> Iterator[Feed]:
+        for i, feed in enumerate(inner()):
+            if i >= limit:
+                return
+            yield feed
+
+    length = min(src.length, limit) if src.length is not None else limit
+    return DataSource(src.description, length, capped, src.spec, src.require_finite)

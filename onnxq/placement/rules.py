@@ -1,0 +1,174 @@
+"""Graph facts the target policies share: which inputs are weights, GEMV shapes, exclusions."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
+
+FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+# TensorRT gains nothing from INT8 on GEMV-like products and on convs with very few channels.
+MIN_GEMM_DIM = 16
+MIN_CONV_CHANNELS = 16
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.dtype in FLOAT_TYPES
+
+
+def is_activation(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is None and value.dtype in FLOAT_TYPES
+
+
+def _static_dims(shape: ir.Shape | None) -> list[int | None] | None:
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in shape]
+
+
+def weight_axis(node: ir.Node) -> tuple[int, int | None] | None:
+    """(input index of the weight, its per-channel output axis) for a linear node, or None."""
+    if node.op_type in ("Conv",):
+        return 1, 0
+    if node.op_type == "ConvTranspose":
+        group = node.attributes.get_int("group", 1)
+        # Output channels sit on axis 1 only when there is one group.
+        return 1, 1 if group == 1 else None
+    if node.op_type == "Gemm":
+        return 1, 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        w = node.inputs[1]
+        if w is not None and w.shape is not None and len(w.shape) >= 2:
+            return 1, len(w.shape) - 1
+        return 1, None
+    return None
+
+
+def gemm_dims(node: ir.Node) -> tuple[int | None, int | None, int | None]:
+    """(M, K, N) of a MatMul/Gemm where statically known; M is the product of A's row dims."""
+    a, b = node.inputs[0], node.inputs[1]
+    da, db = _static_dims(a.shape if a else None), _static_dims(b.shape if b else None)
+    m = k = n = None
+    if da:
+        rows = da[:-1]
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            rows, k = da[1:], da[0]
+        else:
+            k = da[-1]
+        m = math.prod(rows) if rows and all(d is not None for d in rows) else (1 if not rows else None)
+    if db:
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            n = db[0]
+        else:
+            n = db[-1] if len(db) >= 2 else 1
+    return m, k, n
+
+
+def gemv_reason(node: ir.Node) -> str | None:
+    m, k, n = gemm_dims(node)
+    if m == 1 or n == 1:
+        return f"GEMV-like (M={m}, N={n}): INT8 gains nothing"
+    if (k is not None and k < MIN_GEMM_DIM) or (n is not None and n < MIN_GEMM_DIM):
+        return f"too small (K={k}, N={n} < {MIN_GEMM_DIM}): INT8 gains nothing"
+    return None
+
+
+def conv_channels_reason(node: ir.Node) -> str | None:
+    w = node.inputs[1]
+    dims = _static_dims(w.shape if w else None)
+    if not dims or len(dims) < 2:
+        return None
+    group = node.attributes.get_int("group", 1)
+    if node.op_type == "Conv":
+        c_out, c_in = dims[0], (dims[1] * group if dims[1] is not None else None)
+    else:
+        c_in, c_out = dims[0], (dims[1] * group if dims[1] is not None else None)
+    if (c_in is not None and c_in < MIN_CONV_CHANNELS) or (c_out is not None and c_out < MIN_CONV_CHANNELS):
+        return f"too few channels (in={c_in}, out={c_out} < {MIN_CONV_CHANNELS}): INT8 gains nothing"
+    return None
+
+
+def linear_decision(node: ir.Node, plan: QuantPlan, weight_dtype: str = "int8") -> NodeDecision:
+    """The default decision for a Conv/ConvTranspose/Gemm/MatMul: quantize activations and weight."""
+    reason = conv_channels_reason(node) if node.op_type.startswith("Conv") else gemv_reason(node)
+    if reason:
+        return NodeDecision(node.op_type, FLOAT, {}, reason)
+    inputs: dict[int, str] = {}
+    w_index, axis = weight_axis(node)
+    if is_weight(node.inputs[0]):
+        return NodeDecision(node.op_type, FLOAT, {}, "constant first operand: not a supported layout")
+    if not is_activation(node.inputs[0]):
+        return NodeDecision(node.op_type, FLOAT, {}, "first operand is not a float tensor")
+    inputs[0] = "activation"
+    w = node.inputs[w_index]
+    if is_weight(w):
+        inputs[w_index] = "weight"
+        plan.weights.setdefault(w.name, WeightQuant(dtype=weight_dtype, axis=axis))
+    elif is_activation(w):
+        inputs[w_index] = "activation"  # e.g. attention's Q·Kᵀ: both operands are activations
+    else:
+        return NodeDecision(node.op_type, FLOAT, {}, "second operand is not a float tensor")
+    kind = "weight" if inputs.get(w_index) == "weight" else "activation"
+    return NodeDecision(node.op_type, "int8", inputs, f"inputs of {node.op_type} ({kind} {'per-channel' if kind == 'weight' and axis is not None else 'per-tensor'})")
+
+
+def apply_exclusions(model: ir.Model, plan: QuantPlan, patterns: Sequence[str]) -> None:
+    """Set every node whose name equals or fully matches a pattern to float.
+
+    A pattern that matches no node is an error: it is almost always a typo.
+    """
+    names = [n.name for n in model.graph if n.name]
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise OnnxqError(f"--exclude {pattern!r} is not a valid regular expression ({exc})") from None
+        hits = [n for n in names if n == pattern or regex.fullmatch(n)]
+        if not hits:
+            raise OnnxqError(
+                f"--exclude {pattern!r} matches no node name; names look like {names[:3]} "
+                "(use `onnxq quantize --save-plan` to list them)"
+            )
+        for name in hits:
+            decision = plan.nodes.get(name)
+            if decision is None:
+                continue  # a node no policy would quantize: nothing to exclude
+            decision.precision = FLOAT
+            decision.inputs = {}
+            decision.reason = f"excluded by --exclude {pattern!r}"
+    _drop_unused_weights(model, plan)
+
+
+def _drop_unused_weights(model: ir.Model, plan: QuantPlan) -> None:
+    """Forget weight entries that no quantized node reads any more."""
+    by_name = {n.name: n for n in model.graph}
+    used = set()
+    for name, decision in plan.nodes.items():
+        if decision.quantized and name in by_name:
+            node = by_name[name]
+            used.update(node.inputs[i].name for i, kind in decision.inputs.items() if kind == "weight")
+    for w in [w for w in plan.weights if w not in used]:
+        del plan.weights[w]
+
+
+def consumers_of(value: ir.Value) -> list[ir.Node]:
+    return [use.node for use in value.uses()]
+
+
+def producer_op(value: ir.Value | None) -> str | None:
+    if value is None:
+        return None
+    prod = value.producer()
+    return prod.op_type if prod is not None else None
+
+
+def nodes(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
+    ops = set(op_types)
+    return [n for n in model.graph if n.op_type in ops and n.domain in ("", "ai.onnx")]

@@ -1,0 +1,1 @@
+"""Execution backends: ONNX Runtime (reference everywhere) and TensorRT (through polygraphy)."""

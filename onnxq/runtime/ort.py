@@ -1,0 +1,171 @@
+"""ONNX Runtime sessions for float and quantized models.
+
+ORT is onnxq's reference executor. Two of its behaviours shape this module:
+- FP8 Q/DQ models fail to load on the CPU provider at ORT_ENABLE_EXTENDED or higher (a QDQ fusion
+  receives float8 inputs), so sessions for them use ORT_ENABLE_BASIC;
+- it refuses IR versions newer than it knows, so in-memory models go through
+  :func:`onnxq.modelio.to_proto`, which sets the IR version the opset needs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxq import modelio
+from onnxq.errors import DataError, UnsupportedModelError
+
+_FP8_TYPES = {
+    onnx.TensorProto.FLOAT8E4M3FN,
+    onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+
+# numpy dtype for each ORT input type string
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _uses_fp8(proto: onnx.ModelProto) -> bool:
+    for init in proto.graph.initializer:
+        if init.data_type in _FP8_TYPES:
+            return True
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear":
+            for attr in node.attribute:
+                if attr.name == "output_dtype" and attr.i in _FP8_TYPES:
+                    return True
+    return False
+
+
+def session_options(*, fp8: bool = False, threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if fp8:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def create_session(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    *,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession for a path, an ``ir.Model`` or a ModelProto.
+
+    Raises :class:`UnsupportedModelError` with ORT's reason when ORT cannot load the model (an op
+    or type it does not implement, an invalid graph).
+    """
+    providers = list(providers or ["CPUExecutionProvider"])
+    tmpdir = None
+    try:
+        if isinstance(model, ir.Model):
+            model = modelio.to_proto(model)
+        if isinstance(model, onnx.ModelProto):
+            fp8 = _uses_fp8(model)
+            if model.ByteSize() < modelio.EXTERNAL_DATA_THRESHOLD:
+                source: bytes | str = model.SerializeToString()
+            else:
+                tmpdir = tempfile.TemporaryDirectory(prefix="onnxq-session-")
+                source = os.path.join(tmpdir.name, "model.onnx")
+                onnx.save(model, source, save_as_external_data=True, location="model.onnx.data")
+        else:
+            source = str(model)
+            fp8 = _uses_fp8(onnx.load(source, load_external_data=False))
+        opts = session_options(fp8=fp8, threads=threads)
+        try:
+            return ort.InferenceSession(source, sess_options=opts, providers=providers)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(
+                f"ONNX Runtime cannot load this model: {reason}. Run it with onnxruntime first; "
+                "replace or exclude the op it names, or upgrade onnxruntime"
+            ) from None
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+
+
+def input_spec(session: ort.InferenceSession) -> dict[str, tuple[type, list]]:
+    """name -> (numpy dtype, shape with None/str for dynamic dims)."""
+    spec = {}
+    for arg in session.get_inputs():
+        if arg.type not in _ORT_TYPES:
+            raise UnsupportedModelError(f"model input {arg.name!r} has type {arg.type}, which onnxq cannot feed")
+        spec[arg.name] = (_ORT_TYPES[arg.type], list(arg.shape))
+    return spec
+
+
+def validate_feed(feed: Mapping[str, np.ndarray], spec: Mapping[str, tuple[type, list]], where: str) -> dict[str, np.ndarray]:
+    """Check a feed dict against the model's inputs; return it with arrays as numpy.
+
+    Names must match exactly; dtypes must match (ints are not silently cast to floats or back);
+    static dimensions must agree.
+    """
+    missing = [n for n in spec if n not in feed]
+    extra = [n for n in feed if n not in spec]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise DataError(
+            f"{where}: input names do not match the model ({'; '.join(parts)}); the model's inputs "
+            f"are {list(spec)}"
+        )
+    out = {}
+    for name, (dtype, shape) in spec.items():
+        arr = np.asarray(feed[name])
+        if arr.dtype != dtype:
+            raise DataError(
+                f"{where}: input {name!r} has dtype {arr.dtype}, the model wants {np.dtype(dtype)}; "
+                f"convert it (e.g. arr.astype(np.{np.dtype(dtype).name}))"
+            )
+        if arr.ndim != len(shape) or any(
+            isinstance(d, int) and d != a for d, a in zip(shape, arr.shape)
+        ):
+            raise DataError(
+                f"{where}: input {name!r} has shape {list(arr.shape)}, the model wants "
+                f"{[d if isinstance(d, int) else '?' for d in shape]}"
+            )
+        out[name] = arr
+    return out
+
+
+def run(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    try:
+        return session.run(list(outputs) if outputs is not None else None, dict(feed))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {reason}") from None
+
+
+def run_all(session: ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """Outputs for each feed, in order."""
+    return [run(session, f) for f in feeds]
+
+
+def model_path_or_proto(model: str | os.PathLike | ir.Model) -> str | onnx.ModelProto:
+    if isinstance(model, ir.Model):
+        return modelio.to_proto(model)
+    return str(Path(model))

@@ -1,0 +1,91 @@
+"""Small synthetic models built with onnx.helper, for unit tests that must not need the zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 10  # onnxruntime refuses onnx 1.23's default IR version
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def residual_cnn(opset: int = 17, seed: int = 0) -> onnx.ModelProto:
+    """x[1,16,8,8] → Pad → Conv(16→32) → BN → Relu → Conv(32→16) → Add(x) → Conv(16→3, tiny) → GAP → Flatten → Gemm(3→10)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("w1", rng.normal(0, 0.2, (32, 16, 3, 3))),
+        _init("b1", rng.normal(0, 0.1, (32,))),
+        _init("bn_scale", rng.uniform(0.5, 1.5, (32,))),
+        _init("bn_bias", rng.normal(0, 0.1, (32,))),
+        _init("bn_mean", rng.normal(0, 0.1, (32,))),
+        _init("bn_var", rng.uniform(0.5, 1.5, (32,))),
+        _init("w2", rng.normal(0, 0.1, (16, 32, 1, 1))),
+        _init("w3", rng.normal(0, 0.2, (3, 16, 1, 1))),
+        _init("wfc", rng.normal(0, 0.3, (10, 3))),
+        _init("bfc", rng.normal(0, 0.1, (10,))),
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["x_pad"], name="pad", mode="constant"),
+        helper.make_node("Conv", ["x_pad", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn1"], name="bn1"),
+        helper.make_node("Relu", ["bn1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "x"], ["res"], name="residual_add"),
+        helper.make_node("Conv", ["res", "w3"], ["c3"], name="conv_tiny"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wfc", "bfc"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+
+
+def tiny_attention(opset: int = 17, seed: int = 0, seq: int = 16, hidden: int = 32) -> onnx.ModelProto:
+    """x[1,seq,hidden] → Q,K,V MatMuls sharing x → softmax(QKᵀ)·V → out-proj MatMul → + x."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(n, rng.normal(0, 0.2, (hidden, hidden))) for n in ("wq", "wk", "wv", "wo")]
+    inits.append(_init("scale", np.array(1.0 / np.sqrt(hidden))))
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"], name="qk"),
+        helper.make_node("Mul", ["scores_raw", "scale"], ["scores"], name="scale_scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["proj"], name="o_proj"),
+        helper.make_node("Add", ["proj", "x"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, path)
+    return path
+
+
+def random_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, **{name: rng.normal(0, 1, (n, *shape[1:])).astype(np.float32)})
+    return path
