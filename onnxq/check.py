@@ -8,13 +8,12 @@ sample by sample, so memory does not grow with the data.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 
 
@@ -70,8 +69,7 @@ def compare(reference, candidate, data: Iterable[dict[str, np.ndarray]], *, prog
         raise OnnxqError(f"the candidate's outputs {cand_names} differ from the reference's {names}")
     results = [OutputAccuracy(n) for n in names]
     total = len(data) if hasattr(data, "__len__") and len(data) else None
-    bar = tqdm(total=total, desc="evaluating", unit="sample", leave=False,
-               disable=not progress or os.environ.get("ONNXQ_NO_PROGRESS") == "1")
+    bar = progress_bar(total, "evaluating", enabled=progress)
     with bar:
         for feed in data:
             for acc, r, c in zip(results, ort_rt.run(ref, feed), ort_rt.run(cand, feed)):

@@ -7,16 +7,15 @@ batch; no activation outlives its batch, and memory does not grow with the numbe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from tqdm.auto import tqdm
 
 from onnxq import modelio
 from onnxq.calibrators.table import CalibrationTable, TensorStats
 from onnxq.errors import DataError
+from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -76,13 +75,7 @@ def collect(
     session = ort_rt.create_session(augmented, threads=session_threads)
     del augmented
     total = len(data) if hasattr(data, "__len__") and len(data) else None
-    bar = tqdm(
-        total=total,
-        desc=f"calibrating {len(observed)} tensors",
-        unit="sample",
-        disable=not progress or os.environ.get("ONNXQ_NO_PROGRESS") == "1",
-        leave=False,
-    )
+    bar = progress_bar(total, f"calibrating {len(observed)} tensors", enabled=progress)
     with bar:
         for feed in data:
             results = ort_rt.run(session, feed)

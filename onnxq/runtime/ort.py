@@ -90,6 +90,10 @@ def create_session(
                 onnx.save(model, source, save_as_external_data=True, location="model.onnx.data")
         else:
             source = str(model)
+            if not Path(source).is_file():
+                from onnxq.errors import ModelLoadError
+
+                raise ModelLoadError(f"{source}: no such model file")
             fp8 = _uses_fp8(onnx.load(source, load_external_data=False))
         opts = session_options(fp8=fp8, threads=threads)
         try:

@@ -1,0 +1,13 @@
+"""Progress bars for long work: on a terminal only, unless ONNXQ_NO_PROGRESS=1 turns them off."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "sample", enabled: bool = True) -> tqdm:
+    show = enabled and os.environ.get("ONNXQ_NO_PROGRESS") != "1" and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, mininterval=0.5)
