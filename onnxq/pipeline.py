@@ -106,6 +106,7 @@ def quantize(
     save_plan: str | os.PathLike | None = None,
     calib_samples: int | None = None,
     report: bool = True,
+    evaluate: bool = True,
     quiet: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
@@ -176,13 +177,15 @@ def quantize(
     timings["insert_qdq"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if eval is not None:
+    if not evaluate:
+        eval_data, eval_source = [], "skipped"
+    elif eval is not None:
         eval_data = open_source(eval, spec, require_finite=False)
         eval_source = eval_data.description
     else:
         eval_data = open_source(calib, spec, limit=calib_samples, require_finite=False)
         eval_source = f"{eval_data.description} (calibration data, not held out: pass --eval)"
-    accuracy = compare(reference, quant_session, eval_data, progress=not quiet)
+    accuracy = compare(reference, quant_session, eval_data, progress=not quiet) if evaluate else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -191,6 +194,6 @@ def quantize(
         with modelio.atomic_path(report_path) as tmp:
             tmp.write_text(json.dumps(result.to_json(), indent=1))
         result.report_path = report_path
-    if not quiet:
+    if not quiet and accuracy:
         print(format_table(accuracy, f"ORT FP32 vs ORT {the_plan.precision} ({the_plan.target}) on {eval_source}:"))
     return result
