@@ -163,6 +163,7 @@ def quantize(
     from onnxq.passes.qdq import InsertQDQPass
 
     InsertQDQPass(the_plan)(float_model)
+    ir.passes.common.RemoveUnusedNodesPass()(float_model)
     ir.passes.common.TopologicalSortPass()(float_model)
     proto = modelio.to_proto(float_model)
     try:

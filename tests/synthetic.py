@@ -89,3 +89,23 @@ def random_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int 
     rng = np.random.default_rng(seed)
     np.savez(path, **{name: rng.normal(0, 1, (n, *shape[1:])).astype(np.float32)})
     return path
+
+
+def tied_embedding_lm(vocab: int = 64, hidden: int = 32, seq: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """ids → Gather(E) → MatMul(W1) → MatMul(Transpose(E)) → logits: E is read by Gather and, transposed, by the head."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("embed", rng.normal(0, 0.5, (vocab, hidden))), _init("w1", rng.normal(0, 0.2, (hidden, hidden)))]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["h0"], name="embed_lookup"),
+        helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="mlp"),
+        helper.make_node("Transpose", ["embed"], ["embed_t"], name="head_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["h1", "embed_t"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied_lm",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq, vocab])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)

@@ -169,3 +169,31 @@ def test_report_json_written_beside_output(cnn_case, tmp_path):
     assert logits["name"] == "logits" and logits["samples"] == 8
     assert 0.99 < logits["cosine_mean"] <= 1.0
     assert report["calibration_samples"] == 16
+
+
+def test_tied_embedding_head_is_quantized_per_channel_and_gather_stays_float(tmp_path):
+    import synthetic
+
+    # above constant folding's size limit, as SmolLM2's 28M-element head is, so the Transpose stays
+    vocab, hidden = 4096, 288
+    model = synthetic.save(synthetic.tied_embedding_lm(vocab=vocab, hidden=hidden), tmp_path / "lm.onnx")
+    rng = np.random.default_rng(0)
+    calib = [{"ids": rng.integers(0, vocab, (1, 8)).astype(np.int64)} for _ in range(8)]
+    out = tmp_path / "q.onnx"
+    res = onnxq.quantize(model, out, calib, quiet=True)
+    m = onnx.load(out)
+    inits = _inits(out)
+    by_out = {o: n for n in m.graph.node for o in n.output}
+    gather = next(n for n in m.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == "embed" and inits["embed"].dtype == np.float32
+    head = next(n for n in m.graph.node if n.name == "lm_head")
+    chain = by_out[head.input[1]]
+    assert chain.op_type == "Transpose"
+    chain = by_out[chain.input[0]]
+    assert chain.op_type == "DequantizeLinear"
+    assert inits[chain.input[0]].dtype == np.int8
+    axis = next(a.i for a in chain.attribute if a.name == "axis")
+    # output channels of the head are the vocabulary: axis 0 of the [vocab, hidden] embedding
+    assert axis == 0 and inits[chain.input[1]].shape == (vocab,)
+    assert not [n for n in m.graph.node if n.name == "head_transpose"]  # the float Transpose is gone
+    assert res.accuracy[0].cosine_mean > 0.999

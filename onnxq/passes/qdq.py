@@ -18,30 +18,13 @@ import onnx_ir as ir
 
 from onnxq.errors import PlanError
 from onnxq.plan import ActivationQuant, QuantPlan, WeightQuant
+from onnxq.weights import quantize_weight, weight_source
 
 _INT_TYPES = {
     "int8": (ir.DataType.INT8, np.int8, -128, 127),
     "uint8": (ir.DataType.UINT8, np.uint8, 0, 255),
 }
 _NP_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
-
-
-def quantize_weight(weight: np.ndarray, axis: int | None, dtype: str = "int8") -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric quantization of a weight: (integer values, scale per channel or scalar)."""
-    if dtype != "int8":
-        raise PlanError(f"weights quantize to int8 (symmetric); the plan asks for {dtype}")
-    w = weight.astype(np.float32)
-    if axis is None:
-        amax = np.asarray(np.abs(w).max(), dtype=np.float32)
-    else:
-        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.abs(w).max(axis=reduce_axes).astype(np.float32)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -135,28 +118,48 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return dq.outputs[0]
 
     def _weight(self, value: ir.Value) -> ir.Value:
+        """A dequantized copy of the weight behind ``value`` (through its Transpose, if any)."""
         if value.name in self._weight_dq:
             return self._weight_dq[value.name]
-        params = self.plan.weights.get(value.name, WeightQuant())
-        array = value.const_value.numpy()
+        source = weight_source(value)
+        if source is None:
+            raise PlanError(f"the plan quantizes {value.name!r} as a weight, but it is not a float initializer")
+        init = source.initializer
+        params = self.plan.weights.get(init.name, WeightQuant())
+        if params.dtype != "int8":
+            raise PlanError(f"weights quantize to int8 (symmetric); the plan asks for {params.dtype} for {init.name!r}")
+        array = init.const_value.numpy()
         if params.axis is not None and not -array.ndim <= params.axis < array.ndim:
-            raise PlanError(f"weight {value.name!r} has rank {array.ndim}; axis {params.axis} does not exist")
+            raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {params.axis} does not exist")
         axis = None if params.axis is None else params.axis % array.ndim
-        q, scale = quantize_weight(array, axis, params.dtype)
-        np_float = _NP_FLOAT.get(value.dtype, np.float32)
-        q_value = self._constant(f"{value.name}_quantized", q)
-        scale_value = self._constant(f"{value.name}_scale", scale.astype(np_float))
-        zero_value = self._constant(f"{value.name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = ir.node(
-            "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{value.name}_DequantizeLinear"
-        )
-        dq.outputs[0].name = f"{value.name}_dequantized"
-        dq.outputs[0].dtype = value.dtype
-        dq.outputs[0].shape = value.shape
-        self._insert(q_value, [dq])
-        self._weight_dq[value.name] = dq.outputs[0]
-        return dq.outputs[0]
+        if init.name not in self._weight_dq:
+            q, scale = quantize_weight(array, axis)
+            np_float = _NP_FLOAT.get(init.dtype, np.float32)
+            q_value = self._constant(f"{init.name}_quantized", q)
+            scale_value = self._constant(f"{init.name}_scale", scale.astype(np_float))
+            zero_value = self._constant(f"{init.name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+            attrs = {"axis": axis} if axis is not None else {}
+            dq = ir.node(
+                "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{init.name}_DequantizeLinear"
+            )
+            dq.outputs[0].name = f"{init.name}_dequantized"
+            dq.outputs[0].dtype = init.dtype
+            dq.outputs[0].shape = init.shape
+            self._insert(q_value, [dq])
+            self._weight_dq[init.name] = dq.outputs[0]
+        dequantized = self._weight_dq[init.name]
+        if source.transpose is not None:
+            # A Transpose of its own, so float readers of the original (e.g. a Gather) keep it.
+            perm = source.transpose.attributes.get_ints("perm", None)
+            attrs = {"perm": perm} if perm is not None else {}
+            transpose = ir.node("Transpose", [dequantized], attributes=attrs, name=f"{value.name}_Transpose_dequantized")
+            transpose.outputs[0].name = f"{value.name}_dequantized"
+            transpose.outputs[0].dtype = value.dtype
+            transpose.outputs[0].shape = value.shape
+            self._insert(dequantized, [transpose])
+            dequantized = transpose.outputs[0]
+        self._weight_dq[value.name] = dequantized
+        return dequantized
 
 
 def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:

@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
+from onnxq.weights import weight_source
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -17,10 +18,6 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # TensorRT gains nothing from INT8 on GEMV-like products and on convs with very few channels.
 MIN_GEMM_DIM = 16
 MIN_CONV_CHANNELS = 16
-
-
-def is_weight(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None and value.dtype in FLOAT_TYPES
 
 
 def is_activation(value: ir.Value | None) -> bool:
@@ -102,15 +99,20 @@ def linear_decision(node: ir.Node, plan: QuantPlan, weight_dtype: str = "int8") 
         return NodeDecision(node.op_type, FLOAT, {}, reason)
     inputs: dict[int, str] = {}
     w_index, axis = weight_axis(node)
-    if is_weight(node.inputs[0]):
+    if weight_source(node.inputs[0]) is not None:
         return NodeDecision(node.op_type, FLOAT, {}, "constant first operand: not a supported layout")
     if not is_activation(node.inputs[0]):
         return NodeDecision(node.op_type, FLOAT, {}, "first operand is not a float tensor")
     inputs[0] = "activation"
     w = node.inputs[w_index]
-    if is_weight(w):
+    source = weight_source(w)
+    if source is not None:
         inputs[w_index] = "weight"
-        plan.weights.setdefault(w.name, WeightQuant(dtype=weight_dtype, axis=axis))
+        rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
+        plan.weights.setdefault(
+            source.initializer.name,
+            WeightQuant(dtype=weight_dtype, axis=source.initializer_axis(axis, rank) if rank else None),
+        )
     elif is_activation(w):
         inputs[w_index] = "activation"  # e.g. attention's Q·Kᵀ: both operands are activations
     else:
@@ -153,7 +155,11 @@ def _drop_unused_weights(model: ir.Model, plan: QuantPlan) -> None:
     for name, decision in plan.nodes.items():
         if decision.quantized and name in by_name:
             node = by_name[name]
-            used.update(node.inputs[i].name for i, kind in decision.inputs.items() if kind == "weight")
+            used.update(
+                weight_source(node.inputs[i]).initializer.name
+                for i, kind in decision.inputs.items()
+                if kind == "weight" and weight_source(node.inputs[i]) is not None
+            )
     for w in [w for w in plan.weights if w not in used]:
         del plan.weights[w]
 
