@@ -21,7 +21,7 @@ text. Defaults: full model 8 calibration / 8 evaluation windows of 512 tokens; 6
 windows of 128 tokens.
 
 Metrics (per window, streamed; perplexity pools all predicted tokens):
-``perplexity`` / ``perplexity_fp32``, ``top1_agreement`` (argmax of the next-token distribution
+``perplexity`` / ``perplexity_fp32`` (full model only), ``top1_agreement`` (argmax of the next-token distribution
 equal to the reference's, over all positions) and ``kl`` (mean KL(reference || candidate) per
 position, in nats).
 """
@@ -251,9 +251,13 @@ class SmolLM2(ZooModel):
             kl_sum += float(np.maximum(kl, 0.0).sum())
             positions += lp_r.shape[0]
             del lp_c, lp_r, p_r
+        metrics = {}
+        if self.layers is None:
+            # A truncated model is no language model: its perplexity (~1e8) says nothing.
+            metrics["perplexity"] = float(np.exp(nll_c / predicted))
+            metrics["perplexity_fp32"] = float(np.exp(nll_r / predicted))
         return {
-            "perplexity": float(np.exp(nll_c / predicted)),
-            "perplexity_fp32": float(np.exp(nll_r / predicted)),
+            **metrics,
             "top1_agreement": agree / positions,
             "kl": kl_sum / positions,
             "n_windows": float(len(ids)),

@@ -182,7 +182,7 @@ def test_smollm2_truncated_agreement_and_kl(tmp_path):
     bad = modelio.save(model, tmp_path / "perturbed.onnx")
     r = m.evaluate(bad, n=4)
     assert r["kl"] > 1e-3 and r["top1_agreement"] < 1.0
-    assert r["perplexity_fp32"] != r["perplexity"]
+    assert "perplexity" not in r  # meaningless for a truncated model
 
 
 @pytest.mark.parametrize("name", NAMES)
