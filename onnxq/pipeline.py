@@ -131,9 +131,7 @@ def quantize(
             modelio.check_output_path(extra, model)
 
     float_model = prepare(model)
-    # The float reference is the user's own file: its session also defines what data must fit.
-    reference = ort_rt.create_session(model)
-    spec = ort_rt.input_spec(reference)
+    spec = ort_rt.model_input_spec(float_model)
     calib_data = open_source(calib, spec, limit=calib_samples)
     timings["load"] = time.perf_counter() - t0
 
@@ -173,6 +171,7 @@ def quantize(
     quant_session = ort_rt.create_session(proto)
     del proto
     modelio.save(float_model, output)
+    del float_model  # the float weights are no longer needed; evaluation loads the user's file
     if plan_path is not None:
         the_plan.save(plan_path)
     timings["insert_qdq"] = time.perf_counter() - t
@@ -186,7 +185,8 @@ def quantize(
     else:
         eval_data = open_source(calib, spec, limit=calib_samples, require_finite=False)
         eval_source = f"{eval_data.description} (calibration data, not held out: pass --eval)"
-    accuracy = compare(reference, quant_session, eval_data, progress=not quiet) if evaluate else []
+    # The float reference is the user's own file, as they would run it.
+    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if evaluate else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

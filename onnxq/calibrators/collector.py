@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
@@ -30,16 +31,16 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[ir.Model, list[str]]:
-    """A copy of ``model`` whose outputs are (min, max) of each float tensor in ``tensors``.
+def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
 
-    Returns the augmented model and the tensors actually observed (non-float ones are skipped).
+    The reductions are added to ``model`` only while it is serialized and removed again, so the
+    weights are never held twice as ``ir`` objects. Returns the proto and the tensors observed
+    (non-float ones are skipped).
     """
-    copy = ir.from_proto(modelio.to_proto(model))
-    graph = copy.graph
+    graph = model.graph
     values = _values_by_name(graph)
-    observed = []
-    new_outputs = []
+    observed, new_nodes, new_outputs = [], [], []
     for name in tensors:
         value = values.get(name)
         if value is None:
@@ -52,11 +53,18 @@ def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[ir
             out.name = f"{name}::onnxq_{op[6:].lower()}"
             out.dtype = value.dtype
             out.shape = ir.Shape([])
-            graph.append(node)
+            new_nodes.append(node)
             new_outputs.append(out)
         observed.append(name)
+    original_outputs = list(graph.outputs)
+    graph.extend(new_nodes)
     graph.outputs[:] = new_outputs
-    return copy, observed
+    try:
+        proto = modelio.to_proto(model)
+    finally:
+        graph.outputs[:] = original_outputs
+        graph.remove(new_nodes, safe=True)
+    return proto, observed
 
 
 def collect(

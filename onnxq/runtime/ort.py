@@ -119,6 +119,32 @@ def input_spec(session: ort.InferenceSession) -> dict[str, tuple[type, list]]:
     return spec
 
 
+def model_input_spec(model: ir.Model) -> dict[str, tuple[type, list]]:
+    """The same as :func:`input_spec`, read from the graph without building a session."""
+    spec = {}
+    for value in model.graph.inputs:
+        if value.const_value is not None:
+            continue  # an initializer exposed as an input: optional to feed
+        type_name = f"tensor({_IR_TYPE_NAMES.get(value.dtype, str(value.dtype))})"
+        if type_name not in _ORT_TYPES:
+            raise UnsupportedModelError(f"model input {value.name!r} has type {value.dtype}, which onnxq cannot feed")
+        shape = [d if isinstance(d, int) else None for d in value.shape] if value.shape is not None else []
+        spec[value.name] = (_ORT_TYPES[type_name], shape)
+    return spec
+
+
+_IR_TYPE_NAMES = {
+    ir.DataType.FLOAT: "float",
+    ir.DataType.FLOAT16: "float16",
+    ir.DataType.DOUBLE: "double",
+    ir.DataType.INT64: "int64",
+    ir.DataType.INT32: "int32",
+    ir.DataType.INT8: "int8",
+    ir.DataType.UINT8: "uint8",
+    ir.DataType.BOOL: "bool",
+}
+
+
 def validate_feed(feed: Mapping[str, np.ndarray], spec: Mapping[str, tuple[type, list]], where: str) -> dict[str, np.ndarray]:
     """Check a feed dict against the model's inputs; return it with arrays as numpy.
 
