@@ -187,13 +187,15 @@ def test_tied_embedding_head_is_quantized_per_channel_and_gather_stays_float(tmp
     gather = next(n for n in m.graph.node if n.op_type == "Gather")
     assert gather.input[0] == "embed" and inits["embed"].dtype == np.float32
     head = next(n for n in m.graph.node if n.name == "lm_head")
-    chain = by_out[head.input[1]]
-    assert chain.op_type == "Transpose"
-    chain = by_out[chain.input[0]]
-    assert chain.op_type == "DequantizeLinear"
-    assert inits[chain.input[0]].dtype == np.int8
-    axis = next(a.i for a in chain.attribute if a.name == "axis")
-    # output channels of the head are the vocabulary: axis 0 of the [vocab, hidden] embedding
-    assert axis == 0 and inits[chain.input[1]].shape == (vocab,)
-    assert not [n for n in m.graph.node if n.name == "head_transpose"]  # the float Transpose is gone
+    dq = by_out[head.input[1]]
+    # DQ straight into the MatMul: the transposed int8 weight is an initializer, nothing transposes at run time
+    assert dq.op_type == "DequantizeLinear"
+    assert inits[dq.input[0]].dtype == np.int8 and inits[dq.input[0]].shape == (hidden, vocab)
+    axis = next(a.i for a in dq.attribute if a.name == "axis")
+    # output channels of the head are the vocabulary: axis 1 of the [hidden, vocab] operand
+    assert axis == 1 and inits[dq.input[1]].shape == (vocab,)
+    np.testing.assert_allclose(
+        inits[dq.input[0]].astype(np.float32) * inits[dq.input[1]], inits["embed"].T, atol=float(inits[dq.input[1]].max())
+    )
+    assert not [n for n in m.graph.node if n.op_type == "Transpose"]  # the float Transpose is gone
     assert res.accuracy[0].cosine_mean > 0.999

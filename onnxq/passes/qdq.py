@@ -118,7 +118,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return dq.outputs[0]
 
     def _weight(self, value: ir.Value) -> ir.Value:
-        """A dequantized copy of the weight behind ``value`` (through its Transpose, if any)."""
+        """A dequantized copy of the weight behind ``value``.
+
+        A weight read through a Transpose gets its transposed integer copy as an initializer, so
+        no Transpose or dequantization of a large constant runs at inference time and ORT/TRT
+        see the DQ→MatMul pattern they fuse; float readers of the original (a Gather) keep it.
+        """
         if value.name in self._weight_dq:
             return self._weight_dq[value.name]
         source = weight_source(value)
@@ -132,34 +137,27 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if params.axis is not None and not -array.ndim <= params.axis < array.ndim:
             raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {params.axis} does not exist")
         axis = None if params.axis is None else params.axis % array.ndim
-        if init.name not in self._weight_dq:
-            q, scale = quantize_weight(array, axis)
-            np_float = _NP_FLOAT.get(init.dtype, np.float32)
-            q_value = self._constant(f"{init.name}_quantized", q)
-            scale_value = self._constant(f"{init.name}_scale", scale.astype(np_float))
-            zero_value = self._constant(f"{init.name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-            attrs = {"axis": axis} if axis is not None else {}
-            dq = ir.node(
-                "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{init.name}_DequantizeLinear"
-            )
-            dq.outputs[0].name = f"{init.name}_dequantized"
-            dq.outputs[0].dtype = init.dtype
-            dq.outputs[0].shape = init.shape
-            self._insert(q_value, [dq])
-            self._weight_dq[init.name] = dq.outputs[0]
-        dequantized = self._weight_dq[init.name]
+        q, scale = quantize_weight(array, axis)
+        name = init.name
         if source.transpose is not None:
-            # A Transpose of its own, so float readers of the original (e.g. a Gather) keep it.
-            perm = source.transpose.attributes.get_ints("perm", None)
-            attrs = {"perm": perm} if perm is not None else {}
-            transpose = ir.node("Transpose", [dequantized], attributes=attrs, name=f"{value.name}_Transpose_dequantized")
-            transpose.outputs[0].name = f"{value.name}_dequantized"
-            transpose.outputs[0].dtype = value.dtype
-            transpose.outputs[0].shape = value.shape
-            self._insert(dequantized, [transpose])
-            dequantized = transpose.outputs[0]
-        self._weight_dq[value.name] = dequantized
-        return dequantized
+            perm = source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
+            q = np.ascontiguousarray(np.transpose(q, perm))
+            axis = None if axis is None else list(perm).index(axis)
+            name = value.name
+        np_float = _NP_FLOAT.get(init.dtype, np.float32)
+        q_value = self._constant(f"{name}_quantized", q)
+        scale_value = self._constant(f"{name}_scale", scale.astype(np_float))
+        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = ir.node(
+            "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{name}_DequantizeLinear"
+        )
+        dq.outputs[0].name = f"{name}_dequantized"
+        dq.outputs[0].dtype = value.dtype
+        dq.outputs[0].shape = value.shape
+        self._insert(q_value, [dq])
+        self._weight_dq[value.name] = dq.outputs[0]
+        return dq.outputs[0]
 
 
 def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:
