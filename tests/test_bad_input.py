@@ -8,7 +8,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import synthetic
 
 
 def run_cli(*args, cwd=None):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnxq.placement import rules
-from onnxq.plan import FLOAT, NodeDecision, QuantPlan
+from onnxq.plan import NodeDecision, QuantPlan
 
 
 def _zero_pad_source(value: ir.Value | None) -> ir.Node | None:
@@ -75,4 +75,4 @@ def place(model: ir.Model, *, exclude: Sequence[str] = ()) -> QuantPlan:
     return plan
 
 
-__all__ = ["place", "FLOAT"]
+__all__ = ["place"]
