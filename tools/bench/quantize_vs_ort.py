@@ -101,18 +101,28 @@ def calib_memory(workdir, sizes=(32, 512)):
     return {"samples": list(sizes), "runs": results, "peak_rss_ratio": hi / lo}
 
 
+# The metrics worth a column, per zoo model (the JSON keeps them all).
+KEY_METRICS = {
+    "minilm-l6-v2": ("cosine_vs_fp32", "spearman"),
+    "efficientnet-lite0": ("top1", "top1_agreement", "logit_cosine"),
+    "smollm2-6l": ("top1_agreement", "kl"),
+    "smollm2-135m": ("perplexity", "top1_agreement", "kl"),
+}
+
+
 def print_table(rows):
-    keys = sorted({k for r in rows for k in r.get("metrics", {})})
-    head = f"{'model':<18}{'tool':<7}{'target':<10}{'time s':>8}{'RSS MB':>8}{'lat ms':>8}{'Q/DQ':>10}  " + "  ".join(f"{k:>16}" for k in keys)
-    print(head)
-    for r in rows:
-        m = r.get("metrics", {})
-        qdq = f"{r['q_nodes']}/{r['dq_nodes']}" if "q_nodes" in r else "-"
-        line = f"{r['model']:<18}{r['tool']:<7}{r['target']:<10}{r.get('seconds', float('nan')):>8.1f}{r.get('peak_rss_mb', float('nan')):>8.0f}{r.get('latency_ms', float('nan')):>8.2f}{qdq:>10}  "
-        line += "  ".join(f"{m.get(k, float('nan')):>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
-        if "error" in r:
-            line += f"  ERROR: {r['error']}"
-        print(line)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        keys = KEY_METRICS.get(model) or tuple(sorted({k for r in rows if r["model"] == model for k in r.get("metrics", {})}))
+        print(f"\n{model}")
+        print(f"  {'tool':<7}{'target':<10}{'time s':>8}{'RSS MB':>8}{'lat ms':>9}{'Q/DQ':>11}" + "".join(f"{k:>16}" for k in keys))
+        for r in (r for r in rows if r["model"] == model):
+            m = r.get("metrics", {})
+            qdq = f"{r['q_nodes']}/{r['dq_nodes']}" if "q_nodes" in r else "-"
+            line = f"  {r['tool']:<7}{r['target']:<10}{r.get('seconds', float('nan')):>8.1f}{r.get('peak_rss_mb', float('nan')):>8.0f}{r.get('latency_ms', float('nan')):>9.2f}{qdq:>11}"
+            line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
+            if "error" in r:
+                line += f"  ERROR: {r['error']}"
+            print(line)
 
 
 def main():
