@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rss import peak_rss_mb  # noqa: E402
+
 
 def run_onnxq(model, out, calib, target, n):
     import onnxq
 
-    onnxq.quantize(model, out, calib, target=target, calib_samples=n, report=False, evaluate=False, quiet=True)
+    # MinMax, as ORT is run: the comparison is of placement and Q/DQ form, not of range methods
+    onnxq.quantize(model, out, calib, target=target, method="minmax", calib_samples=n, report=False, evaluate=False, quiet=True)
 
 
 class _NpzReader:
@@ -73,7 +76,7 @@ def main():
     t = time.perf_counter()
     {"onnxq": run_onnxq, "ort": run_ort}[tool](model, out, calib, target, n)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak}))
 
 
