@@ -1,8 +1,9 @@
 """onnxq: post-training quantization of ONNX models for TensorRT and ONNX Runtime."""
 
 from onnxq.errors import OnnxqError
+from onnxq.calibration import calibrate
 from onnxq.pipeline import QuantizeResult, quantize
 from onnxq.plan import QuantPlan
 
 __version__ = "0.1.0"
-__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "quantize", "__version__"]
+__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "quantize"]

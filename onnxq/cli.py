@@ -24,9 +24,28 @@ def _quantize(args: argparse.Namespace) -> int:
         plan=args.plan,
         save_plan=args.save_plan,
         calib_samples=args.calib_samples,
+        method=args.calib_method,
+        percentile=args.percentile,
+        table=args.table,
         quiet=args.quiet,
     )
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from onnxq.calibration import calibrate
+
+    table = calibrate(
+        args.model,
+        args.calib,
+        args.output,
+        method=args.calib_method,
+        percentile=args.percentile,
+        calib_samples=args.calib_samples,
+        quiet=args.quiet,
+    )
+    print(f"wrote {args.output} ({len(table.tensors)} tensors, {table.num_samples} samples)")
     return 0
 
 
@@ -48,6 +67,8 @@ def _zoo_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from onnxq.calibrators.methods import DEFAULT_METHOD, METHODS
+
     parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models for TensorRT and ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -62,8 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="replay a QuantPlan JSON (from --save-plan, possibly edited) instead of the target's policy")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")
     q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
+    q.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + "; with --table: the table's)")
+    q.add_argument("--percentile", type=float, metavar="P", help="percentile for --calib-method percentile (default 99.99)")
+    q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr/stdout")
     q.set_defaults(func=_quantize)
+
+    c = sub.add_parser("calibrate", help="collect calibration statistics once and write them as a reusable table")
+    c.add_argument("model", help="input ONNX model (never modified)")
+    c.add_argument("--calib", required=True, help="calibration data, same forms as for quantize")
+    c.add_argument("-o", "--output", required=True, metavar="TABLE.json", help="calibration table to write (JSON)")
+    c.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
+    c.add_argument("--calib-method", choices=list(METHODS), help="range method recorded in the table as the default for quantize --table")
+    c.add_argument("--percentile", type=float, metavar="P", help="percentile recorded in the table (default 99.99)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    c.set_defaults(func=_calibrate)
 
     z = sub.add_parser("zoo", help="the built-in model zoo (needs the zoo extra: pip install 'onnxq[zoo]')")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

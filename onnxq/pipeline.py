@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibration import DataArg, MethodArg, plan_ranges, resolve_methods
+from onnxq.calibrators import CalibrationTable
 from onnxq.check import OutputAccuracy, compare, format_table
 from onnxq.data import open_source
-from onnxq.errors import OnnxqError, PlanError, UnsupportedModelError
+from onnxq.errors import OnnxqError, UnsupportedModelError
+from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
 from onnxq.plan import QuantPlan
+from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
 
-DataArg = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
-
-ACTIVATION_DTYPE = {"tensorrt": "int8", "ort": "uint8"}
 PRECISIONS = ("int8",)
 
 
@@ -47,50 +45,10 @@ class QuantizeResult:
             "plan_summary": self.plan.summary(),
             "quantized_nodes": len(self.plan.quantized_nodes()),
             "calibration_samples": self.table.num_samples,
+            "calibration_method": self.table.method,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
-
-
-def activation_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
-    """Names of the activation tensors the plan quantizes, in graph order."""
-    by_name = {n.name: n for n in model.graph}
-    names: dict[str, None] = {}
-    for node_name, decision in plan.nodes.items():
-        if not decision.quantized:
-            continue
-        node = by_name.get(node_name)
-        if node is None:
-            raise PlanError(f"the plan names node {node_name!r}, which the model does not have; was it made for another model?")
-        for index, kind in decision.inputs.items():
-            if kind == "activation":
-                names[node.inputs[index].name] = None
-    for tensor in plan.outputs:
-        names[tensor] = None
-    return list(names)
-
-
-def fill_activation_params(plan: QuantPlan, table: CalibrationTable) -> None:
-    from onnxq.passes.qdq import activation_params
-
-    dtype = ACTIVATION_DTYPE[plan.target]
-    for name, stats in table.tensors.items():
-        plan.activations[name] = activation_params(stats.min, stats.max, dtype)
-
-
-def prepare(model_path: str | os.PathLike) -> ir.Model:
-    """Load and preprocess a model for quantization (the file itself is not touched)."""
-    from onnxq.passes import preprocess
-
-    model = modelio.load(model_path)
-    model = preprocess(model)
-    ir.passes.common.NameFixPass()(model)
-    return model
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def quantize(
@@ -105,6 +63,9 @@ def quantize(
     plan: str | os.PathLike | QuantPlan | None = None,
     save_plan: str | os.PathLike | None = None,
     calib_samples: int | None = None,
+    method: MethodArg = None,
+    percentile: float | None = None,
+    table: str | os.PathLike | CalibrationTable | None = None,
     report: bool = True,
     evaluate: bool = True,
     quiet: bool = False,
@@ -114,6 +75,12 @@ def quantize(
     ``calib``/``eval`` are an .npz file, a directory of .npz files, ``module:function``, or an
     iterable of feed dicts. Without ``eval`` the comparison runs on the calibration data and the
     report says so. The report is written as JSON beside the output (``<output>.report.json``).
+
+    ``method``: the range method (``minmax``, ``percentile``, ``entropy``, ``mse``), or a mapping
+    by the reading node's op type, e.g. ``{"matmul": "entropy", "default": "minmax"}``;
+    ``percentile`` for the percentile method (default 99.99). ``table``: a calibration table from
+    :func:`calibrate` (path or object) used instead of calibrating; its method and percentile are
+    the defaults then.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -121,8 +88,18 @@ def quantize(
         raise OnnxqError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     if precision not in PRECISIONS:
         raise OnnxqError(f"precision {precision!r} is not available yet; choose one of {list(PRECISIONS)}")
-    if calib is None:
-        raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function)")
+    if calib is None and table is None:
+        raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
+    from onnxq.calibrators.methods import check_percentile
+
+    if percentile is not None:
+        percentile = check_percentile(percentile)
+    resolve_methods(method, target)  # fail on a bad method before any work
+    if table is not None and not isinstance(table, CalibrationTable):
+        table_source = str(table)
+        table = CalibrationTable.load(table)
+    else:
+        table_source = "the calibration table"
     output = modelio.check_output_path(output, model)
     report_path = output.with_name(output.name.removesuffix(".onnx") + ".report.json")
     plan_path = Path(save_plan) if save_plan else None
@@ -130,9 +107,9 @@ def quantize(
         if extra is not None:
             modelio.check_output_path(extra, model)
 
-    float_model = prepare(model)
+    float_model = load_and_preprocess(model)
     spec = ort_rt.model_input_spec(float_model)
-    calib_data = open_source(calib, spec, limit=calib_samples)
+    calib_data = open_source(calib, spec, limit=calib_samples) if calib is not None else None
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -141,20 +118,20 @@ def quantize(
     else:
         the_plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
         if the_plan.target != target:
-            _log(f"onnxq: using the plan's target {the_plan.target!r}", quiet)
+            log(f"onnxq: using the plan's target {the_plan.target!r}", quiet)
         if exclude:
             from onnxq.placement.rules import apply_exclusions
 
             apply_exclusions(float_model, the_plan, exclude)
     n_quant = len(the_plan.quantized_nodes())
-    _log(f"onnxq: plan for {the_plan.target}: {n_quant} of {len(the_plan.nodes)} candidate nodes quantized", quiet)
+    log(f"onnxq: plan for {the_plan.target}: {n_quant} of {len(the_plan.nodes)} candidate nodes quantized", quiet)
     timings["place"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    tensors = activation_tensors(float_model, the_plan)
-    table = collect(float_model, tensors, calib_data, progress=not quiet)
-    fill_activation_params(the_plan, table)
-    _log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
+    table = plan_ranges(
+        float_model, the_plan, calib_data, table, method=method, percentile=percentile,
+        table_source=table_source, quiet=quiet,
+    )
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -177,16 +154,20 @@ def quantize(
     timings["insert_qdq"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    run_eval = evaluate
     if not evaluate:
         eval_data, eval_source = [], "skipped"
     elif eval is not None:
         eval_data = open_source(eval, spec, require_finite=False)
         eval_source = eval_data.description
+    elif calib is None:
+        run_eval = False
+        eval_data, eval_source = [], "skipped (ranges from a calibration table and no --eval data)"
     else:
         eval_data = open_source(calib, spec, limit=calib_samples, require_finite=False)
         eval_source = f"{eval_data.description} (calibration data, not held out: pass --eval)"
     # The float reference is the user's own file, as they would run it.
-    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if evaluate else []
+    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if run_eval else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 

@@ -1,19 +1,22 @@
 """Streaming statistics collection through ONNX Runtime.
 
 The model is augmented with one ReduceMin and one ReduceMax per observed tensor, so ORT returns
-two scalars per tensor per batch instead of the activation itself. Statistics are merged batch by
-batch; no activation outlives its batch, and memory does not grow with the number of samples.
+two scalars per tensor per batch; per-channel abs-max is reduced in the graph too (a vector per
+batch). Tensors that need a histogram are also fetched, one batch at a time, and folded into a
+fixed-size histogram. Statistics are merged batch by batch; no activation outlives its batch, and
+memory does not grow with the number of samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
+from onnxq.calibrators.histogram import Histogram
 from onnxq.calibrators.table import CalibrationTable, TensorStats
 from onnxq.errors import DataError
 from onnxq.progress import progress_bar
@@ -31,18 +34,46 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
-def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
+def float_tensors(model: ir.Model, tensors: Sequence[str]) -> list[str]:
+    """The tensors of ``tensors`` that the model produces as floats: the ones calibration observes."""
+    values = _values_by_name(model.graph)
+    return [t for t in tensors if t in values and values[t].dtype in _FLOAT_TYPES]
+
+
+def _reduce_max(x: ir.Value, axes: list[int], opset: int, name: str) -> list[ir.Node]:
+    if opset >= 18:
+        axes_value = ir.Value(name=f"{name}/axes", const_value=ir.tensor(np.array(axes, dtype=np.int64), name=f"{name}/axes"))
+        const = ir.node("Constant", [], attributes={"value": axes_value.const_value}, name=f"{name}/axes")
+        const.outputs[0].name = f"{name}/axes_value"
+        node = ir.node("ReduceMax", [x, const.outputs[0]], attributes={"keepdims": 0}, name=name)
+        return [const, node]
+    return [ir.node("ReduceMax", [x], attributes={"keepdims": 0, "axes": axes}, name=name)]
+
+
+def augment_with_reductions(
+    model: ir.Model,
+    tensors: Sequence[str],
+    *,
+    values: bool = False,
+    channel_axes: Mapping[str, int] | None = None,
+) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
+
+    With ``values``, each observed tensor itself is an output too (for the histograms). For each
+    tensor in ``channel_axes`` (whose rank is known), ``ReduceMax(Abs(x))`` over every axis but the
+    channel axis is an output as well, so only a vector per batch comes back.
 
     The reductions are added to ``model`` only while it is serialized and removed again, so the
     weights are never held twice as ``ir`` objects. Returns the proto and the tensors observed
-    (non-float ones are skipped).
+    (non-float ones are skipped); outputs come per tensor as min, max[, value][, channel amax].
     """
     graph = model.graph
-    values = _values_by_name(graph)
+    opset = model.opset_imports.get("", 13)
+    by_name = _values_by_name(graph)
+    channel_axes = channel_axes or {}
     observed, new_nodes, new_outputs = [], [], []
     for name in tensors:
-        value = values.get(name)
+        value = by_name.get(name)
         if value is None:
             raise DataError(f"tensor {name!r} is not produced by the model; it cannot be calibrated")
         if value.dtype not in _FLOAT_TYPES:
@@ -54,6 +85,26 @@ def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[on
             out.dtype = value.dtype
             out.shape = ir.Shape([])
             new_nodes.append(node)
+            new_outputs.append(out)
+        if values:
+            node = ir.node("Identity", [value], name=f"onnxq_calib/Identity/{name}")
+            node.outputs[0].name = f"{name}::onnxq_value"
+            node.outputs[0].dtype = value.dtype
+            node.outputs[0].shape = value.shape
+            new_nodes.append(node)
+            new_outputs.append(node.outputs[0])
+        axis = channel_axes.get(name)
+        rank = len(value.shape) if value.shape is not None else None
+        if axis is not None and rank is not None and -rank <= axis < rank:
+            axis %= rank
+            absnode = ir.node("Abs", [value], name=f"onnxq_calib/Abs/{name}")
+            absnode.outputs[0].name = f"{name}::onnxq_abs"
+            absnode.outputs[0].dtype = value.dtype
+            reduce = _reduce_max(absnode.outputs[0], [a for a in range(rank) if a != axis], opset, f"onnxq_calib/ReduceMaxChannel/{name}")
+            out = reduce[-1].outputs[0]
+            out.name = f"{name}::onnxq_channel_amax"
+            out.dtype = value.dtype
+            new_nodes += [absnode, *reduce]
             new_outputs.append(out)
         observed.append(name)
     original_outputs = list(graph.outputs)
@@ -67,6 +118,22 @@ def augment_with_reductions(model: ir.Model, tensors: Sequence[str]) -> tuple[on
     return proto, observed
 
 
+def channel_axis(op_type: str, input_index: int, attributes: Mapping | None = None) -> int | None:
+    """The channel (reduction) axis of an activation input of a MatMul/Gemm/Conv, else None.
+
+    MatMul: the last axis of input 0, the second-to-last of input 1 (the K dimension); Gemm: the
+    last axis of A (the first with transA=1); Conv/ConvTranspose (NCHW): axis 1 of input 0.
+    """
+    if op_type == "MatMul":
+        return {0: -1, 1: -2}.get(input_index)
+    if op_type == "Gemm" and input_index == 0:
+        trans = attributes.get("transA") if attributes is not None else None
+        return 0 if trans is not None and trans.as_int() else -1
+    if op_type in ("Conv", "ConvTranspose") and input_index == 0:
+        return 1
+    return None
+
+
 def collect(
     model: ir.Model,
     tensors: Sequence[str],
@@ -74,24 +141,70 @@ def collect(
     *,
     progress: bool = True,
     session_threads: int | None = None,
+    histograms: bool | Iterable[str] = False,
+    channel_axes: Mapping[str, int] | None = None,
 ) -> CalibrationTable:
-    """Run ``data`` through ``model`` once, returning min/max of every tensor in ``tensors``."""
-    augmented, observed = augment_with_reductions(model, tensors)
+    """Run ``data`` through ``model`` once, collecting statistics of every tensor in ``tensors``.
+
+    Always min/max (reduced in the graph). ``histograms``: True for every tensor, or the names
+    that need one; each batch's tensor is fetched and folded into a fixed-size histogram, then
+    dropped. ``channel_axes``: tensor -> axis for per-channel abs-max (reduced in the graph).
+    Memory does not grow with the number of samples.
+    """
+    if histograms is True:
+        hist_names = set(tensors)
+    elif histograms:
+        hist_names = set(histograms)
+    else:
+        hist_names = set()
+    channel_axes = dict(channel_axes or {})
+    # one augmented model; a tensor's value is fetched only when it needs a histogram
+    augmented, observed = _augment_selected(model, tensors, hist_names, channel_axes)
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
     if not observed:
         return table
     session = ort_rt.create_session(augmented, threads=session_threads)
     del augmented
+    out_index = {o.name: i for i, o in enumerate(session.get_outputs())}
+    plan = []
+    for name in observed:
+        stats = table.tensors[name]
+        vi = out_index.get(f"{name}::onnxq_value")
+        ci = out_index.get(f"{name}::onnxq_channel_amax")
+        if vi is not None:
+            stats.histogram = Histogram()
+        if ci is not None:
+            stats.channel_axis = channel_axes[name]
+        plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci))
     total = len(data) if hasattr(data, "__len__") and len(data) else None
-    bar = progress_bar(total, f"calibrating {len(observed)} tensors", enabled=progress)
+    bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
     with bar:
         for feed in data:
             results = ort_rt.run(session, feed)
-            for i, name in enumerate(observed):
-                lo, hi = results[2 * i], results[2 * i + 1]
-                table.tensors[name].update(lo, hi)
+            for stats, mi, ma, vi, ci in plan:
+                lo, hi = results[mi], results[ma]
+                stats.update(lo, hi)
+                if vi is not None:
+                    stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
+                if ci is not None:
+                    stats.update_channels(results[ci])
+            del results
             table.num_samples += 1
             bar.update(1)
     if table.num_samples == 0:
         raise DataError("the calibration data holds no samples; give at least one")
     return table
+
+
+def _augment_selected(model, tensors, hist_names, channel_axes):
+    if not hist_names:
+        return augment_with_reductions(model, tensors, channel_axes=channel_axes)
+    if hist_names >= set(tensors):
+        return augment_with_reductions(model, tensors, values=True, channel_axes=channel_axes)
+    # mixed: add the Identity outputs only for the tensors with histograms
+    proto, observed = augment_with_reductions(model, tensors, values=True, channel_axes=channel_axes)
+    drop = {f"{t}::onnxq_value" for t in tensors if t not in hist_names}
+    keep = [o for o in proto.graph.output if o.name not in drop]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    return proto, observed

@@ -27,10 +27,10 @@ load the file twice.
 
 from __future__ import annotations
 
-__all__ = ["PreprocessPass", "preprocess"]
+__all__ = ["PreprocessPass", "load_and_preprocess", "preprocess"]
 
 import onnx_ir as ir
-from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass, TopologicalSortPass
+from onnx_ir.passes.common import InlinePass, NameFixPass, RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxq.errors import OnnxqError
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass
@@ -59,6 +59,7 @@ class PreprocessPass(ir.passes.PassManager):
                 RemoveUnusedNodesPass(),
                 TopologicalSortPass(),
                 InferShapesPass(),
+                NameFixPass(),
             ],
             steps=1,
         )
@@ -90,3 +91,10 @@ def preprocess(
     :class:`~onnxq.errors.UnsupportedModelError` when the model cannot be upgraded.
     """
     return PreprocessPass(min_opset=min_opset, target_opset=target_opset)(model).model
+
+
+def load_and_preprocess(path) -> ir.Model:
+    """Read a model file and preprocess it for quantization (the file itself is not touched)."""
+    from onnxq import modelio
+
+    return preprocess(modelio.load(path))

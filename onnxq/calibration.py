@@ -1,0 +1,231 @@
+"""The calibration step: which tensors a plan needs, which range method each gets, their
+statistics (from one streaming pass over data, or from a saved table), and the plan's activation
+scales and zero points.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import modelio
+from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.methods import DEFAULT_METHOD, HISTOGRAM_METHODS
+from onnxq.data import open_source
+from onnxq.errors import OnnxqError, PlanError
+from onnxq.passes.preprocess import load_and_preprocess
+from onnxq.placement import TARGETS, place
+from onnxq.plan import NodeDecision, QuantPlan
+from onnxq.progress import log
+from onnxq.runtime import ort as ort_rt
+
+DataArg = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
+MethodArg = str | Mapping[str, str] | None
+
+# Activation integer type of each target: TensorRT is symmetric INT8, ORT's CPU kernels prefer U8.
+ACTIVATION_DTYPE = {"tensorrt": "int8", "ort": "uint8"}
+
+
+def activation_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
+    """Names of the activation tensors the plan quantizes, in graph order."""
+    by_name = {n.name: n for n in model.graph}
+    names: dict[str, None] = {}
+    for node_name, decision in plan.nodes.items():
+        if not decision.quantized:
+            continue
+        node = by_name.get(node_name)
+        if node is None:
+            raise PlanError(f"the plan names node {node_name!r}, which the model does not have; was it made for another model?")
+        for index, kind in decision.inputs.items():
+            if kind == "activation":
+                names[node.inputs[index].name] = None
+    for tensor in plan.outputs:
+        names[tensor] = None
+    return list(names)
+
+
+def resolve_methods(method: MethodArg, target: str) -> dict[str, str]:
+    """``method`` as ``{consumer op type (lower case) or "default": method}``.
+
+    A string applies to every tensor; a mapping picks by the op type of the node that reads the
+    tensor (e.g. ``{"matmul": "entropy", "default": "minmax"}``); without ``"default"`` the
+    target's default method fills in.
+    """
+    from onnxq.calibrators.methods import check_method
+
+    if method is None:
+        return {"default": DEFAULT_METHOD[target]}
+    if isinstance(method, str):
+        return {"default": check_method(method)}
+    if not isinstance(method, Mapping):
+        raise OnnxqError(f"method must be a name or a mapping {{op type: name}}, got {type(method).__name__}")
+    out = {str(k).lower(): check_method(v) for k, v in method.items()}
+    out.setdefault("default", DEFAULT_METHOD[target])
+    return out
+
+
+def tensor_methods(model: ir.Model, plan: QuantPlan, tensors: Sequence[str], methods: Mapping[str, str]) -> dict[str, str]:
+    """The range method of each tensor: that of the first quantized reader whose op type is named."""
+    readers: dict[str, list[str]] = {}
+    by_name = {n.name: n for n in model.graph}
+    for node_name, decision in plan.nodes.items():
+        node = by_name.get(node_name)
+        if not decision.quantized or node is None:
+            continue
+        for index, kind in decision.inputs.items():
+            if kind == "activation" and index < len(node.inputs) and node.inputs[index] is not None:
+                readers.setdefault(node.inputs[index].name, []).append(node.op_type.lower())
+    if len(methods) > 1:
+        values = {v.name: v for n in model.graph for v in n.outputs}
+        values.update({v.name: v for v in model.graph.inputs})
+        for tensor in plan.outputs:
+            value = values.get(tensor)
+            if value is not None:
+                readers.setdefault(tensor, []).extend(u.node.op_type.lower() for u in value.uses())
+    out = {}
+    for t in tensors:
+        op = next((o for o in readers.get(t, []) if o in methods), "default")
+        out[t] = methods[op]
+    return out
+
+
+def channel_axes(model: ir.Model, plans: Iterable[QuantPlan]) -> dict[str, int]:
+    """Per-channel statistics axis of every activation read by a MatMul/Gemm/Conv in ``plans``."""
+    from onnxq.calibrators.collector import channel_axis
+
+    by_name = {n.name: n for n in model.graph}
+    axes: dict[str, int] = {}
+    for plan in plans:
+        for node_name, decision in plan.nodes.items():
+            node = by_name.get(node_name)
+            if node is None:
+                continue
+            for index, kind in decision.inputs.items():
+                if kind != "activation" or index >= len(node.inputs) or node.inputs[index] is None:
+                    continue
+                axis = channel_axis(node.op_type, index, node.attributes)
+                if axis is not None:
+                    axes.setdefault(node.inputs[index].name, axis)
+    return axes
+
+
+def fill_activation_params(
+    plan: QuantPlan,
+    table: CalibrationTable,
+    methods: Mapping[str, str] | None = None,
+    percentile: float | None = None,
+    tensors: Iterable[str] | None = None,
+) -> None:
+    """Scale and zero point of each activation tensor from its statistics and range method."""
+    from onnxq.calibrators.methods import DEFAULT_PERCENTILE, compute_range
+    from onnxq.passes.qdq import activation_params
+
+    dtype = ACTIVATION_DTYPE[plan.target]
+    methods = methods or {}
+    p = DEFAULT_PERCENTILE if percentile is None else percentile
+    for name in table.tensors if tensors is None else tensors:
+        stats = table.tensors[name]
+        lo, hi = compute_range(
+            stats.min, stats.max, stats.histogram, methods.get(name, "minmax"), symmetric=dtype == "int8", percentile=p, name=name
+        )
+        plan.activations[name] = activation_params(lo, hi, dtype)
+
+
+def all_calibration_tensors(model: ir.Model) -> tuple[list[str], dict[str, int]]:
+    """Every activation any target's policy could quantize (quantized or kept float by default),
+    and their per-channel axes: what a reusable calibration table holds."""
+    plans = [place(model, target) for target in TARGETS]
+    names: dict[str, None] = {}
+    for plan in plans:
+        relaxed = QuantPlan(
+            target=plan.target,
+            nodes={k: NodeDecision(d.op_type, plan.precision, dict(d.inputs), d.reason) for k, d in plan.nodes.items()},
+            outputs=list(plan.outputs),
+        )
+        names.update(dict.fromkeys(activation_tensors(model, relaxed)))
+    return list(names), channel_axes(model, plans)
+
+
+def calibrate(
+    model: str | os.PathLike,
+    calib: DataArg,
+    output: str | os.PathLike | None = None,
+    *,
+    method: MethodArg = None,
+    percentile: float | None = None,
+    calib_samples: int | None = None,
+    quiet: bool = False,
+) -> CalibrationTable:
+    """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
+    every tensor either target may quantize, in one pass; write it as JSON to ``output``.
+
+    The table records the preprocessed model's hash and ``method``/``percentile`` (the defaults
+    when the table is used by ``quantize(..., table=...)``).
+    """
+    from onnxq.calibrators import model_hash
+    from onnxq.calibrators.methods import check_method, check_percentile
+
+    if isinstance(method, str):
+        check_method(method)
+    elif method is not None:
+        resolve_methods(method, "tensorrt")
+    if percentile is not None:
+        percentile = check_percentile(percentile)
+    if output is not None:
+        modelio.check_output_path(output, model)
+    float_model = load_and_preprocess(model)
+    spec = ort_rt.model_input_spec(float_model)
+    data = open_source(calib, spec, limit=calib_samples)
+    tensors, axes = all_calibration_tensors(float_model)
+    table = collect(float_model, tensors, data, progress=not quiet, histograms=True, channel_axes=axes)
+    table.method = dict(method) if isinstance(method, Mapping) else method
+    table.percentile = percentile
+    table.model_sha256 = model_hash(float_model)
+    if output is not None:
+        table.save(output)
+    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
+    return table
+
+
+def plan_ranges(
+    model: ir.Model,
+    plan: QuantPlan,
+    data: Iterable[Mapping[str, np.ndarray]] | None,
+    table: CalibrationTable | None,
+    *,
+    method: MethodArg = None,
+    percentile: float | None = None,
+    table_source: str = "the calibration table",
+    quiet: bool = False,
+) -> CalibrationTable:
+    """Fill ``plan.activations`` from a pass over ``data``, or from ``table`` when given.
+
+    A table's method and percentile apply unless ``method``/``percentile`` override them. Returns
+    the table the ranges came from.
+    """
+    tensors = activation_tensors(model, plan)
+    if method is None and table is not None and table.method is not None:
+        method = table.method
+    if percentile is None and table is not None:
+        percentile = table.percentile
+    methods = tensor_methods(model, plan, tensors, resolve_methods(method, plan.target))
+    needs_hist = {t for t, m in methods.items() if m in HISTOGRAM_METHODS}
+    if table is not None:
+        from onnxq.calibrators import model_hash
+        from onnxq.calibrators.collector import float_tensors
+
+        table.check_model(model_hash(model), table_source)
+        observed = float_tensors(model, tensors)
+        table.require(observed, histograms=needs_hist & set(observed), source=table_source)
+        fill_activation_params(plan, table, methods, percentile, tensors=observed)
+        log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)", quiet)
+        return table
+    table = collect(model, tensors, data, progress=not quiet, histograms=needs_hist)
+    table.method = method if method is None or isinstance(method, str) else dict(method)
+    table.percentile = percentile
+    fill_activation_params(plan, table, methods, percentile)
+    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
+    return table

@@ -1,0 +1,146 @@
+"""A fixed-size, mergeable histogram of one tensor's values.
+
+The histogram is signed and symmetric: ``BINS`` (4096) equal bins over ``[-R, R]``, where ``R`` is
+the smallest power of two not below the largest ``|x|`` seen so far. Zero is a bin edge (index
+``BINS // 2``), so the ``|x|`` histogram (2048 bins over ``[0, R]``) is exactly
+``hist[2048:] + hist[:2048][::-1]``; since ``R < 2 * amax``, that is between 1024 and 2048 bins
+over ``[0, amax]``.
+
+When a batch brings a larger ``|x|``, ``R`` grows by a power-of-two factor ``2**k`` and every
+``2**k`` neighbouring bins merge into one. Merging is exact (no count moves to a wrong bin), no
+sample is kept, and because ``R`` depends only on the largest ``|x|``, the final histogram does
+not depend on how the data was split into batches or in which order they came.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BINS = 4096
+HALF = BINS // 2
+
+
+def range_for(amax: float) -> float:
+    """The histogram half-range for a largest ``|x|`` of ``amax``: a power of two ≥ amax (0 for 0)."""
+    if not amax > 0 or not math.isfinite(amax):
+        return 0.0
+    m, e = math.frexp(amax)  # amax = m * 2**e, 0.5 <= m < 1
+    return math.ldexp(1.0, e - 1) if m == 0.5 else math.ldexp(1.0, e)
+
+
+class Histogram:
+    """Counts of one tensor's values in ``BINS`` bins over ``[-range, range]``.
+
+    While every value seen is exactly zero, ``range`` is 0 and the zeros are counted in
+    ``zeros``; they move into the bin starting at 0 once a non-zero value arrives.
+    """
+
+    __slots__ = ("counts", "range", "zeros")
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(BINS, dtype=np.int64)
+        self.range = 0.0
+        self.zeros = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum()) + self.zeros
+
+    @property
+    def width(self) -> float:
+        return 2.0 * self.range / BINS
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.range, self.range, BINS + 1)
+
+    def _grow(self, new_range: float) -> None:
+        if self.range == 0.0:
+            self.range = new_range
+            if self.zeros:
+                self.counts[HALF] += self.zeros
+                self.zeros = 0
+            return
+        k = round(math.log2(new_range / self.range))
+        if k <= 0:
+            return
+        if k >= 12:  # every old bin lands in one of the two bins around zero
+            neg = int(self.counts[:HALF].sum())
+            pos = int(self.counts[HALF:].sum())
+            self.counts[:] = 0
+            self.counts[HALF - 1] = neg
+            self.counts[HALF] = pos
+        else:
+            # old bin j covers [-R + j w, ...); in new bins of width w 2**k it is bin
+            # (j + HALF (2**k - 1)) >> k, exactly.
+            index = (np.arange(BINS) + HALF * ((1 << k) - 1)) >> k
+            self.counts = np.bincount(index, weights=self.counts, minlength=BINS).astype(np.int64)
+        self.range = new_range
+
+    def update(self, x: np.ndarray, amax: float | None = None) -> None:
+        """Add every element of ``x`` (``amax``: its largest ``|x|`` if already known)."""
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        if amax is None:
+            amax = float(np.max(np.abs(x)))
+        new_range = range_for(amax)
+        if new_range == 0.0:
+            if self.range == 0.0:
+                self.zeros += x.size
+            else:
+                self.counts[HALF] += x.size
+            return
+        if new_range > self.range:
+            self._grow(new_range)
+        flat = x.reshape(-1)
+        if flat.dtype != np.float32 and flat.dtype != np.float64:
+            flat = flat.astype(np.float32)
+        # bins of width R/HALF: index = floor(x * HALF / R) + HALF; HALF / R is a power of two,
+        # so the product is exact and the floor lands on the right side of every edge.
+        scaled = flat * np.array(HALF / self.range, dtype=flat.dtype)
+        index = np.floor(scaled, out=scaled).astype(np.int32)
+        index += HALF
+        np.clip(index, 0, BINS - 1, out=index)  # x == R falls in the last bin
+        self.counts += np.bincount(index, minlength=BINS)
+
+    def merge(self, other: Histogram) -> None:
+        """Add another histogram's counts (exact)."""
+        other_copy = Histogram()
+        other_copy.counts, other_copy.range, other_copy.zeros = other.counts.copy(), other.range, other.zeros
+        target = max(self.range, other_copy.range)
+        if target > 0:
+            if self.range < target:
+                self._grow(target)
+            if other_copy.range < target:
+                other_copy._grow(target)
+        self.counts += other_copy.counts
+        self.zeros += other_copy.zeros
+
+    def abs_counts(self) -> np.ndarray:
+        """The histogram of ``|x|``: ``HALF`` bins over ``[0, range]``."""
+        out = self.counts[HALF:] + self.counts[:HALF][::-1]
+        out = out.copy()
+        out[0] += self.zeros
+        return out
+
+    # --- JSON: counts between the first and last non-zero bin -----------------------------------
+    def to_json(self) -> dict:
+        nz = np.flatnonzero(self.counts)
+        lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+        return {"range": self.range, "zeros": self.zeros, "offset": lo, "counts": self.counts[lo:hi].tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Histogram:
+        h = cls()
+        h.range = float(data["range"])
+        h.zeros = int(data.get("zeros", 0))
+        counts = np.asarray(data["counts"], dtype=np.int64)
+        offset = int(data["offset"])
+        if counts.ndim != 1 or offset < 0 or offset + counts.size > BINS or (counts < 0).any():
+            raise ValueError("histogram counts do not fit its bins")
+        if h.range < 0 or not math.isfinite(h.range) or (h.range > 0 and range_for(h.range) != h.range):
+            raise ValueError(f"histogram range {h.range} is not a power of two")
+        h.counts[offset : offset + counts.size] = counts
+        return h
