@@ -10,9 +10,8 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
-from onnxq.weights import weight_source
+from onnxq.weights import FLOAT_TYPES, weight_source
 
-FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # TensorRT gains nothing from INT8 on GEMV-like products and on convs with very few channels.
