@@ -9,7 +9,7 @@ memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -54,12 +54,12 @@ def augment_with_reductions(
     model: ir.Model,
     tensors: Sequence[str],
     *,
-    values: bool = False,
+    values: Collection[str] = (),
     channel_axes: Mapping[str, int] | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
 
-    With ``values``, each observed tensor itself is an output too (for the histograms). For each
+    Each tensor named in ``values`` is itself an output too (for its histogram). For each
     tensor in ``channel_axes`` (whose rank is known), ``ReduceMax(Abs(x))`` over every axis but the
     channel axis is an output as well, so only a vector per batch comes back.
 
@@ -86,7 +86,7 @@ def augment_with_reductions(
             out.shape = ir.Shape([])
             new_nodes.append(node)
             new_outputs.append(out)
-        if values:
+        if name in values:
             node = ir.node("Identity", [value], name=f"onnxq_calib/Identity/{name}")
             node.outputs[0].name = f"{name}::onnxq_value"
             node.outputs[0].dtype = value.dtype
@@ -159,7 +159,7 @@ def collect(
         hist_names = set()
     channel_axes = dict(channel_axes or {})
     # one augmented model; a tensor's value is fetched only when it needs a histogram
-    augmented, observed = _augment_selected(model, tensors, hist_names, channel_axes)
+    augmented, observed = augment_with_reductions(model, tensors, values=hist_names, channel_axes=channel_axes)
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
     if not observed:
         return table
@@ -195,16 +195,3 @@ def collect(
         raise DataError("the calibration data holds no samples; give at least one")
     return table
 
-
-def _augment_selected(model, tensors, hist_names, channel_axes):
-    if not hist_names:
-        return augment_with_reductions(model, tensors, channel_axes=channel_axes)
-    if hist_names >= set(tensors):
-        return augment_with_reductions(model, tensors, values=True, channel_axes=channel_axes)
-    # mixed: add the Identity outputs only for the tensors with histograms
-    proto, observed = augment_with_reductions(model, tensors, values=True, channel_axes=channel_axes)
-    drop = {f"{t}::onnxq_value" for t in tensors if t not in hist_names}
-    keep = [o for o in proto.graph.output if o.name not in drop]
-    del proto.graph.output[:]
-    proto.graph.output.extend(keep)
-    return proto, observed
