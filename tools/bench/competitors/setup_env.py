@@ -12,8 +12,8 @@ Why each list is what it is:
   cupy-cuda12x on Linux x86. MODELOPT_DEPS is its core + [onnx] requirement list with the CPU
   onnxruntime instead of onnxruntime-gpu and without cupy (only the INT4 path imports cupy, and it
   falls back to numpy without it).
-- INC: onnx-neural-compressor (the ONNX Runtime side of Intel Neural Compressor, which has the
-  ONNX SmoothQuant) with its light dependencies; neural-compressor 3.x itself is PyTorch-only.
+- INC: onnx-neural-compressor, Intel Neural Compressor's ONNX Runtime package (its SmoothQuant
+  works on the ONNX graph), installed --no-deps with the light dependencies it imports.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ MODELOPT_DEPS = [
 ]
 
 INC = "onnx-neural-compressor==1.0"
-INC_DEPS = ["onnx", "onnxruntime", "numpy", "psutil", "py-cpuinfo", "pydantic", "transformers", "prettytable", "scikit-learn"]
+# onnx/onnxruntime as ModelOpt pins them (INC 1.0 runs on them); its numpy<2 pin is not needed for
+# the static/SmoothQuant path, and onnxruntime-extensions is imported only on Python < 3.11
+INC_DEPS = ["onnx~=1.21.0", "onnxruntime~=1.24.2", "numpy", "psutil", "py-cpuinfo", "pydantic", "transformers", "prettytable"]
 
 GROUPS = {"modelopt": ([TORCH], [MODELOPT], MODELOPT_DEPS), "inc": ([], [INC], INC_DEPS)}
 
@@ -62,7 +64,7 @@ def pip(python: Path, *args: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", type=Path, default=default_venv(), help="where to create the venv (default: %(default)s)")
-    ap.add_argument("--only", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS), help="which competitors to install")
+    ap.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS), help="which competitors to install")
     ap.add_argument("--recreate", action="store_true", help="delete the venv first")
     args = ap.parse_args(argv)
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv_python(venv)
     start = time.perf_counter()
-    for name in args.only:
+    for name in (g for g in GROUPS if g in args.only):  # modelopt first: it pins torch
         first, no_deps, deps = GROUPS[name]
         if first:
             pip(python, *first)
