@@ -2,7 +2,8 @@
 
     python tools/bench/competitors/run_zoo.py [--models minilm-l6-v2 smollm2-6l]
         [--tools modelopt-int8 modelopt-fp8 ort inc-sq] [--calib-samples N] [--eval-samples N]
-        [--alpha 0.5] [--modelopt-high-precision fp32|fp16] [--out bench_competitors.json]
+        [--alpha 0.5] [--modelopt-high-precision fp32|fp16] [--modelopt-calibration entropy|max]
+        [--out bench_competitors.json]
 
 Each model is exported with the zoo (model.onnx, calib.npz, eval.npz, as `onnxq zoo export`
 writes them); each tool quantizes it in its own process (runners.py) from the same calib.npz,
@@ -31,7 +32,9 @@ def quantize_with(tool, case, out, args) -> dict:
     model, calib = case["model"], case["calib"]
     if tool.startswith("modelopt-"):
         precision = tool.split("-", 1)[1]
-        return runners.run_modelopt(model, calib, out, precision, high_precision=args.modelopt_high_precision)
+        return runners.run_modelopt(
+            model, calib, out, precision, calibration_method=args.modelopt_calibration, high_precision=args.modelopt_high_precision
+        )
     if tool == "ort":
         return runners.run_ort(model, calib, out, target="tensorrt")
     if tool == "inc-sq":
@@ -70,6 +73,7 @@ def main():
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--alpha", type=float, default=0.5, help="INC SmoothQuant migration strength")
     ap.add_argument("--modelopt-high-precision", choices=("fp32", "fp16"), default="fp32")
+    ap.add_argument("--modelopt-calibration", choices=("entropy", "max"), help="ModelOpt's calibration method (default: its own, entropy)")
     ap.add_argument("--out", default="bench_competitors.json")
     args = ap.parse_args()
     rows = []
