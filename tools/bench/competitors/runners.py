@@ -47,7 +47,8 @@ def _python(venv, module: str, install: str) -> Path:
 
 
 def _run(cmd, output, env=None) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    # in the output's folder: ORT's symbolic shape inference leaves temporary files in the cwd
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=Path(output).parent)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise CompetitorError(
@@ -60,7 +61,7 @@ def _run(cmd, output, env=None) -> dict:
 def _worker(tool, python, model_path, calib_npz, output_path, options) -> dict:
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(python), str(HERE / "_worker.py"), tool, str(model_path), str(output_path), str(calib_npz), json.dumps(options)]
+    cmd = [str(python), str(HERE / "_worker.py"), tool, *(str(Path(p).resolve()) for p in (model_path, output_path, calib_npz)), json.dumps(options)]
     return _run(cmd, output_path)
 
 
@@ -103,5 +104,6 @@ def run_ort(model_path, calib_npz, output_path, *, target: str = "tensorrt", cal
     """ONNX Runtime's quantize_static, exactly as tools/bench/quantize_vs_ort.py runs it (MinMax, QDQ)."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(HERE.parent / "_job.py"), "ort", str(model_path), str(output_path), str(calib_npz), target, str(calib_samples or "all")]
+    paths = (str(Path(p).resolve()) for p in (model_path, output_path, calib_npz))
+    cmd = [sys.executable, str(HERE.parent / "_job.py"), "ort", *paths, target, str(calib_samples or "all")]
     return _run(cmd, output_path, env={"ONNXQ_NO_PROGRESS": "1"})
