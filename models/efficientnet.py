@@ -178,8 +178,7 @@ class EfficientNetLite0(ZooModel):
         return Classifier(model).eval()
 
     def export_example(self):
-        torch = require_torch()
-        return (torch.from_numpy(self._eval_arrays["image"][:1].copy()),), None, None
+        return {"image": self._eval_arrays["image"][:1].copy()}
 
     # ------------------------------------------------------------------ data
     def calib_data(self, n: int | None = None) -> dict[str, np.ndarray]:
@@ -215,3 +214,8 @@ class EfficientNetLite0(ZooModel):
             "n_labelled": float(n_labelled),
             "n_views": float(len(images)),
         }
+
+
+def torch_module():
+    """EfficientNet-Lite0 as a torch module (``onnxq export onnxq.zoo.efficientnet:torch_module``)."""
+    return EfficientNetLite0().build_module()
