@@ -90,6 +90,48 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dims(items) -> dict[str, int]:
+    dims = {}
+    for item in items or ():
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise OnnxqError(f"--dim {item!r} is not NAME=SIZE (e.g. seq=128)")
+        dims[name] = int(value)
+    return dims
+
+
+def _write_or_print(text: str, output: str | None) -> None:
+    if output is None:
+        print(text)
+        return
+    from pathlib import Path
+
+    from onnxq.modelio import atomic_path
+
+    if not Path(output).parent.exists():
+        raise OnnxqError(f"output directory {Path(output).parent} does not exist; create it first")
+    with atomic_path(output) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from onnxq.diff import diff, render
+
+    result = diff(args.a, args.b, dims=_dims(args.dim))
+    _write_or_print(render(result, args.format), args.output)
+    return 0 if result.equivalent else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxq.inspect import format_text, inspect
+
+    info = inspect(args.model, dims=_dims(args.dim))
+    _write_or_print(json.dumps(info, indent=1) if args.format == "json" else format_text(info), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.calibrators.methods import DEFAULT_METHOD, METHODS
 
@@ -136,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-cosine", type=float, default=0.9999, help="required cosine between ORT and torch outputs (default 0.9999)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random example and check inputs")
     e.set_defaults(func=_export)
+
+    d = sub.add_parser("diff", help="compare two ONNX graphs layer by layer, looking through Q/DQ and Cast (exit 0 equivalent, 1 different, 2 error)")
+    d.add_argument("a", help="first model (e.g. the FP32 one)")
+    d.add_argument("b", help="second model (e.g. its quantized version)")
+    d.add_argument("--format", choices=["text", "json", "html"], default="text", help="report format (default text); html is one self-contained page")
+    d.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    d.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1), e.g. seq=128")
+    d.set_defaults(func=_diff)
+
+    i = sub.add_parser("inspect", help="opset, IR version, op histogram, Q/DQ by precision, parameters, inputs and outputs")
+    i.add_argument("model")
+    i.add_argument("--format", choices=["text", "json"], default="text")
+    i.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    i.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1)")
+    i.set_defaults(func=_inspect)
 
     z = sub.add_parser("zoo", help="the built-in model zoo (needs the zoo extra: pip install 'onnxq[zoo]')")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
