@@ -61,6 +61,8 @@ class ZooModel:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     default_calib: int = 1
+    # MODULE:FACTORY returning the torch module, for `onnxq export` and tools/export_and_build.py
+    torch_factory: str | None = None
     default_eval: int = 1
 
     def __repr__(self) -> str:

@@ -98,6 +98,7 @@ class EfficientNetLite0(ZooModel):
     outputs = ("logits",)
     default_calib = 32
     default_eval = 20 * len(EVAL_VIEWS)
+    torch_factory = "onnxq.zoo.efficientnet:torch_module"
 
     # ------------------------------------------------------------------ assets
     def _data_dir(self) -> Path:

@@ -63,6 +63,7 @@ class MiniLM(ZooModel):
     outputs = ("embedding",)
     default_calib = 64
     default_eval = 50
+    torch_factory = "onnxq.zoo.minilm:torch_module"
 
     def __init__(self, seq_len: int = SEQ_LEN):
         self.seq_len = seq_len

@@ -127,6 +127,7 @@ class SmolLM2(ZooModel):
             self.default_eval = n_eval or 16
         self._streams: dict[str, list[int]] = {}
         self._next_extract: dict[str, int] = {}
+        self.torch_factory = {None: "onnxq.zoo.smollm2:torch_module", 6: "onnxq.zoo.smollm2:torch_module_6l"}.get(layers)
 
     # ------------------------------------------------------------------ tokenizer and text
     @cached_property
