@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,42 +15,9 @@ from onnxq.errors import OnnxqError  # noqa: E402
 from onnxq.export import ExportError, export, parse_dynamic, parse_input  # noqa: E402
 from onnxq.runtime.ort import create_session  # noqa: E402
 
-FACTORIES = textwrap.dedent('''
-    import torch
-
-    class TokenNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(50, 16)
-            self.fc = torch.nn.Linear(16, 8)
-
-        def forward(self, ids, x):
-            return self.fc(self.emb(ids)) + x.mean()
-
-    def token_net():
-        torch.manual_seed(0)
-        return TokenNet().eval()
-
-    class Noisy(torch.nn.Module):
-        def forward(self, x):  # ONNX RandomUniformLike draws other numbers than torch
-            return x + torch.rand_like(x)
-
-    def noisy():
-        return Noisy()
-
-    def broken():
-        raise RuntimeError("checkpoint weights.pt not found")
-
-    def not_a_module():
-        return 42
-''')
-
-
 @pytest.fixture(scope="module")
-def factories(tmp_path_factory):
-    path = tmp_path_factory.mktemp("factories") / "nets.py"
-    path.write_text(FACTORIES)
-    return path
+def factories():
+    return Path(__file__).parent / "torch_factories.py"
 
 
 def _cli(*args):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +14,7 @@ pytest.importorskip("torch", reason="the export step needs torch; install onnxq[
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "export_and_build.py"
 
-NETS = textwrap.dedent('''
-    import torch
-
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(32, 64)
-            self.b = torch.nn.Linear(64, 16)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    def mlp():
-        torch.manual_seed(0)
-        return Mlp()
-
-    def broken():
-        raise FileNotFoundError("mlp.pt")
-''')
+FACTORIES = Path(__file__).parent / "torch_factories.py"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +28,6 @@ def tool():
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("eab")
-    (d / "nets.py").write_text(NETS)
     rng = np.random.default_rng(0)
     np.savez(d / "calib.npz", x=rng.standard_normal((16, 4, 32)).astype(np.float32))
     np.savez(d / "eval.npz", x=rng.standard_normal((8, 4, 32)).astype(np.float32))
@@ -55,7 +35,7 @@ def case(tmp_path_factory):
 
 
 def _args(case, out, factory="mlp", *extra):
-    return [f"{case / 'nets.py'}:{factory}", "--input", "x:4x32:float32", "--calib", str(case / "calib.npz"),
+    return [f"{FACTORIES}:{factory}", "--input", "x:4x32:float32", "--calib", str(case / "calib.npz"),
             "--eval", str(case / "eval.npz"), "-o", str(out), *extra]
 
 
@@ -94,6 +74,6 @@ def test_failed_check_exits_1(tool, case, tmp_path):
 def test_factory_error_exits_2_with_the_reason_in_the_manifest(tool, case, tmp_path, capsys):
     out = tmp_path / "broken"
     assert tool.main(_args(case, out, "broken")) == 2
-    assert "raised FileNotFoundError: mlp.pt" in capsys.readouterr().err
+    assert "raised RuntimeError: checkpoint weights.pt not found" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "raised FileNotFoundError" in manifest["error"] and manifest["steps"] == {}
+    assert "raised RuntimeError" in manifest["error"] and manifest["steps"] == {}
