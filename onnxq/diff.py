@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxq.layers import GraphLayers, Layer, LayerInput, graph_layers, shape_list, summarize
+from onnxq.layers import GraphLayers, Layer, LayerInput, graph_layers, precision_order, shape_list, summarize
 
 FORMATS = ("text", "json", "html")
 
@@ -237,12 +237,14 @@ def _layer_quant_text(layer: Layer | None) -> str:
     if layer is None:
         return "-"
     parts = [f"in{i.index} {_scale_text(i.quant)}" for i in layer.inputs if i.quant is not None]
+    parts += [f"in{i.index} via Cast {', '.join(c.lower() for c in i.casts)}" for i in layer.inputs
+              if i.quant is None and i.casts and i.casts[0] != "FLOAT"]
     return "; ".join(parts) if parts else ""
 
 
 def _summary_lines(d: GraphDiff) -> list[str]:
     s = d.summary
-    precisions = sorted(set(s["macs_by_precision"]["a"]) | set(s["macs_by_precision"]["b"]))
+    precisions = sorted(set(s["macs_by_precision"]["a"]) | set(s["macs_by_precision"]["b"]), key=precision_order)
     lines = ["MACs by precision (dynamic dims = 1 unless --dim):", f"  {'':<8} {'A':>16} {'B':>16}"]
     for p in precisions:
         lines.append(f"  {p:<8} {s['macs_by_precision']['a'].get(p, 0):>16,} {s['macs_by_precision']['b'].get(p, 0):>16,}")
@@ -316,7 +318,7 @@ def format_html(d: GraphDiff) -> str:
     e = html.escape
     counts = d.counts()
     s = d.summary
-    precisions = sorted(set(s["macs_by_precision"]["a"]) | set(s["macs_by_precision"]["b"]))
+    precisions = sorted(set(s["macs_by_precision"]["a"]) | set(s["macs_by_precision"]["b"]), key=precision_order)
     verdict = '<span class="eq">equivalent</span>' if d.equivalent else '<span class="ne">different</span>'
     out = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -52,17 +52,20 @@ class QuantParams:
     zero_point: np.ndarray | None
     axis: int | None
     source: str  # the float tensor (activation) or the integer initializer (weight)
+    block_size: int = 0  # blocked quantization (opset 21): scale has the input's rank
 
     @property
     def precision(self) -> str:
         return _QUANT_PRECISION.get(ir.DataType[self.dtype], self.dtype)
 
     def same_as(self, other: QuantParams) -> bool:
-        return (self.kind, self.dtype, self.axis) == (other.kind, other.dtype, other.axis) and _equal(
+        return (self.kind, self.dtype, self.axis, self.block_size) == (
+            other.kind, other.dtype, other.axis, other.block_size) and _equal(
             self.scale, other.scale) and _equal(self.zero_point, other.zero_point)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype.lower(), "axis": self.axis, "source": self.source,
+        return {"kind": self.kind, "dtype": self.dtype.lower(), "axis": self.axis, "block_size": self.block_size or None,
+                "source": self.source,
                 "scale": summarize(self.scale), "zero_point": summarize(self.zero_point)}
 
 
@@ -99,17 +102,17 @@ class GraphLayers:
         for layer in self.layers.values():
             if layer.macs:
                 out[layer.precision] = out.get(layer.precision, 0) + layer.macs
-        return dict(sorted(out.items(), key=lambda kv: _precision_order(kv[0])))
+        return dict(sorted(out.items(), key=lambda kv: precision_order(kv[0])))
 
     def layers_by_precision(self, ops=MAC_OPS) -> dict[str, int]:
         out: dict[str, int] = {}
         for layer in self.layers.values():
             if layer.op_type in ops:
                 out[layer.precision] = out.get(layer.precision, 0) + 1
-        return dict(sorted(out.items(), key=lambda kv: _precision_order(kv[0])))
+        return dict(sorted(out.items(), key=lambda kv: precision_order(kv[0])))
 
 
-def _precision_order(p: str) -> int:
+def precision_order(p: str) -> int:
     return PRECISIONS.index(p) if p in PRECISIONS else len(PRECISIONS)
 
 
@@ -166,17 +169,22 @@ def _dequant_params(dq: ir.Node) -> QuantParams:
     scale = _const(dq.inputs[1])
     zp = _const(zero)
     axis = dq.attributes.get_int("axis", 1) if scale is not None and scale.ndim >= 1 and scale.size > 1 else None
+    block = dq.attributes.get_int("block_size", 0)
     if q_node is not None:
         kind, source = "activation", (q_node.inputs[0].name if q_node.inputs[0] is not None else "")
     else:
         kind, source = ("weight" if _const(q_value) is not None else "activation"), q_value.name
-    return QuantParams(kind, dtype.name, scale if scale is not None else np.array(np.nan), zp, axis, source)
+    return QuantParams(kind, dtype.name, scale if scale is not None else np.array(np.nan), zp, axis, source, block)
 
 
 def _dequantize(q: np.ndarray, p: QuantParams) -> np.ndarray:
     scale = np.asarray(p.scale, dtype=np.float64)
     zp = np.asarray(p.zero_point if p.zero_point is not None else 0).astype(np.float64)
-    if p.axis is not None and scale.ndim == 1:
+    if p.block_size and p.axis is not None and scale.ndim == q.ndim:
+        axis = p.axis % q.ndim
+        scale = np.repeat(scale, p.block_size, axis=axis).take(range(q.shape[axis]), axis=axis)
+        zp = np.repeat(zp, p.block_size, axis=axis).take(range(q.shape[axis]), axis=axis) if zp.ndim == q.ndim else zp
+    elif p.axis is not None and scale.ndim == 1:
         shape = [1] * q.ndim
         shape[p.axis % q.ndim] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape) if zp.ndim == 1 else zp

@@ -220,3 +220,13 @@ def test_inspect_counts(attention_int8, capsys):
 def test_bad_diff_input_exits_2(tmp_path, capsys):
     code, _, err = _run(capsys, "diff", tmp_path / "missing.onnx", tmp_path / "b.onnx")
     assert code == 2 and err.startswith("onnxq: error:") and "no such file" in err
+
+
+def test_blocked_int4_weight_dequantizes_per_block():
+    from onnxq.layers import QuantParams, _dequantize
+
+    q = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
+    scale = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]], np.float32)  # blocks of 2 rows
+    params = QuantParams("weight", "INT4", scale, None, 0, "w", block_size=2)
+    expected = q.astype(np.float32) * np.repeat(scale, 2, axis=0)
+    np.testing.assert_array_equal(_dequantize(q, params), expected)
