@@ -58,6 +58,7 @@ def test_pipeline_writes_every_artifact_and_a_manifest(tool, case, tmp_path):
     except ImportError:
         assert steps["build"]["status"] == "skipped: tensorrt not installed"
         assert not list(out.glob("*.plan"))
+    assert steps["review"]["macs_by_precision"] == {"INT8": 4 * (32 * 64 + 64 * 16)}
     check = json.loads((out / "check.json").read_text())
     assert check["passed"] and check["outputs"][0]["samples"] == 8
     assert manifest["versions"]["onnxruntime"] and manifest["options"]["target"] == "tensorrt"

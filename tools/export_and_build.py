@@ -52,11 +52,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: Path, data) -> None:
+def write_text(path: Path, text: str) -> None:
     from onnxq.modelio import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -108,8 +112,11 @@ def quantize_step(args, out: Path) -> dict:
     result = quantize(out / "model.onnx", out / f"model.{args.precision}.onnx", args.calib, target=args.target,
                       precision=args.precision, save_plan=out / "plan.json", calib_samples=args.calib_samples,
                       evaluate=False, quiet=True)
+    from onnxq.calibrators.methods import DEFAULT_METHOD
+
     return {"target": args.target, "precision": args.precision, "quantized_nodes": len(result.plan.quantized_nodes()),
-            "calibration_samples": result.table.num_samples, "calibration_method": result.table.method}
+            "calibration_samples": result.table.num_samples,
+            "calibration_method": result.table.method or DEFAULT_METHOD[args.target]}
 
 
 def build_step(quantized: Path, out: Path) -> dict:
@@ -147,16 +154,36 @@ def check_step(reference: Path, candidate: Path, eval_data: str, out: Path, min_
                                           for a in accuracy}}
 
 
-def review_step(reference: Path, candidate: Path, out: Path) -> dict:
-    """The graph diff (HTML and JSON) and the inspection of both models, for people reviewing the build."""
+def data_dims(model: Path, data: str) -> dict[str, int]:
+    """Sizes of the model's dynamic input dimensions in the first sample of ``data`` (for MAC counts)."""
+    from onnxq.data import open_source
+    from onnxq.modelio import load
+    from onnxq.runtime.ort import model_input_spec
+
+    graph = load(model)
+    feed = next(iter(open_source(data, model_input_spec(graph), require_finite=False)))
+    dims = {}
+    for value in graph.graph.inputs:
+        for axis, dim in enumerate(value.shape or ()):
+            if not isinstance(dim, int) and getattr(dim, "value", None) and value.name in feed:
+                dims[str(dim.value)] = int(feed[value.name].shape[axis])
+    return dims
+
+
+def review_step(reference: Path, candidate: Path, data: str, out: Path) -> dict:
+    """The graph diff (HTML and JSON) and the inspection of both models, for people reviewing the build.
+
+    MACs count dynamic dimensions at their size in the first evaluation sample.
+    """
     from onnxq.diff import diff, format_html
     from onnxq.inspect import inspect
 
-    result = diff(reference, candidate)
-    (out / "diff.html").write_text(format_html(result), encoding="utf-8")
+    dims = data_dims(reference, data)
+    result = diff(reference, candidate, dims=dims)
+    write_text(out / "diff.html", format_html(result))
     write_json(out / "diff.json", result.to_json())
-    write_json(out / "inspect.json", {reference.name: inspect(reference), candidate.name: inspect(candidate)})
-    return {"macs_by_precision": result.summary["macs_by_precision"]["b"], "counts": result.counts()}
+    write_json(out / "inspect.json", {reference.name: inspect(reference, dims), candidate.name: inspect(candidate, dims)})
+    return {"dims": dims, "macs_by_precision": result.summary["macs_by_precision"]["b"], "counts": result.counts()}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -179,7 +206,7 @@ def run(args) -> int:
         ("quantize", lambda: quantize_step(args, out)),
         ("build", lambda: build_step(quantized, out)),
         ("check", lambda: check_step(out / "model.onnx", quantized, args.eval or args.calib, out, args.min_cosine)),
-        ("review", lambda: review_step(out / "model.onnx", quantized, out)),
+        ("review", lambda: review_step(out / "model.onnx", quantized, args.eval or args.calib, out)),
     ]
     code = 0
     try:
