@@ -277,7 +277,15 @@ def format_text(d: GraphDiff) -> str:
         for note in c.changes:
             if not note.startswith("precision"):
                 lines.append(f"    {note}")
+        if _weight_diff_text(c):
+            lines.append(f"    {_weight_diff_text(c)}")
     return "\n".join(lines)
+
+
+def _weight_diff_text(c: LayerChange) -> str:
+    """Max abs difference of the (dequantized) constant inputs, when nonzero."""
+    parts = [f"in{k} {v:.3g}" for k, v in sorted(c.weight_max_abs_diff.items()) if v]
+    return "constant max abs diff (dequantized): " + ", ".join(parts) if parts else ""
 
 
 _CSS = """
@@ -349,8 +357,9 @@ def format_html(d: GraphDiff) -> str:
         opened = " open" if c.status != "same" and len(d.layers) <= 200 else ""
         out.append(f'<details class="layer {c.status}"{opened} data-status="{c.status}">'
                    f'<summary class="{c.status}">{e(title)}</summary>')
-        if c.changes:
-            out.append('<div class="notes">' + "<br>".join(e(n) for n in c.changes) + "</div>")
+        notes = c.changes + ([_weight_diff_text(c)] if _weight_diff_text(c) else [])
+        if notes:
+            out.append('<div class="notes">' + "<br>".join(e(n) for n in notes) + "</div>")
         out.append(f'<div class="side">{_side_html(c.a, "A")}{_side_html(c.b, "B")}</div></details>')
     out.append("</div></body></html>")
     return "\n".join(out)
