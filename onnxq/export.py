@@ -450,7 +450,7 @@ def export(module, example_inputs, output: str | os.PathLike, *, input_names: Se
             raise ExportError(f"dynamic dim {d.name!r}: input {d.input!r} has rank {feed[d.input].ndim}, no axis {d.axis}")
     module = module.eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
-    dynamic_shapes, dynamic_axes = _dynamic_specs(dims, names, output_names)
+    dynamic_shapes, dynamic_axes = _dynamic_specs(dims, names)
     errors: dict[str, str] = {}
     verification = None
     for exporter in exporters:
@@ -485,8 +485,8 @@ def export(module, example_inputs, output: str | os.PathLike, *, input_names: Se
     return ExportResult(out, exporter, model.opset_imports.get("", opset), verification, info)
 
 
-def _dynamic_specs(dims: Sequence[DynamicDim], names: Sequence[str], output_names):
-    """torch.export ``dynamic_shapes`` (by input name) and TorchScript ``dynamic_axes`` for ``dims``."""
+def _dynamic_specs(dims: Sequence[DynamicDim], names: Sequence[str]):
+    """torch.export ``dynamic_shapes`` (positional) and TorchScript ``dynamic_axes`` for ``dims``."""
     if not dims:
         return None, None
     from torch.export import Dim
