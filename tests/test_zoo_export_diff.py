@@ -74,3 +74,54 @@ def test_zoo_quantized_twice_with_the_same_data_is_no_difference(built, tmp_path
     quantize(out / "model.onnx", again, out / "calib.npz", calib_samples=8, quiet=True, report=False, evaluate=False)
     assert main(["diff", str(out / "model.int8.onnx"), str(again)]) == 0
     assert "equivalent" in capsys.readouterr().out
+
+
+def _int8_to_fp8(src: Path, dst: Path) -> None:
+    """The same Q/DQ placement in FP8 E4M3: zero points float8 zeros, scales x 127/448, weights re-encoded.
+
+    FP8 quantization is not onnxq's yet; this gives diff a real model's FP8 Q/DQ graph to read.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(src)
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points, scales, weights = set(), set(), set()
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            scales.add(node.input[1])
+            zero_points.add(node.input[2])
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+                weights.add(node.input[0])
+    ratio = np.float32(127.0 / 448.0)
+    for name in scales:
+        inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * ratio, name))
+    for name in zero_points | weights:
+        arr = numpy_helper.to_array(inits[name]).astype(np.float32)
+        vals = arr / ratio if name in weights else np.zeros_like(arr)
+        inits[name].CopyFrom(helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, arr.shape, vals.ravel().tolist()))
+    for vi in model.graph.value_info:  # Q outputs were typed int8
+        if vi.type.tensor_type.elem_type == TensorProto.INT8:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT8E4M3FN
+    onnx.checker.check_model(model)
+    onnx.save(model, dst)
+
+
+def test_zoo_fp32_vs_fp8_lists_every_quantized_layer_with_scales(built, tmp_path):
+    _, out = built
+    fp8 = tmp_path / "model.fp8.onnx"
+    _int8_to_fp8(out / "model.int8.onnx", fp8)
+    plan = QuantPlan.load(out / "plan.json")
+    int8 = {c.name_b: c for c in diff(out / "model.onnx", out / "model.int8.onnx").layers if c.b is not None}
+    result = diff(out / "model.onnx", fp8)
+    by_b = {c.name_b: c for c in result.layers if c.b is not None}
+    for name in plan.quantized_nodes():
+        change = by_b[name]
+        assert change.status == "changed" and (change.a.precision, change.b.precision) == ("FP32", "FP8")
+        for i8, f8 in zip(int8[name].b.inputs, change.b.inputs):
+            assert (i8.quant is None) == (f8.quant is None)
+            if f8.quant is not None:
+                assert f8.quant.dtype == "FLOAT8E4M3FN" and f8.quant.axis == i8.quant.axis
+                np.testing.assert_allclose(f8.quant.scale, np.asarray(i8.quant.scale) * np.float32(127 / 448), rtol=1e-6)
+    macs = result.summary["macs_by_precision"]["b"]
+    assert macs["FP8"] == diff(out / "model.onnx", out / "model.int8.onnx").summary["macs_by_precision"]["b"]["INT8"]
