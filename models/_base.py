@@ -6,13 +6,10 @@ be listed (and the core used) without them.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import platform
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from onnxq.errors import ZooError
+from onnxq.export import DEFAULT_OPSET, cosine  # noqa: F401  (cosine: the zoo metrics use it)
 
 from . import _fetch
 
-# Opset of the exported graphs. 18 is what torch's dynamo exporter (torchlib) is written for; the
-# TorchScript fallback uses it too so both exporters give the same ops (ReduceMean with axes input).
-OPSET = 18
+# Opset of the exported graphs (see onnxq.export).
+OPSET = DEFAULT_OPSET
 
 
 def require_torch():
@@ -38,15 +35,6 @@ def require_torch():
             "pip install 'onnxq[zoo]' (torch==2.13.0 CPU wheel)"
         ) from None
     return torch
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    if den == 0.0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(np.dot(a, b) / den)
 
 
 def take(arrays: Mapping[str, np.ndarray], n: int | None, default: int, what: str) -> dict[str, np.ndarray]:
@@ -73,6 +61,8 @@ class ZooModel:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     default_calib: int = 1
+    # MODULE:FACTORY returning the torch module, for `onnxq export` and tools/export_and_build.py
+    torch_factory: str | None = None
     default_eval: int = 1
 
     def __repr__(self) -> str:
@@ -103,77 +93,73 @@ class ZooModel:
         """The torch module to export (eval mode, float32)."""
         raise NotImplementedError
 
-    def export_example(self) -> tuple[tuple, dict | None, dict | None]:  # pragma: no cover - abstract
-        """(example args, dynamo dynamic_shapes, torchscript dynamic_axes)."""
-        raise NotImplementedError
-
-    def check_feed(self) -> dict[str, np.ndarray]:
-        """One real sample used to check ORT against torch after export."""
+    def export_example(self) -> dict[str, np.ndarray]:
+        """One real sample (by input name) to trace the export with and verify it on."""
         return {k: v[:1] for k, v in self.eval_data(1).items()}
+
+    def torch_module_and_example(self):
+        """(torch module, example feed, dynamic dims): everything ``onnxq.export`` needs."""
+        return self.build_module(), self.export_example(), self.dynamic_dims()
+
+    def dynamic_dims(self) -> list:
+        """The dynamic axes of the export (:class:`onnxq.export.DynamicDim` list)."""
+        return []
 
     def _export(self, path: Path) -> None:
         torch = require_torch()
         from onnxq import modelio
+        from onnxq.export import ExportError, export
 
         _fetch.log(f"{self.name}: loading the torch model ...")
         start = time.perf_counter()
         module = self.build_module()
-        feed = self.check_feed()
-        with torch.no_grad():
-            expected = module(*[torch.from_numpy(np.ascontiguousarray(feed[k])) for k in self.inputs])
-        expected = expected.detach().numpy()
-        args, dynamic_shapes, dynamic_axes = self.export_example()
+        example = self.export_example()
         load_s = time.perf_counter() - start
-
-        errors: dict[str, str] = {}
-        for exporter in ("dynamo", "torchscript"):
-            _fetch.log(f"{self.name}: exporting with the {exporter} exporter ...")
-            t0 = time.perf_counter()
-            try:
-                with _quiet_exporter():
-                    model = _torch_export(
-                        module, args, exporter, self.inputs, self.outputs, dynamic_shapes, dynamic_axes
-                    )
-                export_s = time.perf_counter() - t0
-                got, cos = _ort_check(model, feed, expected)
-            except Exception as exc:  # the exporters raise all sorts of things
-                msg = str(exc).strip().splitlines()
-                errors[exporter] = f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]
-                _fetch.log(f"{self.name}: {exporter} export failed ({errors[exporter]})")
-                continue
-            modelio.save(model, path)
-            publish_mode(path)
-            info = {
-                "name": self.name,
-                "exporter": exporter,
-                "opset": model.opset_imports.get("", None),
-                "ir_version": modelio.required_ir_version(model),
-                "inputs": list(self.inputs),
-                "outputs": list(self.outputs),
-                "ort_vs_torch_cosine": cos,
-                "ort_vs_torch_max_abs_diff": float(np.max(np.abs(got - expected))),
-                "load_seconds": round(load_s, 2),
-                "export_seconds": round(export_s, 2),
-                "failed_exporters": errors,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            }
-            try:
-                import transformers
-
-                info["transformers"] = transformers.__version__
-            except ImportError:
-                pass
-            with modelio.atomic_path(path.with_name("export.json")) as tmp:
-                tmp.write_text(json.dumps(info, indent=2) + "\n")
-            publish_mode(path.with_name("export.json"))
-            _fetch.log(
-                f"{self.name}: exported with {exporter} in {export_s:.1f}s (ORT vs torch cosine {cos:.6f}) -> {path}"
+        t0 = time.perf_counter()
+        _fetch.log(f"{self.name}: exporting and verifying against torch ...")
+        try:
+            # Verified on a real sample, plus one random feed within the dynamic ranges.
+            result = export(
+                module, example, path, input_names=self.inputs, output_names=self.outputs,
+                dynamic=self.dynamic_dims(), opset=OPSET, random_checks=1,
+                exporters=("dynamo", "torchscript"),
             )
-            return
-        raise ZooError(
-            f"{self.name}: export failed with both exporters ({'; '.join(f'{k}: {v}' for k, v in errors.items())}); "
-            "check that torch==2.13.0, transformers and onnxscript are the versions pinned by onnxq[zoo]"
+        except ExportError as exc:
+            raise ZooError(
+                f"{self.name}: {exc}; check that torch==2.13.0, transformers and onnxscript are the "
+                "versions pinned by onnxq[zoo]"
+            ) from None
+        export_s = time.perf_counter() - t0
+        publish_mode(path)
+        check = result.verification
+        info = {
+            "name": self.name,
+            "exporter": result.exporter,
+            "opset": result.opset,
+            "ir_version": modelio.required_ir_version(modelio.load(path)),
+            "inputs": list(self.inputs),
+            "outputs": list(self.outputs),
+            "ort_vs_torch_cosine": check.worst_cosine,
+            "ort_vs_torch_max_abs_diff": check.max_abs_error,
+            "verification": check.to_json(),
+            "load_seconds": round(load_s, 2),
+            "export_seconds": round(export_s, 2),
+            "failed_exporters": result.info["failed_exporters"],
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+        try:
+            import transformers
+
+            info["transformers"] = transformers.__version__
+        except ImportError:
+            pass
+        with modelio.atomic_path(path.with_name("export.json")) as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+        publish_mode(path.with_name("export.json"))
+        _fetch.log(
+            f"{self.name}: exported with {result.exporter} in {export_s:.1f}s "
+            f"(ORT vs torch worst cosine {check.worst_cosine:.6f}) -> {path}"
         )
 
     # ----------------------------------------------------------------------------- data / metric
@@ -208,23 +194,6 @@ def publish_mode(path: Path) -> None:
         pass
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """Hide the exporters' warnings (torchvision ops missing, tracer notes); errors still raise."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export", "torch.fx")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
 def _as_model(model):
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -232,77 +201,3 @@ def _as_model(model):
             raise ZooError(f"{path}: no such model file; pass the path of an .onnx model")
         return path
     return model
-
-
-def _torch_export(module, args, exporter, input_names, output_names, dynamic_shapes, dynamic_axes):
-    """Export with torch.onnx.export; return an ``onnx_ir.Model``."""
-    import tempfile
-
-    import onnx_ir as ir
-    import torch
-
-    if exporter == "dynamo":
-        prog = torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, input_names=list(input_names),
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
-        )
-        model = prog.model
-        # Named here, not through output_names: the exporter names values after FX nodes, so an
-        # output called "embedding" would collide with the aten.embedding node's value.
-        _rename_outputs(model, output_names)
-    else:
-        with tempfile.TemporaryDirectory(prefix="onnxq-export-") as tmp:
-            out = os.path.join(tmp, "model.onnx")
-            torch.onnx.export(
-                module, args, out, dynamo=False, opset_version=OPSET, input_names=list(input_names),
-                output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True,
-            )
-            model = ir.load(out)
-            # Pull external weights (if any) into memory before the folder goes away.
-            for init in model.graph.initializers.values():
-                if isinstance(init.const_value, ir.ExternalTensor):
-                    init.const_value = ir.Tensor(init.const_value.numpy(), name=init.name)
-    got_in = [v.name for v in model.graph.inputs]
-    got_out = [v.name for v in model.graph.outputs]
-    if got_in != list(input_names) or got_out != list(output_names):
-        raise ZooError(
-            f"exported graph has inputs {got_in} / outputs {got_out}, "
-            f"wanted {list(input_names)} / {list(output_names)}"
-        )
-    return model
-
-
-def _rename_outputs(model, names) -> None:
-    import onnx_ir as ir
-
-    graph = model.graph
-    if len(graph.outputs) != len(names):
-        raise ZooError(f"exported graph has {len(graph.outputs)} outputs, wanted {len(names)} ({list(names)})")
-    wanted = set(names)
-    values = list(graph.inputs) + list(graph.initializers.values())
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        values.extend(node.outputs)
-    outputs = set(id(v) for v in graph.outputs)
-    taken = {v.name for v in values}
-    for value in values:
-        if id(value) not in outputs and value.name in wanted:
-            k = 1
-            while f"{value.name}_{k}" in taken:
-                k += 1
-            value.name = f"{value.name}_{k}"
-            taken.add(value.name)
-    for value, name in zip(graph.outputs, names):
-        value.name = name
-
-
-def _ort_check(model, feed, expected):
-    from onnxq.runtime.ort import create_session, run
-
-    session = create_session(model)
-    got = run(session, feed)[0]
-    if got.shape != expected.shape:
-        raise ZooError(f"ORT output shape {got.shape} differs from torch's {expected.shape}")
-    cos = cosine(got, expected)
-    if not cos > 0.9999:
-        raise ZooError(f"ORT output differs from torch's (cosine {cos:.6f} <= 0.9999)")
-    return got, cos

@@ -98,6 +98,7 @@ class EfficientNetLite0(ZooModel):
     outputs = ("logits",)
     default_calib = 32
     default_eval = 20 * len(EVAL_VIEWS)
+    torch_factory = "onnxq.zoo.efficientnet:torch_module"
 
     # ------------------------------------------------------------------ assets
     def _data_dir(self) -> Path:
@@ -178,8 +179,7 @@ class EfficientNetLite0(ZooModel):
         return Classifier(model).eval()
 
     def export_example(self):
-        torch = require_torch()
-        return (torch.from_numpy(self._eval_arrays["image"][:1].copy()),), None, None
+        return {"image": self._eval_arrays["image"][:1].copy()}
 
     # ------------------------------------------------------------------ data
     def calib_data(self, n: int | None = None) -> dict[str, np.ndarray]:
@@ -215,3 +215,8 @@ class EfficientNetLite0(ZooModel):
             "n_labelled": float(n_labelled),
             "n_views": float(len(images)),
         }
+
+
+def torch_module():
+    """EfficientNet-Lite0 as a torch module (``onnxq export onnxq.zoo.efficientnet:torch_module``)."""
+    return EfficientNetLite0().build_module()

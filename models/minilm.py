@@ -63,6 +63,7 @@ class MiniLM(ZooModel):
     outputs = ("embedding",)
     default_calib = 64
     default_eval = 50
+    torch_factory = "onnxq.zoo.minilm:torch_module"
 
     def __init__(self, seq_len: int = SEQ_LEN):
         self.seq_len = seq_len
@@ -139,19 +140,14 @@ class MiniLM(ZooModel):
         return MeanPooledEncoder(bert).eval()
 
     def export_example(self):
-        torch = require_torch()
-        from torch.export import Dim
+        # Two documents: torch.export specializes a dimension of size 1, and batch is dynamic.
+        return self.encode(self._eval_docs[:2])
 
-        feed = self.encode(self._eval_docs[:2])
-        args = (torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
-        batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
-        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        axes = {
-            "input_ids": {0: "batch", 1: "seq"},
-            "attention_mask": {0: "batch", 1: "seq"},
-            "embedding": {0: "batch"},
-        }
-        return args, shapes, axes
+    def dynamic_dims(self):
+        from onnxq.export import DynamicDim
+
+        return [DynamicDim(name, axis, dim, lo, hi) for name in self.inputs
+                for axis, dim, lo, hi in ((0, "batch", 1, 1024), (1, "seq", 2, 512))]
 
     # ------------------------------------------------------------------ data
     def calib_data(self, n: int | None = None) -> dict[str, np.ndarray]:
@@ -192,3 +188,8 @@ class MiniLM(ZooModel):
             "n_docs": float(count),
             "n_pairs": float(len(human)),
         }
+
+
+def torch_module():
+    """The MiniLM torch module (mean pooled, L2 normalised), for ``onnxq export onnxq.zoo.minilm:torch_module``."""
+    return MiniLM().build_module()

@@ -127,6 +127,7 @@ class SmolLM2(ZooModel):
             self.default_eval = n_eval or 16
         self._streams: dict[str, list[int]] = {}
         self._next_extract: dict[str, int] = {}
+        self.torch_factory = {None: "onnxq.zoo.smollm2:torch_module", 6: "onnxq.zoo.smollm2:torch_module_6l"}.get(layers)
 
     # ------------------------------------------------------------------ tokenizer and text
     @cached_property
@@ -203,13 +204,12 @@ class SmolLM2(ZooModel):
         return CausalLM(lm).eval()
 
     def export_example(self):
-        torch = require_torch()
-        from torch.export import Dim
+        return {"input_ids": self.windows("eval", 1, 32).copy()}
 
-        ids = torch.from_numpy(self.windows("eval", 1, 32).copy())
-        shapes = {"input_ids": {1: Dim("seq", min=2, max=8192)}}
-        axes = {"input_ids": {1: "seq"}, "logits": {1: "seq"}}
-        return (ids,), shapes, axes
+    def dynamic_dims(self):
+        from onnxq.export import DynamicDim
+
+        return [DynamicDim("input_ids", 1, "seq", 2, 8192)]
 
     # ------------------------------------------------------------------ data
     def _data(self, split: str, n: int | None, default: int, seq_len: int | None) -> dict[str, np.ndarray]:
@@ -263,3 +263,13 @@ class SmolLM2(ZooModel):
             "n_windows": float(len(ids)),
             "seq_len": float(ids.shape[1]),
         }
+
+
+def torch_module():
+    """SmolLM2-135M as a torch module returning logits (``onnxq export onnxq.zoo.smollm2:torch_module``)."""
+    return SmolLM2().build_module()
+
+
+def torch_module_6l():
+    """Its first 6 decoder layers + norm + head (``onnxq export onnxq.zoo.smollm2:torch_module_6l``)."""
+    return SmolLM2(layers=6).build_module()

@@ -2,8 +2,9 @@
 
 from onnxq.errors import OnnxqError
 from onnxq.calibration import calibrate
+from onnxq.export import export  # the function; the module stays importable as onnxq.export's names
 from onnxq.pipeline import QuantizeResult, quantize
 from onnxq.plan import QuantPlan
 
 __version__ = "0.1.0"
-__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "quantize"]
+__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "export", "quantize"]

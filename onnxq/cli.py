@@ -66,6 +66,72 @@ def _zoo_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from onnxq.export import build_module, export, parse_dynamic, parse_input
+
+    specs = [parse_input(t) for t in args.input]
+    dynamic = [parse_dynamic(t) for t in args.dynamic or ()]
+    module = build_module(args.factory)
+    rng = np.random.default_rng(args.seed)
+    example = {s.name: s.example(rng) for s in specs}
+    ranges = {s.name: (s.low, s.high) for s in specs if s.low is not None}
+    result = export(
+        module, example, args.output, output_names=args.output_name, dynamic=dynamic, opset=args.opset,
+        verify_outputs=not args.no_verify, random_checks=args.random_checks, min_cosine=args.min_cosine,
+        atol=args.atol, input_ranges=ranges, seed=args.seed,
+    )
+    if result.verification is not None:
+        for c in result.verification.checks:
+            print(f"  {c.output} on {c.feed}: max abs error {c.max_abs_error:.3g}, cosine {c.cosine:.6f}")
+    print(f"wrote {result.output} (exporter {result.exporter}, opset {result.opset}"
+          + (", not verified" if result.verification is None else ", verified against torch") + ")")
+    return 0
+
+
+def _dims(items) -> dict[str, int]:
+    dims = {}
+    for item in items or ():
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise OnnxqError(f"--dim {item!r} is not NAME=SIZE (e.g. seq=128)")
+        dims[name] = int(value)
+    return dims
+
+
+def _write_or_print(text: str, output: str | None) -> None:
+    if output is None:
+        print(text)
+        return
+    from pathlib import Path
+
+    from onnxq.modelio import atomic_path
+
+    if not Path(output).parent.exists():
+        raise OnnxqError(f"output directory {Path(output).parent} does not exist; create it first")
+    with atomic_path(output) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from onnxq.diff import diff, render
+
+    result = diff(args.a, args.b, dims=_dims(args.dim))
+    _write_or_print(render(result, args.format), args.output)
+    return 0 if result.equivalent else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxq.inspect import format_text, inspect
+
+    info = inspect(args.model, dims=_dims(args.dim))
+    _write_or_print(json.dumps(info, indent=1) if args.format == "json" else format_text(info), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.calibrators.methods import DEFAULT_METHOD, METHODS
 
@@ -98,6 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--percentile", type=float, metavar="P", help="percentile recorded in the table (default 99.99)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
     c.set_defaults(func=_calibrate)
+
+    e = sub.add_parser("export", help="export a PyTorch module to ONNX (dynamo exporter) and verify it against torch in ORT")
+    e.add_argument("factory", metavar="MODULE:FACTORY", help="a function returning the torch.nn.Module, e.g. onnxq.zoo.minilm:torch_module or path/to/file.py:build")
+    e.add_argument("-o", "--output", required=True, help="output .onnx (weights over 1 GiB go to OUT.onnx.data)")
+    e.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE:DTYPE[:LOW..HIGH]", help="a model input, in forward's order, e.g. x:1x3x224x224:float32 (random example data: floats N(0,1), ints in [LOW, HIGH), default [0, 100))")
+    e.add_argument("--dynamic", action="append", metavar="NAME:AXIS:DIM[=MIN..MAX]", help="make an input axis dynamic, e.g. input_ids:1:seq=2..512; inputs sharing DIM share the size")
+    e.add_argument("--output-name", action="append", metavar="NAME", help="name the graph outputs, in order (repeatable)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--no-verify", action="store_true", help="keep the export even when ORT and torch disagree")
+    e.add_argument("--random-checks", type=int, default=2, metavar="N", help="fresh random inputs to verify on besides the example (default 2)")
+    e.add_argument("--atol", type=float, default=1e-3, help="allowed max abs error, times max(1, max|torch output|) (default 1e-3)")
+    e.add_argument("--min-cosine", type=float, default=0.9999, help="required cosine between ORT and torch outputs (default 0.9999)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random example and check inputs")
+    e.set_defaults(func=_export)
+
+    d = sub.add_parser("diff", help="compare two ONNX graphs layer by layer, looking through Q/DQ and Cast (exit 0 equivalent, 1 different, 2 error)")
+    d.add_argument("a", help="first model (e.g. the FP32 one)")
+    d.add_argument("b", help="second model (e.g. its quantized version)")
+    d.add_argument("--format", choices=["text", "json", "html"], default="text", help="report format (default text); html is one self-contained page")
+    d.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    d.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1), e.g. seq=128")
+    d.set_defaults(func=_diff)
+
+    i = sub.add_parser("inspect", help="opset, IR version, op histogram, Q/DQ by precision, parameters, inputs and outputs")
+    i.add_argument("model")
+    i.add_argument("--format", choices=["text", "json"], default="text")
+    i.add_argument("-o", "--output", help="write the report to this file instead of stdout")
+    i.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1)")
+    i.set_defaults(func=_inspect)
 
     z = sub.add_parser("zoo", help="the built-in model zoo (needs the zoo extra: pip install 'onnxq[zoo]')")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

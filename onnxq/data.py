@@ -81,7 +81,8 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
     return n, gen
 
 
-def _import_callable(ref: str) -> Callable[[], Iterable[Mapping[str, np.ndarray]]]:
+def _import_callable(ref: str, what: str = "data source", error: type[Exception] = DataError) -> Callable:
+    """``module:function`` or ``path/to/file.py:function`` → the callable; ``error`` says ``what`` failed."""
     mod_name, _, func_name = ref.rpartition(":")
     try:
         if mod_name.endswith(".py") or os.sep in mod_name:
@@ -95,10 +96,10 @@ def _import_callable(ref: str) -> Callable[[], Iterable[Mapping[str, np.ndarray]
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(mod_name)
     except Exception as exc:
-        raise DataError(f"data source {ref!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})") from None
+        raise error(f"{what} {ref!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise DataError(f"data source {ref!r}: {mod_name} has no function {func_name!r}")
+        raise error(f"{what} {ref!r}: {mod_name} has no function {func_name!r}")
     return func
 
 
