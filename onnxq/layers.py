@@ -8,7 +8,14 @@ accumulated against the float model's ``X``:
 - ``snr_input_db``: the quantized model's ``X`` (the float value feeding Q) — the error that
   arrives from upstream layers;
 - ``snr_dq_db``: the DQ output — that error plus this tensor's own rounding and clipping, i.e.
-  what the consumer actually reads.
+  what the consumer actually reads;
+
+and one within the quantized model:
+
+- ``snr_local_db``: the DQ output against the quantized model's own ``X`` — the noise this Q/DQ
+  pair adds by itself, whatever arrived from upstream. Rows are sorted by it, ascending: the first
+  rows are the quantizers that lose the most (the accumulated SNRs fall along the graph and would
+  mostly name the last layers).
 
 When a ReLU/Clip was folded into the quantization (the float graph has ``X → Relu → Y`` and the
 quantized graph has ``X → Q → DQ`` with ``Y`` gone), the DQ output stands for ``Y`` and is compared
@@ -16,7 +23,6 @@ with the float ``Y``, not with the pre-activation ``X`` (ORT's qdq_loss_debug co
 
 Both models run one sample at a time with the matched tensors exposed as outputs; only per-tensor
 sums (Σref², Σerr²) are kept, so memory is one sample's activations, whatever the number of samples.
-Rows are sorted by ``snr_dq_db`` ascending: the first rows hold the accuracy back.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class LayerPair:
     float_ref: str  # the float tensor the DQ output is compared with (differs after a folded ReLU)
     dq_output: str
     consumers: list[str]
+    folded: str | None = None  # "Relu"/"Clip" when the DQ output stands for that op's output
+    clip: tuple[float, float] | None = None
 
 
 @dataclass
@@ -52,6 +60,8 @@ class LayerStat:
     _input_err_sq: float = 0.0
     _dq_err_sq: float = 0.0
     _ref_pre_sq: float = 0.0
+    _local_sq: float = 0.0
+    _local_err_sq: float = 0.0
 
     @staticmethod
     def _snr(signal: float, noise: float) -> float:
@@ -67,6 +77,10 @@ class LayerStat:
     def snr_dq_db(self) -> float:
         return self._snr(self._ref_sq, self._dq_err_sq)
 
+    @property
+    def snr_local_db(self) -> float:
+        return self._snr(self._local_sq, self._local_err_sq)
+
     def update(self, float_x: np.ndarray, float_ref: np.ndarray, quant_x: np.ndarray, dq: np.ndarray) -> None:
         fx = float_x.astype(np.float64).ravel()
         fr = float_ref.astype(np.float64).ravel()
@@ -76,6 +90,14 @@ class LayerStat:
         self._ref_sq += float(fr @ fr)
         self._input_err_sq += float(e_in @ e_in)
         self._dq_err_sq += float(e_dq @ e_dq)
+        qx = quant_x.astype(np.float64).ravel()
+        if self.pair.folded == "Relu":
+            qx = np.maximum(qx, 0.0)
+        elif self.pair.folded == "Clip" and self.pair.clip is not None:
+            qx = np.clip(qx, *self.pair.clip)
+        e_local = qx - dq.astype(np.float64).ravel()
+        self._local_sq += float(qx @ qx)
+        self._local_err_sq += float(e_local @ e_local)
         self.samples += 1
 
     def to_json(self) -> dict:
@@ -86,6 +108,7 @@ class LayerStat:
             "tensor": self.pair.tensor,
             "compared_with": self.pair.float_ref,
             "consumers": self.pair.consumers,
+            "snr_local_db": num(self.snr_local_db),
             "snr_dq_db": num(self.snr_dq_db),
             "snr_input_db": num(self.snr_input_db),
             "samples": self.samples,
@@ -105,13 +128,31 @@ def match_pairs(float_model: ir.Model, quant_model: ir.Model) -> list[LayerPair]
         if x is None or x.const_value is not None or x.name not in float_values:
             continue
         for dq in (u for u, _ in q.outputs[0].uses() if u.op_type == "DequantizeLinear"):
-            ref = x.name
+            ref, folded, clip = x.name, None, None
             users = [u for u, _ in float_values[x.name].uses()]
             if len(users) == 1 and users[0].op_type in _FOLDABLE and users[0].outputs[0].name not in quant_names:
-                ref = users[0].outputs[0].name  # ReLU folded into the quantization
+                # ReLU/Clip folded into the quantization
+                ref, folded, clip = users[0].outputs[0].name, users[0].op_type, _clip_bounds(users[0])
             consumers = sorted({u.name or u.op_type for u, _ in dq.outputs[0].uses()})
-            pairs.setdefault(dq.outputs[0].name, LayerPair(x.name, ref, dq.outputs[0].name, consumers))
+            pairs.setdefault(dq.outputs[0].name, LayerPair(x.name, ref, dq.outputs[0].name, consumers, folded, clip))
     return list(pairs.values())
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """A Clip's constant (min, max), from its inputs (opset ≥ 11) or attributes; None otherwise."""
+    if node.op_type != "Clip":
+        return None
+    bounds = [-math.inf, math.inf]
+    for i in (1, 2):
+        if len(node.inputs) > i and node.inputs[i] is not None:
+            const = node.inputs[i].const_value
+            if const is None:
+                return None
+            bounds[i - 1] = float(const.numpy())
+    for i, key in enumerate(("min", "max")):
+        if key in node.attributes:
+            bounds[i] = node.attributes[key].as_float()
+    return bounds[0], bounds[1]
 
 
 def _expose(model: ir.Model, names: Iterable[str]):
@@ -163,13 +204,13 @@ def layer_snr(
                 s.update(f[p.tensor], f[p.float_ref], q[p.tensor], q[p.dq_output])
             del f, q
             bar.update(1)
-    stats.sort(key=lambda s: s.snr_dq_db)
+    stats.sort(key=lambda s: (s.snr_local_db, s.snr_dq_db))
     return stats
 
 
 def format_layers(stats: list[LayerStat], top: int | None = 10) -> str:
     rows = stats[:top] if top else stats
-    lines = [f"  {'SNR(DQ) dB':>10} {'SNR(in) dB':>10}  tensor → consumers"]
+    lines = [f"  {'local dB':>9} {'at DQ dB':>9} {'Q in dB':>9}  tensor → consumers"]
     for s in rows:
-        lines.append(f"  {s.snr_dq_db:>10.2f} {s.snr_input_db:>10.2f}  {s.pair.tensor} → {', '.join(s.pair.consumers)}")
+        lines.append(f"  {s.snr_local_db:>9.2f} {s.snr_dq_db:>9.2f} {s.snr_input_db:>9.2f}  {s.pair.tensor} → {', '.join(s.pair.consumers)}")
     return "\n".join(lines)

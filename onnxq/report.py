@@ -45,7 +45,7 @@ def _accuracy_rows(report) -> list[list[str]]:
 
 ACCURACY_HEADER = ["candidate", "output", "cosine (mean)", "cosine (min)", "SNR dB", "max abs err", "max rel err", "top-1 agr.", "top-5 agr."]
 LATENCY_HEADER = ["model", "batch", "median ms", "p90 ms", "p99 ms", "ratio to FP32 (median)"]
-LAYER_HEADER = ["SNR at DQ (dB)", "SNR of Q input (dB)", "tensor", "compared with", "read by"]
+LAYER_HEADER = ["local SNR (dB)", "SNR at DQ vs FP32 (dB)", "SNR of Q input vs FP32 (dB)", "tensor", "compared with", "read by"]
 
 
 def _latency_rows(report) -> list[list[str]]:
@@ -58,7 +58,7 @@ def _latency_rows(report) -> list[list[str]]:
 
 def _layer_rows(stats, top: int) -> list[list[str]]:
     return [
-        [_fmt(s.snr_dq_db, 4), _fmt(s.snr_input_db, 4), s.pair.tensor, s.pair.float_ref, ", ".join(s.pair.consumers)]
+        [_fmt(s.snr_local_db, 4), _fmt(s.snr_dq_db, 4), _fmt(s.snr_input_db, 4), s.pair.tensor, s.pair.float_ref, ", ".join(s.pair.consumers)]
         for s in stats[:top]
     ]
 
@@ -145,6 +145,7 @@ def _error_plots(report) -> list[tuple[str, str]]:
     for i, name in enumerate(names):
         fig, ax = plt.subplots(figsize=(7, 3.2))
         n = len(report.candidates)
+        used = [k for c in report.candidates if i < len(c.outputs) for k, v in enumerate(c.outputs[i].error_histogram()["counts"]) if v]
         for j, c in enumerate(report.candidates):
             if i >= len(c.outputs):
                 continue
@@ -152,6 +153,8 @@ def _error_plots(report) -> list[tuple[str, str]]:
             total = max(1, sum(h["counts"]) + h["exact"] + h["below"] + h["above"])
             frac = np.array(h["counts"]) / total
             ax.bar(centres + (j - (n - 1) / 2) * width / n, frac, width=width / n, label=c.label, alpha=0.85)
+        if used:  # zoom on the populated bins (the edges span 1e-8 .. 1e3)
+            ax.set_xlim(ERROR_HIST_EDGES[max(min(used) - 2, 0)], ERROR_HIST_EDGES[min(max(used) + 3, len(ERROR_HIST_EDGES) - 1)])
         ax.set_xlabel("log10 |candidate − reference|")
         ax.set_ylabel("fraction of elements")
         ax.set_title(f"error distribution: {name}")
