@@ -14,13 +14,20 @@ from onnxq.cli import main  # noqa: E402
 
 @pytest.fixture(scope="module")
 def smollm_case(tmp_path_factory):
+    import numpy as np
+
+    import onnxq
+
     case = tmp_path_factory.mktemp("smollm2-6l")
-    files = zoo.export_case("smollm2-6l", case, n_calib=4, n_eval=2)
+    entry = zoo.get("smollm2-6l")
+    files = {"model": entry.onnx_path(), "eval": case / "eval.npz"}  # the cached export, not a copy
+    np.savez(files["eval"], **entry.eval_data(2))
+    calib = entry.calib_data(4)
+    feeds = [{k: v[i : i + 1] for k, v in calib.items()} for i in range(4)]
     models = []
     for target in ("tensorrt", "ort"):
         out = case / f"model.{target}.onnx"
-        assert main(["quantize", str(files["model"]), "-o", str(out), "--calib", str(files["calib"]),
-                     "--target", target, "-q"]) == 0
+        onnxq.quantize(files["model"], out, feeds, target=target, evaluate=False, report=False, quiet=True)
         models.append(out)
     return files, models
 
