@@ -146,6 +146,8 @@ def test_check_errors_exit_2(cnn_quantized, tmp_path, capsys):
         assert "cannot run the TensorRT engine" in err
     assert main(["check", str(model), str(good), "--data", str(evald), "--providers", "cuda", "-o", str(tmp_path / "x")]) == 2
     assert "CUDAExecutionProvider" in capsys.readouterr().err
+    assert main(["check", str(model), str(good), "--data", str(evald), "--batch", "4", "-o", str(tmp_path / "x")]) == 2
+    assert "fixed batch dimension" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
