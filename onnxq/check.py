@@ -493,7 +493,7 @@ def check(
                     done[cand.path] = _zoo_metric(zoo, cand.path, reference, zoo_samples)
                 res.task_metric = done[cand.path]
     if layers:
-        from onnxq.layers import layer_snr
+        from onnxq.localize import layer_snr
 
         per_model: dict[Path, list] = {}
         for cand, res in zip(cands, results):

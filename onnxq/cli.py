@@ -76,7 +76,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from onnxq.check import EXIT_FAILED, Thresholds, check, format_table
-    from onnxq.layers import format_layers
+    from onnxq.localize import format_layers
     from onnxq.report import write_reports
 
     report = check(

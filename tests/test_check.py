@@ -13,7 +13,7 @@ import synthetic
 from onnxq.check import OutputAccuracy, check
 from onnxq.cli import main
 from onnxq.data import open_source
-from onnxq.layers import layer_snr, match_pairs
+from onnxq.localize import layer_snr, match_pairs
 from onnxq.pipeline import quantize
 
 
