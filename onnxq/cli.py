@@ -130,6 +130,51 @@ def _inspect(args: argparse.Namespace) -> int:
     info = inspect(args.model, dims=_dims(args.dim))
     _write_or_print(json.dumps(info, indent=1) if args.format == "json" else format_text(info), args.output)
     return 0
+def _build(args: argparse.Namespace) -> int:
+    from onnxq.runtime.tensorrt import build_engine
+
+    result = build_engine(args.model, args.output, shapes=args.shapes or (), workspace=args.workspace, timing_cache=args.timing_cache)
+    print(f"wrote {result.engine} and {result.manifest}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from onnxq.check import EXIT_FAILED, Thresholds, check, format_table
+    from onnxq.localize import format_layers
+    from onnxq.report import write_reports
+
+    report = check(
+        args.reference,
+        args.candidates,
+        args.data,
+        engines=args.engine or (),
+        providers=args.providers.split(",") if args.providers else None,
+        samples=args.samples,
+        batch_sizes=args.batch or [1],
+        warmup=args.warmup,
+        runs=args.runs,
+        latency=not args.no_latency,
+        threads=args.threads,
+        thresholds=Thresholds(args.min_cosine, args.min_snr, args.max_latency_ratio),
+        zoo=args.zoo,
+        zoo_samples=args.zoo_samples,
+        layers=args.layers,
+        layer_samples=args.layer_samples,
+        progress=not args.quiet,
+    )
+    paths = write_reports(report, args.output)
+    if not args.quiet:
+        for cand in report.candidates:
+            print(format_table(cand.outputs, f"{cand.label} vs {report.reference} on {report.samples} samples:"))
+            for lat in cand.latency:
+                print(f"  latency batch {lat.batch}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f}, p99 {lat.p99_ms:.3f} "
+                      f"(x{cand.latency_ratio.get(lat.batch, float('nan')):.3f} of FP32)")
+            if cand.layers:
+                print("  lowest per-layer SNR:")
+                print(format_layers(cand.layers, top=args.layer_top))
+            print(f"  {'PASS' if cand.passed else 'FAIL: ' + '; '.join(cand.failures)}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if report.passed else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", help="write the report to this file instead of stdout")
     i.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1)")
     i.set_defaults(func=_inspect)
+    b = sub.add_parser("build", help="build a strongly typed TensorRT engine from a Q/DQ ONNX model (needs tensorrt and a GPU)")
+    b.add_argument("model", help="Q/DQ ONNX model (never modified)")
+    b.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write; ENGINE.manifest.json is written beside it")
+    b.add_argument("--shapes", action="append", metavar="NAME:MIN,OPT,MAX", help="optimization profile range of a dynamic input, shapes written 1x128 (repeatable)")
+    b.add_argument("--workspace", metavar="SIZE", help="builder workspace limit, e.g. 512M or 2G (default: TensorRT's)")
+    b.add_argument("--timing-cache", metavar="PATH", help="tactic timing cache to read (if it exists) and update")
+    b.set_defaults(func=_build)
+
+    k = sub.add_parser("check", help="accuracy and latency of candidates vs the FP32 model, with pass/fail thresholds")
+    k.add_argument("reference", help="the float ONNX model (run in ONNX Runtime on the CPU)")
+    k.add_argument("candidates", nargs="*", help="quantized ONNX models to compare (each on every provider in --providers)")
+    k.add_argument("--engine", action="append", metavar="ENGINE", help="a TensorRT engine to compare (repeatable; needs tensorrt and a GPU)")
+    k.add_argument("--data", required=True, help="evaluation data, same forms as for quantize")
+    k.add_argument("-o", "--output", default="check_report", metavar="BASE", help="writes BASE.json, BASE.md and BASE.html (default: check_report)")
+    k.add_argument("--providers", metavar="LIST", help="ORT providers for ONNX candidates, comma-separated from cpu,cuda,tensorrt (default: those installed)")
+    k.add_argument("--samples", type=int, metavar="N", help="compare on at most N samples")
+    k.add_argument("--batch", type=int, action="append", metavar="B", help="batch size to time (repeatable; default 1)")
+    k.add_argument("--warmup", type=int, default=5, metavar="N", help="warm-up runs before timing (default 5)")
+    k.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per model and batch size (default 50)")
+    k.add_argument("--threads", type=int, metavar="N", help="ORT intra-op threads (default: all cores); recorded in the report")
+    k.add_argument("--no-latency", action="store_true", help="accuracy only")
+    k.add_argument("--min-cosine", type=float, metavar="C", help="fail (exit 1) if any output's mean cosine is below C")
+    k.add_argument("--min-snr", type=float, metavar="DB", help="fail (exit 1) if any output's SNR is below DB")
+    k.add_argument("--max-latency-ratio", type=float, metavar="R", help="fail (exit 1) if a candidate's median latency exceeds R x the reference's")
+    k.add_argument("--zoo", metavar="NAME", help="also report the zoo model's task metric (onnxq zoo list) for ONNX candidates")
+    k.add_argument("--zoo-samples", type=int, metavar="N", help="evaluation samples for --zoo")
+    k.add_argument("--layers", action="store_true", help="per-layer SNR through the Q/DQ pairs, lowest first")
+    k.add_argument("--layer-samples", type=int, metavar="N", help="samples for --layers (default: --samples)")
+    k.add_argument("--layer-top", type=int, default=10, metavar="N", help="layers printed (all are in the reports; default 10)")
+    k.add_argument("-q", "--quiet", action="store_true", help="no progress or tables on stdout/stderr")
+    k.set_defaults(func=_check)
 
     z = sub.add_parser("zoo", help="the built-in model zoo (needs the zoo extra: pip install 'onnxq[zoo]')")
     zsub = z.add_subparsers(dest="zoo_command", required=True)

@@ -44,7 +44,8 @@ def test_pipeline_writes_every_artifact_and_a_manifest(tool, case, tmp_path):
     assert tool.main(_args(case, out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["passed"] is True
-    for name in ("model.onnx", "export.json", "model.int8.onnx", "plan.json", "check.json", "diff.html", "diff.json", "inspect.json"):
+    for name in ("model.onnx", "export.json", "model.int8.onnx", "plan.json", "check.json", "check.md", "check.html",
+                 "diff.html", "diff.json", "inspect.json"):
         assert name in manifest["artifacts"], name
     for name, entry in manifest["artifacts"].items():
         data = (out / name).read_bytes()
@@ -56,11 +57,12 @@ def test_pipeline_writes_every_artifact_and_a_manifest(tool, case, tmp_path):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        assert steps["build"]["status"] == "skipped: tensorrt not installed"
+        assert steps["build"]["status"].startswith("skipped: the tensorrt Python package is not installed")
         assert not list(out.glob("*.plan"))
     assert steps["review"]["macs_by_precision"] == {"INT8": 4 * (32 * 64 + 64 * 16)}
     check = json.loads((out / "check.json").read_text())
-    assert check["passed"] and check["outputs"][0]["samples"] == 8
+    assert check["passed"] and check["samples"] == 8
+    assert check["candidates"][0]["outputs"][0]["samples"] == 8 and check["thresholds"]["min_cosine"] == 0.95
     assert manifest["versions"]["onnxruntime"] and manifest["options"]["target"] == "tensorrt"
 
 

@@ -120,38 +120,32 @@ def quantize_step(args, out: Path) -> dict:
 
 
 def build_step(quantized: Path, out: Path) -> dict:
-    """A TensorRT engine through onnxq's TensorRT runtime, where both it and TensorRT exist."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return {"status": "skipped: tensorrt not installed"}
-    try:
-        from onnxq.runtime import tensorrt as trt_runtime
-    except ImportError:
-        return {"status": "skipped: onnxq.runtime.tensorrt is not available in this onnxq"}
-    build = getattr(trt_runtime, "build_engine", None)
-    if build is None:
-        return {"status": "skipped: onnxq.runtime.tensorrt has no build_engine"}
+    """A strongly typed TensorRT engine (onnxq build), where TensorRT and a GPU exist."""
+    from onnxq.runtime import tensorrt as trt_runtime
+
+    reason = trt_runtime.unavailable_reason()
+    if reason is not None:
+        return {"status": f"skipped: {reason}"}
     engine = out / quantized.name.replace(".onnx", ".plan")
-    build(quantized, engine)
-    return {"status": "built", "engine": engine.name}
+    result = trt_runtime.build_engine(quantized, engine)
+    return {"status": "built", "engine": result.engine.name, "manifest": result.manifest.name}
 
 
 def check_step(reference: Path, candidate: Path, eval_data: str, out: Path, min_cosine: float) -> dict:
-    """ORT FP32 vs ORT quantized on the evaluation data; passes when every output's mean cosine >= min_cosine."""
-    from onnxq.check import compare
-    from onnxq.data import open_source
-    from onnxq.modelio import load
-    from onnxq.runtime.ort import model_input_spec
+    """onnxq check: FP32 in ORT vs the quantized model in ORT (and its engine where one was built)
+    on the evaluation data, with check.json/.md/.html; passes when every output's mean cosine is at
+    least ``min_cosine``."""
+    from onnxq.check import Thresholds, check
+    from onnxq.report import write_reports
 
-    data = open_source(eval_data, model_input_spec(load(reference)), require_finite=False)
-    accuracy = compare(reference, candidate, data, progress=False)
-    passed = all(a.cosine_mean >= min_cosine for a in accuracy)
-    report = {"reference": reference.name, "candidate": candidate.name, "data": data.description,
-              "min_cosine": min_cosine, "passed": passed, "outputs": [a.to_json() for a in accuracy]}
-    write_json(out / "check.json", report)
-    return {"passed": passed, "outputs": {a.name: {"cosine_mean": a.cosine_mean, "snr_db": a.to_json()["snr_db"]}
-                                          for a in accuracy}}
+    engine = out / candidate.name.replace(".onnx", ".plan")
+    report = check(reference, [candidate], eval_data, engines=[engine] if engine.is_file() else (),
+                   providers=["cpu"], latency=False, thresholds=Thresholds(min_cosine=min_cosine), progress=False)
+    write_reports(report, out / "check")
+    return {"passed": report.passed, "samples": report.samples,
+            "candidates": {c.label: {"passed": c.passed, "failures": c.failures,
+                                     "outputs": {a.name: {"cosine_mean": a.cosine_mean, "snr_db": a.to_json()["snr_db"]}
+                                                 for a in c.outputs}} for c in report.candidates}}
 
 
 def data_dims(model: Path, data: str) -> dict[str, int]:
