@@ -4,6 +4,8 @@ from onnxq.errors import OnnxqError
 from onnxq.calibration import calibrate
 from onnxq.pipeline import QuantizeResult, quantize
 from onnxq.plan import QuantPlan
+from onnxq.sensitivity import sweep
+from onnxq.solver import solve
 
 __version__ = "0.1.0"
-__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "quantize"]
+__all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "quantize", "solve", "sweep"]
