@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="calibration data: .npz (one array per input, leading axis = samples), a directory of .npz, or module:function")
     q.add_argument("--eval", help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
     q.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="deployment target whose Q/DQ rules apply (default: tensorrt)")
-    q.add_argument("--precision", choices=["int8"], default="int8", help="quantized precision (default: int8)")
+    q.add_argument("--precision", choices=["int8", "fp8"], default="int8", help="quantized precision: int8, or fp8 (E4M3FN, opset 19; ranges on the FP8 grid) (default: int8)")
     q.add_argument("--exclude", action="append", metavar="NAME|REGEX", help="keep matching nodes in float (repeatable; regexes match whole names)")
     q.add_argument("--plan", help="replay a QuantPlan JSON (from --save-plan, possibly edited) instead of the target's policy")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")

@@ -24,7 +24,7 @@ from onnxq.plan import QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
 
-PRECISIONS = ("int8",)
+PRECISIONS = ("int8", "fp8")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def quantize(
     if target not in TARGETS:
         raise OnnxqError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     if precision not in PRECISIONS:
-        raise OnnxqError(f"precision {precision!r} is not available yet; choose one of {list(PRECISIONS)}")
+        raise OnnxqError(f"precision {precision!r} is not available; choose one of {list(PRECISIONS)}")
     if calib is None and table is None:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     from onnxq.calibrators.methods import check_percentile
@@ -114,7 +114,7 @@ def quantize(
 
     t = time.perf_counter()
     if plan is None:
-        the_plan = place(float_model, target, exclude=exclude)
+        the_plan = place(float_model, target, exclude=exclude, precision=precision)
     else:
         the_plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
         if the_plan.target != target:

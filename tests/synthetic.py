@@ -109,3 +109,13 @@ def tied_embedding_lm(vocab: int = 64, hidden: int = 32, seq: int = 8, seed: int
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def attention_reference(x: np.ndarray, w: dict[str, np.ndarray], q: np.ndarray | None = None) -> np.ndarray:
+    """numpy forward of :func:`tiny_attention` (hidden 32), with ``q`` replacing ``x @ wq`` if given."""
+    q = x @ w["wq"] if q is None else q
+    k, v = x @ w["wk"], x @ w["wv"]
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(32)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v) @ w["wo"] + x
