@@ -3,10 +3,11 @@
 A layer is a group of plan nodes that must share a precision (:mod:`onnxq.layers`). Two modes:
 
 - ``local``: one ORT pass over the data measures every layer. The float model is augmented with
-  a quantized *twin* of each linear node per precision: a copy of the node that reads Q/DQ'd
-  copies of the very float tensors the original reads (activation scales from the calibration
-  table, weights per channel), quantized by :class:`~onnxq.passes.qdq.InsertQDQPass` from a plan
-  of twins, so a twin is what the real pass would build. ``ReduceSumSquare`` of (twin − original)
+  a quantized *twin* of each linear node per precision: a copy of the node that reads the very
+  float tensors the original reads, through Q/DQ (activation scales from the calibration table,
+  weights per channel), inserted by :class:`~onnxq.passes.qdq.InsertQDQPass` from a plan that
+  quantizes the twins only (one Q/DQ pair per tensor and precision), so a twin is what the real
+  pass would build. ``ReduceSumSquare`` of (twin − original)
   and of the original are graph outputs: two scalars per layer per sample come back, summed in
   float64, so memory does not grow with the data. SNR = 10·log10(Σref²/Σ(twin−ref)²) and
   MSE = Σ(twin−ref)²/elements per layer. The twin sees the float model's input, so the error is
@@ -41,7 +42,7 @@ from onnxq.errors import OnnxqError
 from onnxq.layers import Layer, layer_groups, static_macs
 from onnxq.placement import TARGETS, place
 from onnxq.placement.rules import LINEAR_OPS
-from onnxq.plan import FLOAT, QUANTIZED_PRECISIONS, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
+from onnxq.plan import FLOAT, QUANTIZED_PRECISIONS, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
 from onnxq.progress import log, progress_bar
 from onnxq.runtime import ort as ort_rt
 from onnxq.weights import weight_source
@@ -71,23 +72,13 @@ def check_precisions(precisions: str | Sequence[str]) -> tuple[str, ...]:
 # Plans per precision
 
 
-def weight_dtype(precision: str) -> str:
-    return precision
-
-
-def activation_dtype(target: str, precision: str) -> str:
-    from onnxq.calibration import ACTIVATION_DTYPE
-
-    return ACTIVATION_DTYPE[target] if precision == "int8" else precision
-
-
 def uniform_plan(base: QuantPlan, precision: str) -> QuantPlan:
     """``base`` with every quantized node at ``precision`` (ranges not filled)."""
     nodes = {
         name: NodeDecision(d.op_type, precision if d.quantized else d.precision, dict(d.inputs), d.reason)
         for name, d in base.nodes.items()
     }
-    weights = {name: WeightQuant(weight_dtype(precision), w.axis) for name, w in base.weights.items()}
+    weights = {name: WeightQuant(WEIGHT_DTYPE[precision], w.axis) for name, w in base.weights.items()}
     return QuantPlan(target=base.target, precision=precision, nodes=nodes, weights=weights, outputs=list(base.outputs))
 
 
@@ -119,11 +110,9 @@ def calibrate_ranges(
     methods = tensor_methods(model, base, tensors, resolve_methods(method, base.target))
     needs_hist = {t for t, m in methods.items() if m in HISTOGRAM_METHODS}
     table = collect(model, tensors, data, progress=not quiet, histograms=needs_hist)
-    params = {}
-    for p in precisions:
-        plan = uniform_plan(base, p)
-        fill_activation_params(plan, table, methods, percentile)
-        params[p] = plan.activations
+    plan = uniform_plan(base, precisions[0])
+    fill_activation_params(plan, table, methods, percentile, precisions=dict.fromkeys(table.tensors, tuple(precisions)))
+    params = {p: {t: plan.activation(t, p) for t in table.tensors} for p in precisions}
     return Ranges(params, table.num_samples, time.perf_counter() - t0)
 
 
@@ -141,38 +130,48 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
     """The plan with each node of ``assignment`` at its precision and every other node in float.
 
     Float nodes keep their ``inputs``, so setting one back to a quantized precision in the JSON
-    is all a user needs to do (its weight entry and range are kept too).
+    and replaying it (which calibrates again) is all a user needs to do.
     """
-    precisions = {p for p in assignment.values() if p != FLOAT}
-    top = max(precisions, key=list(QUANTIZED_PRECISIONS).index) if len(precisions) == 1 else ("mixed" if precisions else FLOAT)
-    plan = QuantPlan(target=base.target, precision=top)
+    counts: dict[str, int] = {}
+    for p in assignment.values():
+        if p != FLOAT:
+            counts[p] = counts.get(p, 0) + 1
+    default = max(counts, key=counts.__getitem__) if counts else base.precision
+    plan = QuantPlan(target=base.target, precision=default)
     by_name = {n.name: n for n in model.graph}
     for name, d in base.nodes.items():
         p = assignment.get(name, FLOAT) if d.quantized else d.precision
-        reason = (reasons or {}).get(name, d.reason)
-        plan.nodes[name] = NodeDecision(d.op_type, p, dict(d.inputs), reason)
+        plan.nodes[name] = NodeDecision(d.op_type, p, dict(d.inputs), (reasons or {}).get(name, d.reason))
         if not d.quantized:
             continue
         node = by_name[name]
-        pick = p if p != FLOAT else next(iter(ranges.params))
         for index, kind in d.inputs.items():
             value = node.inputs[index]
-            if kind == "activation":
-                if p != FLOAT or value.name not in plan.activations:
-                    plan.activations[value.name] = ActivationQuant(**vars(ranges.params[pick][value.name]))
+            if kind == "activation" and p != FLOAT:
+                plan.set_activation(value.name, p, ActivationQuant(**vars(ranges.params[p][value.name])))
             elif kind == "weight":
                 source = weight_source(value)
                 init = source.initializer.name if source else value.name
                 axis = base.weights[init].axis if init in base.weights else None
-                if p != FLOAT or init not in plan.weights:
-                    plan.weights[init] = WeightQuant(weight_dtype(pick), axis)
+                plan.weights[init] = WeightQuant(WEIGHT_DTYPE[default], axis)  # the reader's precision picks the dtype
     for tensor in base.outputs:
         owner = _conv_output_owner(model, tensor)
-        p = assignment.get(owner, FLOAT) if owner else FLOAT
-        if p != FLOAT:
+        if owner and assignment.get(owner, FLOAT) != FLOAT:
             plan.outputs.append(tensor)
-            plan.activations[tensor] = ActivationQuant(**vars(ranges.params[p][tensor]))
+            plan.set_activation(tensor, default, ActivationQuant(**vars(ranges.params[default][tensor])))
     return plan
+
+
+def prepare_opset(model: ir.Model, precisions: Iterable[str]) -> None:
+    """Raise the opset once to what the precisions need (FP8: 19), so that each quantized copy
+    made from the model does not convert it again."""
+    if "fp8" in precisions:
+        from onnxq.passes.lift_constants import LiftConstantsPass
+        from onnxq.passes.opset import UpgradeOpsetPass
+        from onnxq.passes.qdq import FP8_MIN_OPSET
+
+        if UpgradeOpsetPass(min_opset=FP8_MIN_OPSET)(model).modified:
+            LiftConstantsPass()(model)
 
 
 def qdq_proto(float_proto: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
@@ -205,50 +204,8 @@ class _TwinBuilder:
         self.graph = model.graph
         self.base = base
         self.ranges = ranges
-        self.twin_plan = QuantPlan(target=base.target, precision="mixed")
-        self._act_alias: dict[tuple[str, str], ir.Value] = {}
-        self._weight_alias: dict[tuple[str, str], ir.Value] = {}
+        self.twin_plan = QuantPlan(target=base.target, precision=base.precision)
         self.outputs: list[ir.Value] = []
-
-    def _alias_activation(self, value: ir.Value, scale_from: str, precision: str) -> ir.Value:
-        key = (value.name, precision)
-        if key in self._act_alias:
-            return self._act_alias[key]
-        ident = ir.node("Identity", [value], name=f"{value.name}/sweep_{precision}")
-        out = ident.outputs[0]
-        out.name = f"{value.name}/sweep_{precision}"
-        out.dtype, out.shape = value.dtype, value.shape
-        producer = value.producer()
-        if producer is not None:
-            self.graph.insert_after(producer, [ident])
-        else:
-            first = next(iter(self.graph))
-            self.graph.insert_before(first, [ident])
-        self.twin_plan.activations[out.name] = ActivationQuant(**vars(self.ranges.params[precision][scale_from]))
-        self._act_alias[key] = out
-        return out
-
-    def _alias_weight(self, value: ir.Value, axis: int | None, precision: str, before: ir.Node) -> ir.Value:
-        """A second initializer (same tensor, no copy) behind ``value``, so each precision's twin
-        gets its own integer weight; a Transpose in between is repeated on the alias."""
-        source = weight_source(value)
-        key = (value.name, precision)
-        if key in self._weight_alias:
-            return self._weight_alias[key]
-        init = source.initializer
-        alias = ir.Value(name=f"{init.name}/sweep_{precision}", const_value=init.const_value)
-        alias.dtype, alias.shape = init.dtype, init.shape
-        self.graph.register_initializer(alias)
-        self.twin_plan.weights[alias.name] = WeightQuant(weight_dtype(precision), axis)
-        out = alias
-        if source.transpose is not None:
-            t = ir.node("Transpose", [alias], attributes={"perm": source.transpose.attributes.get_ints("perm", list(range(len(init.shape)))[::-1])}, name=f"{value.name}/sweep_{precision}")
-            t.outputs[0].name = f"{value.name}/sweep_{precision}"
-            t.outputs[0].dtype, t.outputs[0].shape = value.dtype, value.shape
-            self.graph.insert_before(before, [t])
-            out = t.outputs[0]
-        self._weight_alias[key] = out
-        return out
 
     def add_layer(self, layer: Layer, precisions: Sequence[str]) -> dict:
         """Twins of the layer's linear nodes; returns the output names of its reductions."""
@@ -269,15 +226,14 @@ class _TwinBuilder:
             ref = node.outputs[0]
             tail: list[ir.Node] = []
             for p in precisions:
-                twin_inputs = list(node.inputs)
                 for index, kind in inputs.items():
                     if kind == "activation":
-                        twin_inputs[index] = self._alias_activation(node.inputs[index], scale_from[index], p)
+                        self.twin_plan.set_activation(node.inputs[index].name, p, ActivationQuant(**vars(self.ranges.params[p][scale_from[index]])))
                     else:
                         source = weight_source(node.inputs[index])
-                        axis = self.base.weights[source.initializer.name].axis if source.initializer.name in self.base.weights else None
-                        twin_inputs[index] = self._alias_weight(node.inputs[index], axis, p, node)
-                twin = ir.Node(node.domain, node.op_type, twin_inputs, attributes=list(node.attributes.values()), name=f"{node_name}/twin_{p}")
+                        init = source.initializer.name
+                        self.twin_plan.weights[init] = WeightQuant(WEIGHT_DTYPE[p], self.base.weights[init].axis if init in self.base.weights else None)
+                twin = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()), name=f"{node_name}/twin_{p}")
                 twin.outputs[0].name = f"{ref.name}/twin_{p}"
                 twin.outputs[0].dtype, twin.outputs[0].shape = ref.dtype, ref.shape
                 self.twin_plan.nodes[twin.name] = NodeDecision(node.op_type, p, inputs, f"sweep twin of {node_name}")
@@ -309,9 +265,9 @@ class _TwinBuilder:
     def finish(self) -> onnx.ModelProto:
         from onnxq.passes.qdq import InsertQDQPass
 
-        InsertQDQPass(self.twin_plan)(self.model)
         for v in self.outputs:
             self.graph.outputs.append(v)
+        InsertQDQPass(self.twin_plan)(self.model)
         ir.passes.common.RemoveUnusedNodesPass()(self.model)
         ir.passes.common.TopologicalSortPass()(self.model)
         return modelio.to_proto(self.model)
@@ -648,7 +604,7 @@ def sweep(
     *,
     eval: DataArg | None = None,
     mode: str = "local",
-    precisions: str | Sequence[str] = ("int8",),
+    precisions: str | Sequence[str] = QUANTIZED_PRECISIONS,
     target: str = "tensorrt",
     zoo: str | None = None,
     calib_samples: int | None = None,
@@ -685,6 +641,7 @@ def sweep(
     if not layers:
         raise SweepError(f"the {target} policy quantizes no node of this model: nothing to sweep")
     sha = model_hash(float_model)
+    prepare_opset(float_model, precisions)
     timings["load"] = time.perf_counter() - t0
     ranges = calibrate_ranges(float_model, base, calib_data, precisions, method=method, percentile=percentile, quiet=quiet)
     timings["calibrate"] = ranges.seconds

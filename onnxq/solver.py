@@ -42,7 +42,7 @@ from onnxq.layers import Layer, layer_groups
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
-from onnxq.sensitivity import Evaluator, SweepError, SweepResult, assemble_plan, calibrate_ranges, read_json
+from onnxq.sensitivity import Evaluator, SweepError, SweepResult, assemble_plan, calibrate_ranges, prepare_opset, read_json
 
 # Nominal roofline (an A100-like device; only ratios matter): MAC/s by precision, bytes/s.
 PEAK_MACS = {"float": 156e12, "int8": 312e12, "fp8": 312e12}
@@ -162,6 +162,7 @@ def solve(
     float_model = load_and_preprocess(model)
     if model_hash(float_model) != result_sweep.model_sha256:
         raise SweepError(f"the sweep was made for another model (its model hash differs from {model}'s); run onnxq sweep on this model")
+    prepare_opset(float_model, result_sweep.precisions)
     base = place(float_model, result_sweep.target)
     layers = layer_groups(float_model, base)
     by_name = {la.name: la for la in result_sweep.layers}

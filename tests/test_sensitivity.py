@@ -123,12 +123,12 @@ def test_latency_json_costs(attention_case, tmp_path):
     model, calib, evald = attention_case
     result = sweep(model, calib, tmp_path / "s.json", eval=evald, quiet=True)
     # o_proj is made very expensive in float: it must be promoted last.
-    costs = {la.name: {"int8": 1.0, "float": 1000.0 if la.name == "o_proj" else 1.5} for la in result.layers}
+    costs = {la.name: {"int8": 1.0, "fp8": 1.0, "float": 1000.0 if la.name == "o_proj" else 1.5} for la in result.layers}
     (tmp_path / "lat.json").write_text(json.dumps(costs))
     solved = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "lat.json", quiet=True)
     assert solved.order[-1] == "o_proj"
     (tmp_path / "bad.json").write_text(json.dumps({"q_proj": {"int8": 1}}))
-    with pytest.raises(SolverError, match="no .float. cost for layer .q_proj."):
+    with pytest.raises(SolverError, match="no .fp8. cost for layer .q_proj."):
         solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "bad.json", quiet=True)
 
 
