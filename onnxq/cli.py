@@ -86,6 +86,8 @@ def _solve(args: argparse.Namespace) -> int:
         max_high_precision_layers=args.max_high_precision_layers,
         zoo=args.zoo,
         latency_json=args.latency_json,
+        min_8bit_macs=args.min_8bit_macs,
+        precisions=args.precisions,
         calib_samples=args.calib_samples,
         eval_samples=args.eval_samples,
         method=args.calib_method,
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-high-precision-layers", type=int, metavar="N", help="keep the N layers the sweep ranks first in high precision")
     v.add_argument("--zoo", metavar="NAME", help="zoo model whose task metric --target-metric names (default: the sweep's)")
     v.add_argument("--latency-json", metavar="FILE", help="per-layer costs {layer or node: {precision: cost}} instead of the nominal roofline")
+    v.add_argument("--min-8bit-macs", type=float, metavar="FRACTION", help="never promote a layer if that leaves less than FRACTION of MatMul/Gemm MACs in 8 bits")
+    v.add_argument("--precisions", help="comma-separated 8-bit candidates to use, a subset of the sweep's (default: all)")
     v.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     v.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
     v.add_argument("--calib-method", choices=list(METHODS), help="activation range method (as for quantize)")

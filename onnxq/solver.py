@@ -129,6 +129,8 @@ def solve(
     max_high_precision_layers: int | None = None,
     zoo: str | None = None,
     latency_json: str | os.PathLike | None = None,
+    min_8bit_macs: float | None = None,
+    precisions: str | list[str] | None = None,
     calib_samples: int | None = None,
     eval_samples: int | None = None,
     method: MethodArg = None,
@@ -137,7 +139,12 @@ def solve(
     quiet: bool = False,
 ) -> SolveResult:
     """Choose every layer's precision (see the module docstring); write the plan to ``output``
-    with ``<stem>.solve.json`` and ``<stem>.curve.png`` beside it."""
+    with ``<stem>.solve.json`` and ``<stem>.curve.png`` beside it.
+
+    ``min_8bit_macs``: a floor on the fraction of MatMul/Gemm MACs left in 8 bits; a layer whose
+    promotion would break it is never promoted (the promotion order skips it). ``precisions``: the
+    8-bit candidates to use, a subset of the sweep's (default: all of them).
+    """
     from onnxq.calibrators import model_hash
     from onnxq.passes.preprocess import load_and_preprocess
     from onnxq.placement import place
@@ -171,7 +178,17 @@ def solve(
     for la in layers:  # costs come from the shapes the sweep ran with
         s = by_name[la.name]
         la.macs, la.matmul_macs, la.weight_elements, la.activation_elements, la.output_elements = s.macs, s.matmul_macs, s.weight_elements, s.activation_elements, s.output_elements
-    precisions = list(result_sweep.precisions)
+    if precisions is None:
+        precisions = list(result_sweep.precisions)
+    else:
+        from onnxq.sensitivity import check_precisions
+
+        precisions = list(check_precisions(precisions))
+        missing = [p for p in precisions if p not in result_sweep.precisions]
+        if missing:
+            raise SolverError(f"the sweep did not measure {missing}; it has {result_sweep.precisions} (run onnxq sweep --precisions ...)")
+    if min_8bit_macs is not None and not 0 <= min_8bit_macs <= 1:
+        raise SolverError(f"--min-8bit-macs must be a fraction in [0, 1], got {min_8bit_macs}")
     costs = load_latency(latency_json, layers, precisions) if latency_json else {
         la.name: {p: roofline_cost(la, p) for p in [*precisions, FLOAT]} for la in layers
     }
@@ -196,18 +213,29 @@ def solve(
     all8 = sum(costs[n][best8[n]] for n in order)
     total_mm = sum(la.matmul_macs for la in layers)
     layer_of = {la.name: la for la in layers}
+    if min_8bit_macs is not None:  # skip promotions that would leave too few MACs in 8 bits
+        budget, kept = (1 - min_8bit_macs) * total_mm, []
+        for name in order:
+            if layer_of[name].matmul_macs <= budget:
+                budget -= layer_of[name].matmul_macs
+                kept.append(name)
+        order = kept
 
     def assignment(k: int) -> dict[str, str]:
         promoted = set(order[:k])
         return {node: (FLOAT if la.name in promoted else best8[la.name]) for la in layers for node in la.nodes}
 
     def reasons(k: int) -> dict[str, str]:
+        rank = {name: i for i, name in enumerate(order)}
         out = {}
-        for rank, name in enumerate(order):
-            la = layer_of[name]
-            what = "kept in high precision" if rank < k else f"{best8[name]}"
+        for la in layers:
+            if la.name not in rank:
+                what = f"{best8[la.name]}: promoting it would leave less than {min_8bit_macs:.0%} of MatMul/Gemm MACs in 8 bits"
+            else:
+                what = ("kept in high precision" if rank[la.name] < k else best8[la.name]) + f" (promotion rank {rank[la.name] + 1}"
+                what += f", sweep NSR {sens[la.name]:.3g})"
             for node in la.nodes:
-                out[node] = f"solver: {what} (promotion rank {rank + 1}, sweep NSR {sens[name]:.3g})"
+                out[node] = f"solver: {what}"
         return out
 
     candidates: dict[int, dict] = {}
@@ -218,7 +246,7 @@ def solve(
         plan = assemble_plan(float_model, base, assignment(k), ranges)
         r = evaluator.evaluate(plan)
         cost = sum(costs[n][FLOAT] if i < k else costs[n][best8[n]] for i, n in enumerate(order))
-        mm8 = sum(layer_of[n].matmul_macs for n in order[k:])
+        mm8 = total_mm - sum(layer_of[n].matmul_macs for n in order[:k])
         if metric is not None:
             acc = float(r["metric"][metric[0]])
         else:
@@ -267,7 +295,8 @@ def solve(
                 if ok(k):
                     hi = k
                 elif k == n:
-                    raise SolverError(f"the target is not met even with every layer in high precision (accuracy {candidates[n]['accuracy']:.4f}); check the target")
+                    floor = f" the --min-8bit-macs floor allows to promote ({n} of {len(layers)})" if min_8bit_macs is not None else ""
+                    raise SolverError(f"the target is not met even with every layer{floor} in high precision (accuracy {candidates[n]['accuracy']:.4f}); lower the target" + (" or the floor" if floor else ""))
                 else:
                     lo, step = k, step * 2
         while hi - lo > 1:

@@ -127,6 +127,13 @@ def test_latency_json_costs(attention_case, tmp_path):
     (tmp_path / "lat.json").write_text(json.dumps(costs))
     solved = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "lat.json", quiet=True)
     assert solved.order[-1] == "o_proj"
+    floor = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=10, min_8bit_macs=0.6, precisions="int8", quiet=True)
+    assert 0.6 <= floor.chosen["matmul_macs_8bit_fraction"] < 1 and "q_proj" not in floor.order  # q_proj holds 60% of the MACs
+    assert set(floor.plan.precisions()) == {"int8"}
+    int8_only = SweepResult.load(tmp_path / "s.json")
+    int8_only.precisions = ["int8"]
+    with pytest.raises(SolverError, match="did not measure"):
+        solve(int8_only, model, calib, None, eval=evald, max_high_precision_layers=0, precisions="fp8", quiet=True)
     (tmp_path / "bad.json").write_text(json.dumps({"q_proj": {"int8": 1}}))
     with pytest.raises(SolverError, match="no .fp8. cost for layer .q_proj."):
         solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "bad.json", quiet=True)
