@@ -88,6 +88,7 @@ def _solve(args: argparse.Namespace) -> int:
         latency_json=args.latency_json,
         min_8bit_macs=args.min_8bit_macs,
         precisions=args.precisions,
+        order_by=args.order,
         calib_samples=args.calib_samples,
         eval_samples=args.eval_samples,
         method=args.calib_method,
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--zoo", metavar="NAME", help="zoo model whose task metric --target-metric names (default: the sweep's)")
     v.add_argument("--latency-json", metavar="FILE", help="per-layer costs {layer or node: {precision: cost}} instead of the nominal roofline")
     v.add_argument("--min-8bit-macs", type=float, metavar="FRACTION", help="never promote a layer if that leaves less than FRACTION of MatMul/Gemm MACs in 8 bits")
+    v.add_argument("--order", choices=["sensitivity", "per-cost"], default="sensitivity", help="promotion order: most sensitive first, or sensitivity per added cost (default: sensitivity)")
     v.add_argument("--precisions", help="comma-separated 8-bit candidates to use, a subset of the sweep's (default: all)")
     v.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     v.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")

@@ -416,17 +416,18 @@ def _record_shapes(model: ir.Model, layers: Sequence[Layer], feed: Mapping[str, 
 
 class Evaluator:
     """Accuracy of candidate plans on held-out data: output cosine/SNR vs the float model (its
-    outputs computed once and kept), and the zoo task metric when a zoo model is named."""
+    outputs computed once and kept), and the zoo task metric when a zoo model is named (one
+    float reference session kept for it). ``outputs=False`` skips the output comparison when
+    only the task metric is wanted."""
 
-    def __init__(self, float_proto: onnx.ModelProto, model_path: str | os.PathLike, data, zoo: str | None = None, quiet: bool = False):
+    def __init__(self, float_proto: onnx.ModelProto, model_path: str | os.PathLike, data, zoo: str | None = None, quiet: bool = False, outputs: bool = True):
         self.float_proto = float_proto
-        self.model_path = model_path
-        self.feeds = list(data)
-        if not self.feeds:
+        self.feeds = list(data) if outputs else []
+        if outputs and not self.feeds:
             raise SweepError("the evaluation data has no samples; pass --eval DATA with at least one sample")
-        ref = ort_rt.create_session(float_proto)
-        self.output_names = [o.name for o in ref.get_outputs()]
-        self.references = [ort_rt.run(ref, f) for f in self.feeds]
+        self.reference = ort_rt.create_session(model_path)
+        self.output_names = [o.name for o in self.reference.get_outputs()]
+        self.references = [ort_rt.run(self.reference, f) for f in self.feeds]
         self.zoo = None
         if zoo is not None:
             from onnxq import zoo as zoo_registry
@@ -438,19 +439,16 @@ class Evaluator:
 
     def evaluate(self, plan: QuantPlan) -> dict:
         t0 = time.perf_counter()
-        proto = qdq_proto(self.float_proto, plan)
-        session = ort_rt.create_session(proto)
-        results = [OutputAccuracy(n) for n in self.output_names]
-        for feed, refs in zip(self.feeds, self.references):
-            for acc, r, c in zip(results, refs, ort_rt.run(session, feed)):
-                acc.update(r, c)
-        out = {
-            "cosine": min(r.cosine_mean for r in results),
-            "snr_db": min(r.snr_db for r in results),
-            "outputs": [r.to_json() for r in results],
-        }
+        session = ort_rt.create_session(qdq_proto(self.float_proto, plan))
+        out: dict = {"cosine": None, "snr_db": None}
+        if self.feeds:
+            results = [OutputAccuracy(n) for n in self.output_names]
+            for feed, refs in zip(self.feeds, self.references):
+                for acc, r, c in zip(results, refs, ort_rt.run(session, feed)):
+                    acc.update(r, c)
+            out = {"cosine": min(r.cosine_mean for r in results), "snr_db": min(r.snr_db for r in results), "outputs": [r.to_json() for r in results]}
         if self.zoo is not None:
-            out["metric"] = self.zoo.evaluate(proto, self.model_path)
+            out["metric"] = self.zoo.evaluate(session, self.reference)
         self.evaluations += 1
         self.seconds += time.perf_counter() - t0
         return out
@@ -466,7 +464,7 @@ def e2e_sweep(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], ranges:
             for p in precisions:
                 plan = assemble_plan(model, base, {n: p for n in layer.nodes}, ranges)
                 r = evaluator.evaluate(plan)
-                r.pop("outputs")
+                r.pop("outputs", None)
                 results[layer.name][p] = r
                 bar.update(1)
     return results, time.perf_counter() - t0

@@ -5,9 +5,11 @@ per layer and precision. The solver
 
 1. gives each layer its best 8-bit precision (the candidate with the smallest sweep error; 8-bit
    formats cost the same);
-2. orders the layers for promotion to high precision ("float") by sensitivity per unit of cost
-   the promotion adds (the sweep's end-to-end noise-to-signal ratio when it has one, else the
-   local one), so cheap sensitive layers go first;
+2. orders the layers for promotion to high precision ("float") by sensitivity (the sweep's
+   end-to-end noise-to-signal ratio when it has one, else the local one), or with
+   ``order_by="per-cost"`` by sensitivity per unit of cost the promotion adds, so cheap
+   sensitive layers go first; a ``min_8bit_macs`` floor drops from the order the layers whose
+   promotion would leave too few MatMul/Gemm MACs in 8 bits;
 3. picks how many of them to promote: ``max_high_precision_layers`` directly; for an accuracy
    target, an initial count from the sweep (with end-to-end errors, the smallest count whose
    summed NSR of the layers left in 8 bits stays within the target cosine's NSR, 1/c² − 1:
@@ -49,6 +51,7 @@ PEAK_MACS = {"float": 156e12, "int8": 312e12, "fp8": 312e12}
 BANDWIDTH = 2.0e12
 ELEMENT_BYTES = {"float": 2, "int8": 1, "fp8": 1}
 LOWER_IS_BETTER = ("kl", "perplexity")
+ORDERS = ("sensitivity", "per-cost")
 
 
 class SolverError(OnnxqError):
@@ -131,6 +134,7 @@ def solve(
     latency_json: str | os.PathLike | None = None,
     min_8bit_macs: float | None = None,
     precisions: str | list[str] | None = None,
+    order_by: str = "sensitivity",
     calib_samples: int | None = None,
     eval_samples: int | None = None,
     method: MethodArg = None,
@@ -143,8 +147,11 @@ def solve(
 
     ``min_8bit_macs``: a floor on the fraction of MatMul/Gemm MACs left in 8 bits; a layer whose
     promotion would break it is never promoted (the promotion order skips it). ``precisions``: the
-    8-bit candidates to use, a subset of the sweep's (default: all of them).
+    8-bit candidates to use, a subset of the sweep's (default: all of them). ``order_by``:
+    "sensitivity" (most sensitive first) or "per-cost" (sensitivity per unit of added cost).
     """
+    if order_by not in ORDERS:
+        raise SolverError(f"unknown promotion order {order_by!r}; choose one of {list(ORDERS)}")
     from onnxq.calibrators import model_hash
     from onnxq.passes.preprocess import load_and_preprocess
     from onnxq.placement import place
@@ -200,12 +207,14 @@ def solve(
     eval_data = open_source(eval, spec, limit=eval_samples, require_finite=False)
     ranges = calibrate_ranges(float_model, base, calib_data, precisions, method=method, percentile=percentile, quiet=quiet)
     float_proto = modelio.to_proto(float_model)
-    evaluator = Evaluator(float_proto, model, eval_data, zoo=zoo if (metric or zoo) else None, quiet=quiet)
+    evaluator = Evaluator(float_proto, model, eval_data, zoo=zoo if (metric or zoo) else None, quiet=quiet, outputs=metric is None)
 
     best8 = {la.name: min(precisions, key=lambda p: result_sweep.sensitivity(la.name, p)) for la in layers}
     sens = {la.name: result_sweep.sensitivity(la.name, best8[la.name]) for la in layers}
 
     def gain(la: Layer) -> float:
+        if order_by == "sensitivity":
+            return sens[la.name]
         extra = costs[la.name][FLOAT] - costs[la.name][best8[la.name]]
         return sens[la.name] / max(extra, 1e-12)
 
@@ -257,7 +266,7 @@ def solve(
             "cost": cost / all8 if all8 else 0.0,
             "accuracy": acc,
             "cosine": r["cosine"],
-            "snr_db": r["snr_db"] if math.isfinite(r["snr_db"]) else None,
+            "snr_db": r["snr_db"] if r["snr_db"] is not None and math.isfinite(r["snr_db"]) else None,
             "metric": r.get("metric"),
             "matmul_macs_8bit_fraction": mm8 / total_mm if total_mm else 1.0,
         }

@@ -125,7 +125,7 @@ def test_latency_json_costs(attention_case, tmp_path):
     # o_proj is made very expensive in float: it must be promoted last.
     costs = {la.name: {"int8": 1.0, "fp8": 1.0, "float": 1000.0 if la.name == "o_proj" else 1.5} for la in result.layers}
     (tmp_path / "lat.json").write_text(json.dumps(costs))
-    solved = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "lat.json", quiet=True)
+    solved = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=0, latency_json=tmp_path / "lat.json", order_by="per-cost", quiet=True)
     assert solved.order[-1] == "o_proj"
     floor = solve(tmp_path / "s.json", model, calib, None, eval=evald, max_high_precision_layers=10, min_8bit_macs=0.6, precisions="int8", quiet=True)
     assert 0.6 <= floor.chosen["matmul_macs_8bit_fraction"] < 1 and "q_proj" not in floor.order  # q_proj holds 60% of the MACs
