@@ -43,7 +43,7 @@ def sweep_chart(result, path: str | os.PathLike, *, quiet: bool = False) -> Path
             series.append((f"local {p}", [result.local[n][p]["snr_db"] for n in names]))
         if result.e2e:
             series.append((f"e2e {p}", [result.e2e[n][p]["snr_db"] for n in names]))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) * max(1, len(series))), 4.5))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.12 * len(names) * max(1, len(series)))), 4.5))
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series):
         finite = [v if math.isfinite(v) else 0.0 for v in values]
@@ -55,6 +55,7 @@ def sweep_chart(result, path: str | os.PathLike, *, quiet: bool = False) -> Path
     if result.spearman:
         title += "; Spearman local vs e2e " + ", ".join(f"{k} {v:.2f}" for k, v in result.spearman.items() if v is not None)
     ax.set_title(title, fontsize=9)
+    ax.set_xlim(-0.6, len(names))
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, plt, Path(path))

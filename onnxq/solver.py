@@ -112,7 +112,7 @@ class SolveResult:
     def to_json(self) -> dict:
         return {
             "plan": str(self.output) if self.output else None,
-            "plan_summary": self.plan.summary(),
+            "plan_summary": self.plan.summary() if self.plan is not None else None,
             "chosen": self.chosen,
             "promotion_order": self.order,
             "candidates": self.candidates,
@@ -219,7 +219,7 @@ def solve(
         return sens[la.name] / max(extra, 1e-12)
 
     order = [la.name for la in sorted(layers, key=gain, reverse=True)]
-    all8 = sum(costs[n][best8[n]] for n in order)
+    all8 = sum(costs[la.name][best8[la.name]] for la in layers)
     total_mm = sum(la.matmul_macs for la in layers)
     layer_of = {la.name: la for la in layers}
     if min_8bit_macs is not None:  # skip promotions that would leave too few MACs in 8 bits
@@ -254,7 +254,7 @@ def solve(
             return candidates[k]
         plan = assemble_plan(float_model, base, assignment(k), ranges)
         r = evaluator.evaluate(plan)
-        cost = sum(costs[n][FLOAT] if i < k else costs[n][best8[n]] for i, n in enumerate(order))
+        cost = all8 + sum(costs[n][FLOAT] - costs[n][best8[n]] for n in order[:k])
         mm8 = total_mm - sum(layer_of[n].matmul_macs for n in order[:k])
         if metric is not None:
             acc = float(r["metric"][metric[0]])
@@ -292,6 +292,7 @@ def solve(
             while k0 < n and remaining > budget:
                 remaining -= sens[order[k0]]
                 k0 += 1
+        failure = None
         lo, hi = -1, None  # largest count known to fail, smallest known to hold
         if ok(0):  # the all-8-bit baseline is always evaluated: the curve's first point
             hi = 0
@@ -305,9 +306,13 @@ def solve(
                     hi = k
                 elif k == n:
                     floor = f" the --min-8bit-macs floor allows to promote ({n} of {len(layers)})" if min_8bit_macs is not None else ""
-                    raise SolverError(f"the target is not met even with every layer{floor} in high precision (accuracy {candidates[n]['accuracy']:.4f}); lower the target" + (" or the floor" if floor else ""))
+                    failure = f"the target is not met even with every layer{floor} in high precision (accuracy {candidates[n]['accuracy']:.4f}); lower the target" + (" or the floor" if floor else "")
+                    break
                 else:
                     lo, step = k, step * 2
+        if failure is not None:
+            report = _write_outputs(SolveResult(None, None, [candidates[k] for k in sorted(candidates)], order), output, metric, target_cosine, plot, quiet)
+            raise SolverError(failure + (f"; the candidates evaluated are in {report}" if report else ""))
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if ok(mid):
@@ -320,17 +325,25 @@ def solve(
     candidates[chosen_k]["chosen"] = True
     result = SolveResult(plan, chosen, [candidates[k] for k in sorted(candidates)], order)
     result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds}
-    if output is not None:
-        stem = output.with_suffix("") if output.suffix == ".json" else output
-        plan.save(output)
-        result.output = output
-        result.report_path = stem.with_name(stem.name + ".solve.json")
-        with modelio.atomic_path(result.report_path) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1))
-        if plot:
-            from onnxq.plots import solver_curve
-
-            label = metric[0] if metric else "output cosine vs FP32"
-            target_value = metric[2] if metric else target_cosine
-            result.curve_path = solver_curve(result.candidates, stem.with_name(stem.name + ".curve.png"), accuracy_label=label, target=target_value, quiet=quiet)
+    _write_outputs(result, output, metric, target_cosine, plot, quiet)
     return result
+
+
+def _write_outputs(result: SolveResult, output: Path | None, metric, target_cosine, plot: bool, quiet: bool) -> Path | None:
+    """The plan (when there is one), ``<stem>.solve.json`` and ``<stem>.curve.png``."""
+    if output is None:
+        return None
+    stem = output.with_suffix("") if output.suffix == ".json" else output
+    if result.plan is not None:
+        result.plan.save(output)
+        result.output = output
+    result.report_path = stem.with_name(stem.name + ".solve.json")
+    with modelio.atomic_path(result.report_path) as tmp:
+        tmp.write_text(json.dumps(result.to_json(), indent=1))
+    if plot:
+        from onnxq.plots import solver_curve
+
+        label = metric[0] if metric else "output cosine vs FP32"
+        target_value = metric[2] if metric else target_cosine
+        result.curve_path = solver_curve(result.candidates, stem.with_name(stem.name + ".curve.png"), accuracy_label=label, target=target_value, quiet=quiet)
+    return result.report_path

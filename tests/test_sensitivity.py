@@ -156,5 +156,8 @@ def test_bad_inputs_are_clear_errors(attention_case, tmp_path, capsys):
         solve(tmp_path / "s.json", model, calib, None, eval=evald, target_metric="top1_agreement>=0.9")
     with pytest.raises(SolverError, match="exactly one target"):
         solve(tmp_path / "s.json", model, calib, None, eval=evald)
+    with pytest.raises(SolverError, match="not met even with every layer the --min-8bit-macs floor allows"):
+        solve(tmp_path / "s.json", model, calib, tmp_path / "unmet.json", eval=evald, target_cosine=0.999999, min_8bit_macs=0.99, quiet=True)
+    assert not (tmp_path / "unmet.json").exists() and json.loads((tmp_path / "unmet.solve.json").read_text())["candidates"]
     with pytest.raises(SweepError, match="unknown sweep mode"):
         sweep(model, calib, mode="fast")
