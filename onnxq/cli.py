@@ -64,6 +64,7 @@ def _sweep(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         eval_samples=args.eval_samples,
         method=args.calib_method,
+        layers_only=args.layers.split(",") if args.layers else None,
         quiet=args.quiet,
     )
     if not args.quiet:
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["local", "e2e", "both"], default="local", help="local: every layer in one pass (quantized twins); e2e: one quantized model per layer; both: and their rank correlation (default: local)")
     s.add_argument("--precisions", default=",".join(QUANTIZED_PRECISIONS), help="comma-separated candidate precisions (default: %(default)s)")
     s.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="placement policy whose plan defines the layers (default: tensorrt)")
+    s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     s.add_argument("--zoo", metavar="NAME", help="e2e mode: also compute this zoo model's task metric per layer")
     s.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     s.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")

@@ -609,6 +609,7 @@ def sweep(
     eval_samples: int | None = None,
     method: MethodArg = None,
     percentile: float | None = None,
+    layers_only: Sequence[str] | None = None,
     plot: bool = True,
     quiet: bool = False,
 ) -> SweepResult:
@@ -616,6 +617,7 @@ def sweep(
 
     ``output``: the JSON path; ``<stem>.md`` and ``<stem>.png`` are written beside it. Ranges come
     from one calibration pass over ``calib``; errors are measured on ``eval`` (default: ``calib``).
+    ``layers_only``: measure only these layers (names as in a sweep's table); default: all.
     """
     from onnxq.calibrators import model_hash
     from onnxq.passes.preprocess import load_and_preprocess
@@ -638,6 +640,12 @@ def sweep(
     layers = layer_groups(float_model, base)
     if not layers:
         raise SweepError(f"the {target} policy quantizes no node of this model: nothing to sweep")
+    if layers_arg := list(layers_only or []):
+        known = {la.name for la in layers}
+        unknown = [n for n in layers_arg if n not in known]
+        if unknown:
+            raise SweepError(f"no layer named {unknown}; layers are named after their first node, e.g. {[la.name for la in layers[:3]]}")
+        layers = [la for la in layers if la.name in layers_arg]
     sha = model_hash(float_model)
     prepare_opset(float_model, precisions)
     timings["load"] = time.perf_counter() - t0

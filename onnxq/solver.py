@@ -181,6 +181,8 @@ def solve(
     layers = layer_groups(float_model, base)
     by_name = {la.name: la for la in result_sweep.layers}
     if [la.name for la in layers] != [la.name for la in result_sweep.layers]:
+        if set(by_name) < {la.name for la in layers}:
+            raise SweepError(f"the sweep covers {len(by_name)} of the model's {len(layers)} layers; the solver needs a sweep of all of them (no --layers)")
         raise SweepError("the sweep's layers differ from this model's; run onnxq sweep again with this onnxq version")
     for la in layers:  # costs come from the shapes the sweep ran with
         s = by_name[la.name]

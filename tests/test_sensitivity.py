@@ -159,5 +159,11 @@ def test_bad_inputs_are_clear_errors(attention_case, tmp_path, capsys):
     with pytest.raises(SolverError, match="not met even with every layer the --min-8bit-macs floor allows"):
         solve(tmp_path / "s.json", model, calib, tmp_path / "unmet.json", eval=evald, target_cosine=0.999999, min_8bit_macs=0.99, quiet=True)
     assert not (tmp_path / "unmet.json").exists() and json.loads((tmp_path / "unmet.solve.json").read_text())["candidates"]
+    partial = sweep(model, calib, tmp_path / "part.json", layers_only=["qk"], quiet=True, plot=False)
+    assert [la.name for la in partial.layers] == ["qk"]
+    with pytest.raises(SweepError, match="covers 1 of the model's 4 layers"):
+        solve(tmp_path / "part.json", model, calib, None, eval=evald, target_cosine=0.99, quiet=True)
+    with pytest.raises(SweepError, match=r"no layer named \['nope'\]"):
+        sweep(model, calib, layers_only=["nope"], quiet=True)
     with pytest.raises(SweepError, match="unknown sweep mode"):
         sweep(model, calib, mode="fast")
