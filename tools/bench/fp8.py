@@ -14,7 +14,11 @@ metric on the same evaluation samples:
   the scale rule only: ModelOpt's own placement may differ.
 
     python tools/bench/fp8.py [--models minilm-l6-v2 efficientnet-lite0 smollm2-6l]
-                              [--calib-samples N] [--eval-samples N] [--out bench_fp8.json]
+                              [--calib-samples N] [--eval-samples N] [--high-precision fp16]
+                              [--out bench_fp8.json]
+
+``--high-precision fp16`` runs the onnxq columns with FP16 non-quantized regions (the table then
+shows what FP16 regions cost on top of each 8-bit scheme).
 
 Prints a table per model and writes JSON.
 """
@@ -76,7 +80,7 @@ def feeds(arrays):
     return [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)]
 
 
-def bench_model(name, workdir, calib_n, eval_n):
+def bench_model(name, workdir, calib_n, eval_n, high_precision="fp32"):
     import onnxq
     from onnxq import zoo
 
@@ -98,8 +102,8 @@ def bench_model(name, workdir, calib_n, eval_n):
                 rule = modelopt_scale_rule() if cfg.get("modelopt") else contextlib.nullcontext()
                 with rule:
                     onnxq.quantize(model, out, calib, precision=cfg["precision"], method=cfg["method"],
-                                   report=False, evaluate=False, quiet=True)
-            row = {"model": name, "tool": tool, "seconds": time.perf_counter() - t,
+                                   high_precision=high_precision, report=False, evaluate=False, quiet=True)
+            row = {"model": name, "tool": tool, "high_precision": high_precision, "seconds": time.perf_counter() - t,
                    "metrics": entry.evaluate(out, model, n=eval_n)}
         except Exception as exc:  # a failed column is reported, the others still run
             row = {"model": name, "tool": tool, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
@@ -122,12 +126,13 @@ def main():
     ap.add_argument("--models", nargs="+", default=["minilm-l6-v2", "efficientnet-lite0", "smollm2-6l"])
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
+    ap.add_argument("--high-precision", choices=["fp32", "fp16"], default="fp32", help="precision of the onnxq columns' non-quantized regions")
     ap.add_argument("--out", default="bench_fp8.json")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-fp8-") as tmp:
         for name in args.models:
-            rows += bench_model(name, Path(tmp), args.calib_samples, args.eval_samples)
+            rows += bench_model(name, Path(tmp), args.calib_samples, args.eval_samples, args.high_precision)
     print_table(rows)
     Path(args.out).write_text(json.dumps({"rows": rows}, indent=1))
 
