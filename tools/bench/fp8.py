@@ -7,11 +7,14 @@ metric on the same evaluation samples:
 - ``onnxq-int8``: INT8, the target's default range method (MSE on the INT8 grid);
 - ``onnxq-fp8-amax``: FP8 E4M3FN, scale = amax/448 (``--precision fp8 --calib-method minmax``);
 - ``onnxq-fp8-mse``: FP8 E4M3FN, the MSE-optimal range on the FP8 grid (``--precision fp8``);
-- ``modelopt-fp8``: ModelOpt's ONNX FP8 rule when ``tools/bench/competitors`` can run ModelOpt;
-  otherwise ``modelopt-fp8 (emulated)``: ModelOpt's documented rule applied by onnxq — max-
-  calibrated INT8 scales (amax/127, activations and per-channel weights) multiplied by 448/127
-  (``modelopt.onnx.quantization.fp8.int8_to_fp8``), on onnxq's placement. It is an emulation of
-  the scale rule only: ModelOpt's own placement may differ.
+- ``modelopt-fp8``: ModelOpt's own ONNX FP8 quantization (``run_modelopt`` of
+  ``tools/bench/competitors/runners.py``, its default entropy calibration, run in the competitor
+  venv; the column reports the runner's error if that venv is missing);
+- ``modelopt-fp8 (emulated)``: ModelOpt's documented rule applied by onnxq — max-calibrated INT8
+  scales (amax/127, activations and per-channel weights) multiplied by 448/127
+  (``modelopt.onnx.quantization.fp8.int8_to_fp8``), on onnxq's placement. It emulates the scale
+  rule only: ModelOpt's placement (it leaves attention's QKᵀ/PV MatMuls unquantized on
+  SmolLM2) and calibration (entropy) differ.
 
     python tools/bench/fp8.py [--models minilm-l6-v2 efficientnet-lite0 smollm2-6l]
                               [--calib-samples N] [--eval-samples N] [--high-precision fp16]
@@ -64,20 +67,14 @@ def modelopt_scale_rule():
         qdq.FP8_MAX, weights.GRID_MAX["float8e4m3fn"] = saved
 
 
-def modelopt_runner():
-    """The competitors helper's ModelOpt FP8 runner, if this checkout has one that works."""
+def run_modelopt(model, calib_npz, out, high_precision):
+    """ModelOpt's own FP8 through the competitors' runner (an error row if it cannot run)."""
+    sys.path.insert(0, str(HERE / "competitors"))
     try:
-        sys.path.insert(0, str(HERE / "competitors"))
-        import modelopt_runner as runner  # type: ignore[import-not-found]
-
-        return runner if hasattr(runner, "quantize_fp8") else None
-    except Exception:
-        return None
-
-
-def feeds(arrays):
-    n = len(next(iter(arrays.values())))
-    return [{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)]
+        from runners import run_modelopt as runner  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError("tools/bench/competitors/runners.py is not in this checkout") from None
+    runner(model, calib_npz, out, precision="fp8", high_precision=high_precision)
 
 
 def bench_model(name, workdir, calib_n, eval_n, high_precision="fp32"):
@@ -85,21 +82,20 @@ def bench_model(name, workdir, calib_n, eval_n, high_precision="fp32"):
     from onnxq import zoo
 
     entry = zoo.get(name)
-    model = entry.onnx_path()
-    calib = feeds(entry.calib_data(calib_n))
+    case = zoo.export_case(name, workdir / name, n_calib=calib_n, n_eval=eval_n)
+    model, calib = case["model"], case["calib"]
     eval_n = eval_n or entry.default_eval
     rows = [{"model": name, "tool": "fp32", "metrics": entry.evaluate(model, model, n=eval_n)}]
-    runs = dict(COLUMNS)
-    runner = modelopt_runner()
-    runs["modelopt-fp8" if runner else "modelopt-fp8 (emulated)"] = {"precision": "fp8", "method": "minmax", "modelopt": True}
+    runs = {**COLUMNS, "modelopt-fp8": {"real_modelopt": True},
+            "modelopt-fp8 (emulated)": {"precision": "fp8", "method": "minmax", "modelopt_rule": True}}
     for tool, cfg in runs.items():
-        out = workdir / f"{name}.{tool.split()[0]}.onnx"
+        out = workdir / f"{name}.{tool.split()[0]}{'.emulated' if cfg.get('modelopt_rule') else ''}.onnx"
         t = time.perf_counter()
         try:
-            if cfg.get("modelopt") and runner:
-                runner.quantize_fp8(model, out, calib)
+            if cfg.get("real_modelopt"):
+                run_modelopt(model, calib, out, high_precision)
             else:
-                rule = modelopt_scale_rule() if cfg.get("modelopt") else contextlib.nullcontext()
+                rule = modelopt_scale_rule() if cfg.get("modelopt_rule") else contextlib.nullcontext()
                 with rule:
                     onnxq.quantize(model, out, calib, precision=cfg["precision"], method=cfg["method"],
                                    high_precision=high_precision, report=False, evaluate=False, quiet=True)
