@@ -97,3 +97,17 @@ def test_fp16_float_model_stays_close_in_ort(attention_case, tmp_path):
     got = create_session(model).run(None, {"x": x})[0]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=0.02 * np.abs(ref).max())
+
+
+def test_ort_sessions_for_fp16_qdq_models_run_unoptimized(cnn_case, tmp_path):
+    """ORT's CPU provider miscomputes FP16-scaled Q/DQ at ORT_ENABLE_BASIC and above (measured on
+    EfficientNet-Lite0); create_session turns graph optimizations off for such models."""
+    import onnxruntime as ort
+
+    from onnxq.runtime.ort import _uses_fp16_qdq, session_options
+
+    model, calib, _ = cnn_case
+    out = tmp_path / "q.onnx"
+    onnxq.quantize(model, out, calib, high_precision="fp16", quiet=True, evaluate=False)
+    assert _uses_fp16_qdq(onnx.load(out)) and not _uses_fp16_qdq(onnx.load(model))
+    assert session_options(fp16_qdq=True, fp8=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
