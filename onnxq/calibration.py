@@ -229,12 +229,14 @@ def plan_ranges(
     percentile: float | None = None,
     table_source: str = "the calibration table",
     quiet: bool = False,
+    extra_tensors: Sequence[str] = (),
 ) -> CalibrationTable:
     """Fill the plan's activation parameters (at the precision of each tensor's readers) from a
     pass over ``data``, or from ``table`` when given.
 
     A table's method and percentile apply unless ``method``/``percentile`` override them. Returns
-    the table the ranges came from.
+    the table the ranges came from. ``extra_tensors``: more tensors whose min/max the same pass
+    collects (no histograms, no plan parameters), e.g. for the FP16 overflow check.
     """
     tensors = activation_tensors(model, plan)
     if method is None and table is not None and table.method is not None:
@@ -253,9 +255,12 @@ def plan_ranges(
         fill_activation_params(plan, table, methods, percentile, tensors=observed, precisions=tensor_precisions(model, plan))
         log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)", quiet)
         return table
-    table = collect(model, tensors, data, progress=not quiet, histograms=needs_hist)
+    extra = [t for t in extra_tensors if t not in set(tensors)]
+    table = collect(model, [*tensors, *extra], data, progress=not quiet, histograms=needs_hist)
     table.method = method if method is None or isinstance(method, str) else dict(method)
     table.percentile = percentile
-    fill_activation_params(plan, table, methods, percentile, precisions=tensor_precisions(model, plan))
+    fill_activation_params(
+        plan, table, methods, percentile, tensors=[t for t in tensors if t in table.tensors], precisions=tensor_precisions(model, plan)
+    )
     log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
     return table

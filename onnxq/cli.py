@@ -28,6 +28,7 @@ def _quantize(args: argparse.Namespace) -> int:
         percentile=args.percentile,
         table=args.table,
         quiet=args.quiet,
+        high_precision=args.high_precision,
     )
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
     q.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="deployment target whose Q/DQ rules apply (default: tensorrt)")
     q.add_argument("--precision", choices=["int8", "fp8"], default="int8", help="quantized precision: int8, or fp8 (E4M3FN, opset 19; ranges on the FP8 grid) (default: int8)")
+    q.add_argument("--high-precision", choices=["fp32", "fp16"], default="fp32", help="precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)")
     q.add_argument("--exclude", action="append", metavar="NAME|REGEX", help="keep matching nodes in float (repeatable; regexes match whole names)")
     q.add_argument("--plan", help="replay a QuantPlan JSON (from --save-plan, possibly edited) instead of the target's policy")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")

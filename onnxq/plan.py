@@ -25,9 +25,11 @@ Editing a plan in code (what a solver does)::
     plan.set_precision("node_name", "fp8")   # or "int8", or "float"
     plan.activation("tensor", "fp8")          # ActivationQuant or None
     plan.set_activation("tensor", "fp8", activation_params(lo, hi, "float8e4m3fn"))
+    # activation_params: onnxq.passes.qdq; place(model, target, precision="fp8"): onnxq.placement
 
-after which calibration (:func:`onnxq.calibration.plan_ranges` / ``fill_activation_params``)
-fills the parameters each node's precision needs, and ``InsertQDQPass`` executes the plan. A plan
+after which calibration (:func:`onnxq.calibration.plan_ranges`, or ``fill_activation_params``
+with ``precisions={tensor: ("int8", "fp8")}`` to get both parameter sets from one table) fills
+the parameters each node's precision needs, and ``InsertQDQPass`` executes the plan. A plan
 with an FP8 node needs opset 19; ``InsertQDQPass`` raises the model's opset itself.
 
 Old plans (without ``fp8_activations``) load unchanged.

@@ -57,7 +57,7 @@ ENTROPY_QUANTIZED_BINS = 256
 MSE_START_BIN = 128
 ENTROPY_ORT_EXACT = False
 # MSE on the FP8 grid: points per histogram bin, and clip values tried.
-FP8_BIN_POINTS = 16
+FP8_BIN_POINTS = 4
 FP8_CANDIDATES = 256
 
 

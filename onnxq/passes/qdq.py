@@ -45,12 +45,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         if self.plan.uses_fp8():
-            from onnxq.passes.lift_constants import LiftConstantsPass
-            from onnxq.passes.opset import UpgradeOpsetPass
+            from onnxq.passes.opset import require_opset
 
-            modified = UpgradeOpsetPass(min_opset=FP8_MIN_OPSET)(model).modified
-            if modified:
-                LiftConstantsPass()(model)
+            modified = require_opset(model, FP8_MIN_OPSET)
         graph = model.graph
         self._graph = graph
         self._activation_dq: dict[tuple[str, str], ir.Value] = {}
