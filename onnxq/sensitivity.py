@@ -1,6 +1,6 @@
 """Per-layer sensitivity sweep: the error of quantizing one layer alone, for each candidate precision.
 
-A layer is a group of plan nodes that must share a precision (:mod:`onnxq.layers`). Two modes:
+A layer is a group of plan nodes that must share a precision (:mod:`onnxq.layer_groups`). Two modes:
 
 - ``local``: one ORT pass over the data measures every layer. The float model is augmented with
   a quantized *twin* of each linear node per precision: a copy of the node that reads the very
@@ -39,7 +39,7 @@ from onnxq.calibration import DataArg, MethodArg, activation_tensors, fill_activ
 from onnxq.check import OutputAccuracy
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
-from onnxq.layers import Layer, layer_groups, static_macs
+from onnxq.layer_groups import Layer, layer_groups, static_macs
 from onnxq.placement import TARGETS, place
 from onnxq.placement.rules import LINEAR_OPS
 from onnxq.plan import FLOAT, QUANTIZED_PRECISIONS, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant

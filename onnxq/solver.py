@@ -40,7 +40,7 @@ from onnxq import modelio
 from onnxq.calibration import DataArg, MethodArg
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
-from onnxq.layers import Layer, layer_groups
+from onnxq.layer_groups import Layer, layer_groups
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt

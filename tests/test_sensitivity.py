@@ -10,7 +10,7 @@ import pytest
 import synthetic
 from onnxq import modelio
 from onnxq.cli import main
-from onnxq.layers import layer_groups
+from onnxq.layer_groups import layer_groups
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import place
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
