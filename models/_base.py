@@ -173,12 +173,13 @@ class ZooModel:
         raise NotImplementedError
 
     def _sessions(self, candidate, reference):
-        """ORT sessions for the candidate and the reference (the cached FP32 export by default)."""
+        """ORT sessions for the candidate and the reference (the cached FP32 export by default);
+        either may already be a session (a caller evaluating many candidates keeps one reference)."""
         from onnxq.runtime.ort import create_session
 
         if reference is None:
             reference = self.onnx_path()
-        return create_session(_as_model(candidate)), create_session(_as_model(reference))
+        return tuple(m if hasattr(m, "run") else create_session(_as_model(m)) for m in (candidate, reference))
 
     def _run(self, session, feed: Mapping[str, np.ndarray]) -> np.ndarray:
         from onnxq.runtime.ort import run

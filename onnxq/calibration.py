@@ -18,7 +18,7 @@ from onnxq.data import open_source
 from onnxq.errors import OnnxqError, PlanError
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
-from onnxq.plan import NodeDecision, QuantPlan
+from onnxq.plan import FP8_DTYPE, NodeDecision, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
 
@@ -27,6 +27,34 @@ MethodArg = str | Mapping[str, str] | None
 
 # Activation integer type of each target: TensorRT is symmetric INT8, ORT's CPU kernels prefer U8.
 ACTIVATION_DTYPE = {"tensorrt": "int8", "ort": "uint8"}
+
+
+def activation_dtype(target: str, precision: str) -> str:
+    """The activation dtype of a precision on a target: FP8 is symmetric E4M3FN everywhere."""
+    return FP8_DTYPE if precision == "fp8" else ACTIVATION_DTYPE[target]
+
+
+def _quantized_readers(model: ir.Model, plan: QuantPlan) -> dict[str, list[tuple[ir.Node, str]]]:
+    """tensor -> (node, precision) of each quantized node the plan has read it as an activation."""
+    by_name = {n.name: n for n in model.graph}
+    readers: dict[str, list[tuple[ir.Node, str]]] = {}
+    for node_name, decision in plan.nodes.items():
+        node = by_name.get(node_name)
+        if not decision.quantized or node is None:
+            continue
+        for index, kind in decision.inputs.items():
+            if kind == "activation" and index < len(node.inputs) and node.inputs[index] is not None:
+                readers.setdefault(node.inputs[index].name, []).append((node, decision.precision))
+    return readers
+
+
+def tensor_precisions(model: ir.Model, plan: QuantPlan) -> dict[str, set[str]]:
+    """For each activation tensor the plan quantizes, the precisions of the nodes reading it
+    (``plan.outputs`` are read at the plan's precision)."""
+    out = {t: {p for _, p in r} for t, r in _quantized_readers(model, plan).items()}
+    for tensor in plan.outputs:
+        out.setdefault(tensor, set()).add(plan.precision)
+    return out
 
 
 def activation_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
@@ -69,15 +97,7 @@ def resolve_methods(method: MethodArg, target: str) -> dict[str, str]:
 
 def tensor_methods(model: ir.Model, plan: QuantPlan, tensors: Sequence[str], methods: Mapping[str, str]) -> dict[str, str]:
     """The range method of each tensor: that of the first quantized reader whose op type is named."""
-    readers: dict[str, list[str]] = {}
-    by_name = {n.name: n for n in model.graph}
-    for node_name, decision in plan.nodes.items():
-        node = by_name.get(node_name)
-        if not decision.quantized or node is None:
-            continue
-        for index, kind in decision.inputs.items():
-            if kind == "activation" and index < len(node.inputs) and node.inputs[index] is not None:
-                readers.setdefault(node.inputs[index].name, []).append(node.op_type.lower())
+    readers = {t: [n.op_type.lower() for n, _ in r] for t, r in _quantized_readers(model, plan).items()}
     if len(methods) > 1:
         values = {v.name: v for n in model.graph for v in n.outputs}
         values.update({v.name: v for v in model.graph.inputs})
@@ -118,20 +138,29 @@ def fill_activation_params(
     methods: Mapping[str, str] | None = None,
     percentile: float | None = None,
     tensors: Iterable[str] | None = None,
+    precisions: Mapping[str, Iterable[str]] | None = None,
 ) -> None:
-    """Scale and zero point of each activation tensor from its statistics and range method."""
+    """Scale and zero point of each activation tensor from its statistics and range method.
+
+    ``precisions``: the precisions ("int8", "fp8") to fill for each tensor (default: the plan's
+    precision for every tensor); each gets its range on its own grid (``plan.set_activation``).
+    A sweep that tries every tensor at both precisions passes ``{t: ("int8", "fp8") ...}``.
+    """
     from onnxq.calibrators.methods import DEFAULT_PERCENTILE, compute_range
     from onnxq.passes.qdq import activation_params
 
-    dtype = ACTIVATION_DTYPE[plan.target]
     methods = methods or {}
     p = DEFAULT_PERCENTILE if percentile is None else percentile
     for name in table.tensors if tensors is None else tensors:
         stats = table.tensors[name]
-        lo, hi = compute_range(
-            stats.min, stats.max, stats.histogram, methods.get(name, "minmax"), symmetric=dtype == "int8", percentile=p, name=name
-        )
-        plan.activations[name] = activation_params(lo, hi, dtype)
+        wanted = (plan.precision,) if precisions is None else precisions.get(name, (plan.precision,))
+        for precision in sorted(wanted):
+            dtype = activation_dtype(plan.target, precision)
+            lo, hi = compute_range(
+                stats.min, stats.max, stats.histogram, methods.get(name, "minmax"), symmetric=dtype != "uint8",
+                percentile=p, name=name, grid="fp8" if precision == "fp8" else "int8",
+            )
+            plan.set_activation(name, precision, activation_params(lo, hi, dtype))
 
 
 def all_calibration_tensors(model: ir.Model) -> tuple[list[str], dict[str, int]]:
@@ -200,11 +229,14 @@ def plan_ranges(
     percentile: float | None = None,
     table_source: str = "the calibration table",
     quiet: bool = False,
+    extra_tensors: Sequence[str] = (),
 ) -> CalibrationTable:
-    """Fill ``plan.activations`` from a pass over ``data``, or from ``table`` when given.
+    """Fill the plan's activation parameters (at the precision of each tensor's readers) from a
+    pass over ``data``, or from ``table`` when given.
 
     A table's method and percentile apply unless ``method``/``percentile`` override them. Returns
-    the table the ranges came from.
+    the table the ranges came from. ``extra_tensors``: more tensors whose min/max the same pass
+    collects (no histograms, no plan parameters), e.g. for the FP16 overflow check.
     """
     tensors = activation_tensors(model, plan)
     if method is None and table is not None and table.method is not None:
@@ -220,12 +252,15 @@ def plan_ranges(
         table.check_model(model_hash(model), table_source)
         observed = float_tensors(model, tensors)
         table.require(observed, histograms=needs_hist & set(observed), source=table_source)
-        fill_activation_params(plan, table, methods, percentile, tensors=observed)
+        fill_activation_params(plan, table, methods, percentile, tensors=observed, precisions=tensor_precisions(model, plan))
         log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)", quiet)
         return table
-    table = collect(model, tensors, data, progress=not quiet, histograms=needs_hist)
+    extra = [t for t in extra_tensors if t not in set(tensors)]
+    table = collect(model, [*tensors, *extra], data, progress=not quiet, histograms=needs_hist)
     table.method = method if method is None or isinstance(method, str) else dict(method)
     table.percentile = percentile
-    fill_activation_params(plan, table, methods, percentile)
+    fill_activation_params(
+        plan, table, methods, percentile, tensors=[t for t in tensors if t in table.tensors], precisions=tensor_precisions(model, plan)
+    )
     log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
     return table

@@ -24,7 +24,8 @@ from onnxq.plan import QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
 
-PRECISIONS = ("int8",)
+PRECISIONS = ("int8", "fp8")
+HIGH_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class QuantizeResult:
     accuracy: list[OutputAccuracy]
     eval_source: str
     report_path: Path | None = None
+    high_precision: str = "fp32"
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -42,6 +44,7 @@ class QuantizeResult:
             "output": str(self.output),
             "target": self.plan.target,
             "precision": self.plan.precision,
+            "high_precision": self.high_precision,
             "plan_summary": self.plan.summary(),
             "quantized_nodes": len(self.plan.quantized_nodes()),
             "calibration_samples": self.table.num_samples,
@@ -69,6 +72,7 @@ def quantize(
     report: bool = True,
     evaluate: bool = True,
     quiet: bool = False,
+    high_precision: str = "fp32",
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
 
@@ -81,13 +85,21 @@ def quantize(
     ``percentile`` for the percentile method (default 99.99). ``table``: a calibration table from
     :func:`calibrate` (path or object) used instead of calibrating; its method and percentile are
     the defaults then.
+
+    ``precision``: ``int8`` or ``fp8`` (E4M3FN) for the quantized nodes (a ``plan`` may mix them
+    per node). ``high_precision``: ``fp32`` keeps the non-quantized regions as they are; ``fp16``
+    converts them to FP16 with explicit Casts (:class:`~onnxq.passes.cast_fp16.CastFloat16Pass`),
+    keeping in FP32 the norms, softmax inputs, rotary angles and every tensor that overflows FP16
+    on the calibration data.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if target not in TARGETS:
         raise OnnxqError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if high_precision not in HIGH_PRECISIONS:
+        raise OnnxqError(f"high precision {high_precision!r} is not one of {list(HIGH_PRECISIONS)}")
     if precision not in PRECISIONS:
-        raise OnnxqError(f"precision {precision!r} is not available yet; choose one of {list(PRECISIONS)}")
+        raise OnnxqError(f"precision {precision!r} is not available; choose one of {list(PRECISIONS)}")
     if calib is None and table is None:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     from onnxq.calibrators.methods import check_percentile
@@ -114,7 +126,7 @@ def quantize(
 
     t = time.perf_counter()
     if plan is None:
-        the_plan = place(float_model, target, exclude=exclude)
+        the_plan = place(float_model, target, exclude=exclude, precision=precision)
     else:
         the_plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
         if the_plan.target != target:
@@ -128,9 +140,14 @@ def quantize(
     timings["place"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    fp16_tensors = []
+    if high_precision == "fp16":
+        from onnxq.passes.cast_fp16 import float_tensor_names
+
+        fp16_tensors = float_tensor_names(float_model.graph)
     table = plan_ranges(
         float_model, the_plan, calib_data, table, method=method, percentile=percentile,
-        table_source=table_source, quiet=quiet,
+        table_source=table_source, quiet=quiet, extra_tensors=fp16_tensors,
     )
     timings["calibrate"] = time.perf_counter() - t
 
@@ -138,6 +155,12 @@ def quantize(
     from onnxq.passes.qdq import InsertQDQPass
 
     InsertQDQPass(the_plan)(float_model)
+    if high_precision == "fp16":
+        from onnxq.passes.cast_fp16 import CastFloat16Pass
+
+        cast_pass = CastFloat16Pass(ranges={n: s.amax for n, s in table.tensors.items()})
+        cast_pass(float_model)
+        log(f"onnxq: FP16 high-precision regions; {len(cast_pass.kept)} nodes kept in FP32", quiet)
     ir.passes.common.RemoveUnusedNodesPass()(float_model)
     ir.passes.common.TopologicalSortPass()(float_model)
     proto = modelio.to_proto(float_model)
@@ -171,7 +194,7 @@ def quantize(
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    result = QuantizeResult(output, the_plan, table, accuracy, eval_source, timings=timings)
+    result = QuantizeResult(output, the_plan, table, accuracy, eval_source, timings=timings, high_precision=high_precision)
     if report:
         with modelio.atomic_path(report_path) as tmp:
             tmp.write_text(json.dumps(result.to_json(), indent=1))

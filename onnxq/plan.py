@@ -1,13 +1,38 @@
 """QuantPlan: what to quantize, where, and at which precision.
 
 Placement policies write a plan; passes only execute it. The plan is JSON so a user can read it,
-edit it (e.g. set a node's ``precision`` to ``"float"``) and replay it with ``--plan``.
+edit it (e.g. set a node's ``precision`` to ``"float"`` or ``"fp8"``) and replay it with ``--plan``.
 
 A plan has
-- ``nodes``: one decision per considered node: its precision, which of its inputs get a Q/DQ pair
-  (by input index), and why;
-- ``activations``: quantization parameters per activation tensor (filled from calibration);
-- ``weights``: per weight initializer, the dtype and the per-channel axis (``null`` = per tensor).
+- ``precision``: the default precision of quantized nodes (``"int8"`` or ``"fp8"``); policies
+  write every quantized node at this precision;
+- ``nodes``: one decision per considered node: its precision (``"int8"``, ``"fp8"`` or
+  ``"float"``), which of its inputs get a Q/DQ pair (by input index), and why. Precision is per
+  node: a plan may mix INT8 and FP8 nodes;
+- ``activations``: integer-grid quantization parameters per activation tensor (``int8``
+  symmetric or ``uint8`` asymmetric), used by the INT8 nodes that read it;
+- ``fp8_activations``: FP8 E4M3FN parameters per activation tensor (symmetric, zero point 0,
+  dtype ``float8e4m3fn``), used by the FP8 nodes that read it. A tensor read by nodes of both
+  precisions has an entry in both and gets one Q/DQ pair per precision;
+- ``weights``: per weight initializer, the per-channel axis (``null`` = per tensor) and the
+  dtype at the plan's default precision (``int8`` or ``float8e4m3fn``). The precision of the
+  node that reads a weight decides the dtype it is quantized to (``WEIGHT_DTYPE``): changing a
+  node's precision needs no weight edit, and a weight read by nodes of two precisions is
+  quantized once per precision (same axis, same per-channel amax).
+
+Editing a plan in code (what a solver does)::
+
+    plan.set_precision("node_name", "fp8")   # or "int8", or "float"
+    plan.activation("tensor", "fp8")          # ActivationQuant or None
+    plan.set_activation("tensor", "fp8", activation_params(lo, hi, "float8e4m3fn"))
+    # activation_params: onnxq.passes.qdq; place(model, target, precision="fp8"): onnxq.placement
+
+after which calibration (:func:`onnxq.calibration.plan_ranges`, or ``fill_activation_params``
+with ``precisions={tensor: ("int8", "fp8")}`` to get both parameter sets from one table) fills
+the parameters each node's precision needs, and ``InsertQDQPass`` executes the plan. A plan
+with an FP8 node needs opset 19; ``InsertQDQPass`` raises the model's opset itself.
+
+Old plans (without ``fp8_activations``) load unchanged.
 """
 
 from __future__ import annotations
@@ -19,14 +44,24 @@ from pathlib import Path
 from onnxq.errors import PlanError
 
 PLAN_FORMAT = "onnxq.plan/1"
-QUANTIZED_PRECISIONS = ("int8",)
+QUANTIZED_PRECISIONS = ("int8", "fp8")
 FLOAT = "float"
+FP8_DTYPE = "float8e4m3fn"
+# Weight dtype of each quantized precision.
+WEIGHT_DTYPE = {"int8": "int8", "fp8": FP8_DTYPE}
+
+
+def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:
+    allowed = QUANTIZED_PRECISIONS if quantized else (*QUANTIZED_PRECISIONS, FLOAT)
+    if precision not in allowed:
+        raise PlanError(f"{source}: precision {precision!r} is not one of {list(allowed)}")
+    return precision
 
 
 @dataclass
 class NodeDecision:
     op_type: str
-    precision: str  # "int8" or "float"
+    precision: str  # "int8", "fp8" or "float"
     # input index -> "activation" | "weight" | "bias"
     inputs: dict[int, str] = field(default_factory=dict)
     reason: str = ""
@@ -38,7 +73,7 @@ class NodeDecision:
 
 @dataclass
 class ActivationQuant:
-    dtype: str  # "int8" (symmetric) or "uint8" (asymmetric)
+    dtype: str  # "int8" (symmetric), "uint8" (asymmetric) or "float8e4m3fn" (symmetric)
     symmetric: bool = True
     min: float | None = None
     max: float | None = None
@@ -48,7 +83,7 @@ class ActivationQuant:
 
 @dataclass
 class WeightQuant:
-    dtype: str = "int8"
+    dtype: str = "int8"  # or "float8e4m3fn"
     axis: int | None = 0
 
 
@@ -59,11 +94,48 @@ class QuantPlan:
     nodes: dict[str, NodeDecision] = field(default_factory=dict)
     activations: dict[str, ActivationQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)
-    # extra tensors the policy wants quantized for every consumer (e.g. ORT's Conv outputs)
+    # extra tensors the policy wants quantized for every consumer (e.g. ORT's Conv outputs),
+    # at the plan's precision
     outputs: list[str] = field(default_factory=list)
+    fp8_activations: dict[str, ActivationQuant] = field(default_factory=dict)
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
+
+    def precisions(self) -> set[str]:
+        """The quantized precisions the plan uses (its nodes' and, for ``outputs``, its own)."""
+        used = {d.precision for d in self.nodes.values() if d.quantized}
+        if self.outputs:
+            used.add(self.precision)
+        return used
+
+    def uses_fp8(self) -> bool:
+        return "fp8" in self.precisions()
+
+    def _activation_store(self, precision: str) -> dict[str, ActivationQuant]:
+        check_precision(precision, quantized=True)
+        return self.fp8_activations if precision == "fp8" else self.activations
+
+    def activation(self, tensor: str, precision: str) -> ActivationQuant | None:
+        """The parameters of ``tensor`` for readers at ``precision`` ("int8" or "fp8")."""
+        return self._activation_store(precision).get(tensor)
+
+    def set_activation(self, tensor: str, precision: str, params: ActivationQuant) -> None:
+        self._activation_store(precision)[tensor] = params
+
+    def set_precision(self, node: str, precision: str) -> None:
+        """Set one node's precision ("int8", "fp8" or "float").
+
+        Setting a quantized precision on a node the policy kept in float with no quantizable
+        inputs is an error: there is nothing to quantize (the policy's reason says why).
+        """
+        check_precision(precision)
+        decision = self.nodes.get(node)
+        if decision is None:
+            raise PlanError(f"the plan has no decision for node {node!r}; it is not a quantization candidate")
+        if precision != FLOAT and not decision.inputs:
+            raise PlanError(f"node {node!r} has no quantizable inputs in the plan ({decision.reason}); it stays float")
+        decision.precision = precision
 
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -84,6 +156,7 @@ class QuantPlan:
                 for name, d in self.nodes.items()
             },
             "activations": {name: asdict(a) for name, a in self.activations.items()},
+            "fp8_activations": {name: asdict(a) for name, a in self.fp8_activations.items()},
             "weights": {name: asdict(w) for name, w in self.weights.items()},
             "outputs": list(self.outputs),
         }
@@ -106,6 +179,7 @@ class QuantPlan:
                     inputs={int(k): v for k, v in d.get("inputs", {}).items()},
                     reason=d.get("reason", ""),
                 )
+            check_precision(data.get("precision", "int8"), quantized=True, source=source)
             return cls(
                 target=data["target"],
                 precision=data.get("precision", "int8"),
@@ -113,6 +187,7 @@ class QuantPlan:
                 activations={n: ActivationQuant(**a) for n, a in data.get("activations", {}).items()},
                 weights={n: WeightQuant(**w) for n, w in data.get("weights", {}).items()},
                 outputs=list(data.get("outputs", [])),
+                fp8_activations={n: ActivationQuant(**a) for n, a in data.get("fp8_activations", {}).items()},
             )
         except PlanError:
             raise

@@ -2,7 +2,7 @@
 
 The HTML page carries its plots inline (SVG drawn by matplotlib: per output, the distribution of
 log10 |candidate − reference| for every candidate; per batch size, median/p90/p99 latency bars),
-so it can be mailed or archived as one file. Without matplotlib (``pip install 'onnxq[report]'``)
+so it can be mailed or archived as one file. Without matplotlib (``pip install 'onnxq[plot]'``)
 the page has the same tables and says why it has no plots.
 """
 
@@ -241,7 +241,7 @@ def to_html(report, layer_rows: int = 20) -> str:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        body.append("<p id='no-plots'>No plots: matplotlib is not installed (pip install 'onnxq[report]').</p>")
+        body.append("<p id='no-plots'>No plots: matplotlib is not installed (pip install 'onnxq[plot]').</p>")
     else:
         plots = _error_plots(report)
         lat = _latency_plot(report)

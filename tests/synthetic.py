@@ -109,3 +109,53 @@ def tied_embedding_lm(vocab: int = 64, hidden: int = 32, seq: int = 8, seed: int
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def attention_reference(x: np.ndarray, w: dict[str, np.ndarray], q: np.ndarray | None = None) -> np.ndarray:
+    """numpy forward of :func:`tiny_attention` (hidden 32), with ``q`` replacing ``x @ wq`` if given."""
+    q = x @ w["wq"] if q is None else q
+    k, v = x @ w["wk"], x @ w["wv"]
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(32)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v) @ w["wo"] + x
+
+
+def rmsnorm_attention(opset: int = 18, seed: int = 0, seq: int = 16, hidden: int = 32, gain: float = 400.0) -> onnx.ModelProto:
+    """x·gain (a residual stream beyond FP16's square root range) → RMSNorm (Pow → ReduceMean →
+    Add → Sqrt → Reciprocal → Mul) → Q/K/V MatMuls → masked softmax (mask −3.4e38) → out MatMul."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(n, rng.normal(0, 0.2, (hidden, hidden))) for n in ("wq", "wk", "wv", "wo")]
+    mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, np.finfo(np.float32).min)
+    inits += [
+        _init("gain", np.array(gain)), _init("two", np.array(2.0)), _init("eps", np.array(1e-6)),
+        _init("scale", np.array(1.0 / np.sqrt(hidden))), _init("mask", mask[None]),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["h"], name="residual"),
+        helper.make_node("Pow", ["h", "two"], ["sq"], name="rms_pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], name="rms_mean", keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["ms_eps"], name="rms_add"),
+        helper.make_node("Sqrt", ["ms_eps"], ["rms"], name="rms_sqrt"),
+        helper.make_node("Reciprocal", ["rms"], ["inv_rms"], name="rms_rcp"),
+        helper.make_node("Mul", ["h", "inv_rms"], ["hn"], name="rms_mul"),
+        helper.make_node("MatMul", ["hn", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["hn", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["hn", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"], name="qk"),
+        helper.make_node("Mul", ["scores_raw", "scale"], ["scores"], name="scale_scores"),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rmsnorm_attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)

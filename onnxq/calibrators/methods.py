@@ -29,6 +29,12 @@ target uses ``[min(lo, 0), max(hi, 0)]``.
   clip value ``T`` (every bin edge from 128 bins up). Asymmetric: a search over one shrink factor
   ``a`` in ``[1/8, 1]`` applied to both ends, range ``[a min(min,0), a max(max,0)]``.
 
+FP8 (``grid="fp8"``, E4M3FN, symmetric, scale = T/448): ``minmax`` and ``percentile`` give the
+clip value as above; ``mse`` searches the clip value ``T`` with the bin centres fake-quantized on
+the FP8 grid itself (rounded to the nearest E4M3FN value after scaling, saturating at 448), so
+its range is FP8's own optimum, not an INT8 range rescaled; ``entropy`` is defined by the INT8
+grid's 128 levels per side and is refused for FP8.
+
 A tensor whose values are all zero (zero range) gets ``(0, 0)`` from every method; Q/DQ then uses
 scale 1.0.
 """
@@ -50,6 +56,9 @@ LEVELS = 127
 ENTROPY_QUANTIZED_BINS = 256
 MSE_START_BIN = 128
 ENTROPY_ORT_EXACT = False
+# MSE on the FP8 grid: points per histogram bin, and clip values tried.
+FP8_BIN_POINTS = 4
+FP8_CANDIDATES = 256
 
 
 class CalibrationMethodError(OnnxqError):
@@ -257,7 +266,18 @@ def _entropy(h: Histogram, lo: float, hi: float) -> tuple[float, float]:
     return _clip(lo, hi, t_lo, t_hi)
 
 
-def _mse(h: Histogram, lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
+def _fake_quant(centres: np.ndarray, thresholds: np.ndarray, grid: str) -> np.ndarray:
+    """``centres`` fake-quantized at each clip value (rows) on the symmetric INT8 or FP8 grid."""
+    if grid == "fp8":
+        from onnxq.weights import FP8_MAX, to_fp8
+
+        s = thresholds[:, None] / FP8_MAX
+        return to_fp8(centres[None, :] / s).astype(np.float64) * s
+    s = thresholds[:, None] / LEVELS
+    return np.minimum(np.rint(centres[None, :] / s), LEVELS) * s
+
+
+def _mse(h: Histogram, lo: float, hi: float, symmetric: bool, grid: str = "int8") -> tuple[float, float]:
     w = h.width
     if symmetric:
         counts = h.abs_counts().astype(np.float64)
@@ -267,10 +287,20 @@ def _mse(h: Histogram, lo: float, hi: float, symmetric: bool) -> tuple[float, fl
         amax = max(abs(lo), abs(hi))
         cands = np.arange(min(MSE_START_BIN, last), last + 1) * w
         cands = np.unique(np.minimum(cands, amax))
+        if grid == "fp8":
+            # FP8's steps near zero are finer than a bin: one centre per bin misjudges the
+            # rounding error there, so each non-empty bin is spread over FP8_BIN_POINTS points.
+            # Its error is smooth in T away from saturation: FP8_CANDIDATES clip values suffice.
+            nz = np.flatnonzero(counts)
+            offsets = (np.arange(FP8_BIN_POINTS) + 0.5) / FP8_BIN_POINTS
+            centres = ((nz[:, None] + offsets[None, :]) * w).ravel()
+            counts = np.repeat(counts[nz] / FP8_BIN_POINTS, FP8_BIN_POINTS)
+            if cands.size > FP8_CANDIDATES:
+                cands = cands[np.unique(np.linspace(0, cands.size - 1, FP8_CANDIDATES).round().astype(int))]
         best_t, best_err = amax, np.inf
-        for chunk in np.array_split(cands, max(1, cands.size // 128)):
-            s = chunk[:, None] / LEVELS
-            fq = np.minimum(np.rint(centres[None, :] / s), LEVELS) * s
+        chunk_size = max(1, (1 << 21) // max(1, centres.size))
+        for chunk in np.array_split(cands, max(1, -(-cands.size // chunk_size))):
+            fq = _fake_quant(centres, chunk, grid)
             err = ((centres[None, :] - fq) ** 2 * counts[None, :]).sum(axis=1)
             k = int(np.argmin(err))
             if err[k] < best_err:
@@ -304,9 +334,23 @@ def compute_range(
     symmetric: bool,
     percentile: float = DEFAULT_PERCENTILE,
     name: str = "tensor",
+    grid: str = "int8",
 ) -> tuple[float, float]:
-    """The quantization range of one tensor (see the module docstring)."""
+    """The quantization range of one tensor (see the module docstring).
+
+    ``grid``: "int8" (symmetric INT8 or asymmetric UINT8, per ``symmetric``) or "fp8" (E4M3FN,
+    symmetric only).
+    """
     check_method(method)
+    if grid not in ("int8", "fp8"):
+        raise CalibrationMethodError(f"grid {grid!r} is not one of ['int8', 'fp8']")
+    if grid == "fp8":
+        if not symmetric:
+            raise CalibrationMethodError("the FP8 grid is symmetric only (zero point 0)")
+        if method == "entropy":
+            raise CalibrationMethodError(
+                f"method 'entropy' is defined on the INT8 grid; for FP8 tensors ({name!r}) use mse (FP8's own grid) or minmax"
+            )
     lo, hi = float(lo), float(hi)
     if method == "minmax" or _zero_range(lo, hi):
         return (0.0, 0.0) if _zero_range(lo, hi) else (lo, hi)
@@ -321,4 +365,4 @@ def compute_range(
         return _percentile(histogram, lo, hi, symmetric, check_percentile(percentile))
     if method == "entropy":
         return _entropy(histogram, lo, hi)
-    return _mse(histogram, lo, hi, symmetric)
+    return _mse(histogram, lo, hi, symmetric, grid)

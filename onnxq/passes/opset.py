@@ -25,7 +25,7 @@ instead, with the converter's reason.
 
 from __future__ import annotations
 
-__all__ = ["UpgradeOpsetPass", "default_opset"]
+__all__ = ["UpgradeOpsetPass", "default_opset", "require_opset"]
 
 import contextlib
 import logging
@@ -137,3 +137,14 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
             )
         logger.info("Converted the model from opset %d to %d", current, self.target_opset)
         return ir.passes.PassResult(model, modified=True)
+
+
+def require_opset(model: ir.Model, min_opset: int) -> bool:
+    """Raise the model's opset to at least ``min_opset`` (for ops a later pass inserts, e.g. FP8
+    or FP16-scaled Q/DQ at 19), lifting the constants a converter may emit. True if changed."""
+    from onnxq.passes.lift_constants import LiftConstantsPass
+
+    modified = UpgradeOpsetPass(min_opset=min_opset)(model).modified
+    if modified:
+        LiftConstantsPass()(model)
+    return modified

@@ -1,29 +1,39 @@
 """Insert QuantizeLinear/DequantizeLinear pairs as a QuantPlan says.
 
-Rule: for every quantized node in the plan,
-- each input marked ``activation`` is read through one Q→DQ pair per tensor (shared by every
-  consumer the plan names, so a LayerNorm output feeding Q, K and V gets one pair), with the scale
-  and zero point the plan holds for that tensor;
-- each input marked ``weight`` is replaced by an integer initializer and a DequantizeLinear
-  (symmetric, per channel on the plan's axis, zero point 0); the float initializer is removed when
-  nothing else reads it;
-- each tensor in ``plan.outputs`` gets the same Q→DQ pair for all of its consumers.
+Rule: for every quantized node in the plan, at the node's precision (INT8 or FP8 E4M3FN),
+- each input marked ``activation`` is read through one Q→DQ pair per tensor and precision
+  (shared by every consumer of that precision the plan names, so a LayerNorm output feeding Q,
+  K and V gets one pair; a tensor read by an INT8 and an FP8 node gets two), with the scale and
+  zero point the plan holds for that tensor at that precision;
+- each input marked ``weight`` is replaced by a quantized initializer (``int8``, or
+  ``float8e4m3fn`` for FP8 nodes) and a DequantizeLinear (symmetric, per channel on the plan's
+  axis, zero point 0 of the same dtype); the float initializer is removed when nothing else
+  reads it;
+- each tensor in ``plan.outputs`` gets the same Q→DQ pair (at the plan's precision) for all of
+  its consumers.
+FP8 Q/DQ exists from opset 19: a plan with an FP8 node first raises the model's opset to 19
+(:class:`~onnxq.passes.opset.UpgradeOpsetPass`, then lifting the constants a converter may emit).
 The pass executes the plan only: it makes no placement decision of its own.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
-from onnxq.plan import ActivationQuant, QuantPlan, WeightQuant
-from onnxq.weights import quantize_weight, weight_source
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, ActivationQuant, QuantPlan, WeightQuant
+from onnxq.weights import FP8_MAX, quantize_weight, weight_source
 
-_INT_TYPES = {
-    "int8": (ir.DataType.INT8, np.int8, -128, 127),
-    "uint8": (ir.DataType.UINT8, np.uint8, 0, 255),
+# Quantized dtype name -> (IR type, numpy type of its zero point)
+_Q_TYPES = {
+    "int8": (ir.DataType.INT8, np.int8),
+    "uint8": (ir.DataType.UINT8, np.uint8),
+    FP8_DTYPE: (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn),
 }
+# FP8 QuantizeLinear/DequantizeLinear arrive in opset 19.
+FP8_MIN_OPSET = 19
 _NP_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
@@ -33,13 +43,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.plan = plan
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        if self.plan.uses_fp8():
+            from onnxq.passes.opset import require_opset
+
+            modified = require_opset(model, FP8_MIN_OPSET)
         graph = model.graph
         self._graph = graph
-        self._activation_dq: dict[str, ir.Value] = {}
-        self._weight_dq: dict[str, ir.Value] = {}
+        self._activation_dq: dict[tuple[str, str], ir.Value] = {}
+        self._weight_dq: dict[tuple[str, str], ir.Value] = {}
         self._qdq_nodes: set[int] = set()
         by_name = {node.name: node for node in graph}
-        modified = False
         for name, decision in self.plan.nodes.items():
             if not decision.quantized:
                 continue
@@ -51,9 +65,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
                 value = node.inputs[index]
                 if kind == "activation":
-                    node.replace_input_with(index, self._activation(value))
+                    node.replace_input_with(index, self._activation(value, decision.precision))
                 elif kind == "weight":
-                    node.replace_input_with(index, self._weight(value))
+                    node.replace_input_with(index, self._weight(value, decision.precision))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
                 modified = True
@@ -63,7 +77,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             value = values.get(tensor)
             if value is None:
                 raise PlanError(f"the plan quantizes tensor {tensor!r}, which the model does not produce")
-            dq = self._activation(value)
+            dq = self._activation(value, self.plan.precision)
             for use in list(value.uses()):
                 if id(use.node) not in self._qdq_nodes:
                     use.node.replace_input_with(use.idx, dq)
@@ -92,62 +106,73 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 self._graph.insert_before(first, nodes)
         self._qdq_nodes.update(id(n) for n in nodes)
 
-    def _activation(self, value: ir.Value) -> ir.Value:
-        if value.name in self._activation_dq:
-            return self._activation_dq[value.name]
-        params = self.plan.activations.get(value.name)
+    def _activation(self, value: ir.Value, precision: str) -> ir.Value:
+        key = (value.name, precision)
+        if key in self._activation_dq:
+            return self._activation_dq[key]
+        params = self.plan.activation(value.name, precision)
         if params is None or params.scale is None:
             raise PlanError(
-                f"tensor {value.name!r} is quantized by the plan but has no calibrated scale; "
-                "calibrate again (pass --calib)"
+                f"tensor {value.name!r} is quantized by the plan at {precision} but has no calibrated "
+                "scale for it; calibrate again (pass --calib)"
             )
-        ir_int, np_int, _, _ = _INT_TYPES[params.dtype]
+        expected = (FP8_DTYPE,) if precision == "fp8" else ("int8", "uint8")
+        if params.dtype not in expected:
+            raise PlanError(f"tensor {value.name!r}: a {precision} reader needs a {' or '.join(expected)} scale, the plan has {params.dtype}")
+        ir_q, np_zero = _Q_TYPES[params.dtype]
         np_float = _NP_FLOAT.get(value.dtype, np.float32)
-        scale = self._constant(f"{value.name}_scale", np.array(params.scale, dtype=np_float))
-        zero = self._constant(f"{value.name}_zero_point", np.array(params.zero_point, dtype=np_int))
-        q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{value.name}_QuantizeLinear")
-        q.outputs[0].name = f"{value.name}_quantized"
-        q.outputs[0].dtype = ir_int
+        # The first precision keeps the plain names (INT8-only plans look as before).
+        base = value.name if not any(k[0] == value.name for k in self._activation_dq) else f"{value.name}_{precision}"
+        scale = self._constant(f"{base}_scale", np.array(params.scale, dtype=np_float))
+        zero = self._constant(f"{base}_zero_point", np.array(params.zero_point, dtype=np_zero))
+        q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear")
+        q.outputs[0].name = f"{base}_quantized"
+        q.outputs[0].dtype = ir_q
         q.outputs[0].shape = value.shape
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{value.name}_DequantizeLinear")
-        dq.outputs[0].name = f"{value.name}_dequantized"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
         self._insert(value, [q, dq])
-        self._activation_dq[value.name] = dq.outputs[0]
+        self._activation_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
-    def _weight(self, value: ir.Value) -> ir.Value:
+    def _weight(self, value: ir.Value, precision: str) -> ir.Value:
         """A dequantized copy of the weight behind ``value``.
 
         A weight read through a Transpose gets its transposed integer copy as an initializer, so
         no Transpose or dequantization of a large constant runs at inference time and ORT/TRT
         see the DQ→MatMul pattern they fuse; float readers of the original (a Gather) keep it.
         """
-        if value.name in self._weight_dq:
-            return self._weight_dq[value.name]
+        key = (value.name, precision)
+        if key in self._weight_dq:
+            return self._weight_dq[key]
         source = weight_source(value)
         if source is None:
             raise PlanError(f"the plan quantizes {value.name!r} as a weight, but it is not a float initializer")
         init = source.initializer
         params = self.plan.weights.get(init.name, WeightQuant())
-        if params.dtype != "int8":
-            raise PlanError(f"weights quantize to int8 (symmetric); the plan asks for {params.dtype} for {init.name!r}")
+        if params.dtype not in WEIGHT_DTYPE.values():
+            raise PlanError(f"weights quantize to {list(WEIGHT_DTYPE.values())} (symmetric); the plan asks for {params.dtype} for {init.name!r}")
+        # The reading node's precision decides the dtype (see onnxq.plan).
+        dtype = WEIGHT_DTYPE[precision]
         array = init.const_value.numpy()
         if params.axis is not None and not -array.ndim <= params.axis < array.ndim:
             raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {params.axis} does not exist")
         axis = None if params.axis is None else params.axis % array.ndim
-        q, scale = quantize_weight(array, axis)
+        q, scale = quantize_weight(array, axis, dtype)
         name = init.name
         if source.transpose is not None:
             perm = source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
             q = np.ascontiguousarray(np.transpose(q, perm))
             axis = None if axis is None else list(perm).index(axis)
             name = value.name
+        if any(k[0] == value.name for k in self._weight_dq):
+            name = f"{name}_{precision}"
         np_float = _NP_FLOAT.get(init.dtype, np.float32)
         q_value = self._constant(f"{name}_quantized", q)
         scale_value = self._constant(f"{name}_scale", scale.astype(np_float))
-        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=_Q_TYPES[dtype][1]))
         attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node(
             "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{name}_DequantizeLinear"
@@ -156,12 +181,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
         self._insert(q_value, [dq])
-        self._weight_dq[value.name] = dq.outputs[0]
+        self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
 
 def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:
-    """Scale and zero point for an activation range: int8 symmetric, uint8 asymmetric."""
+    """Scale and zero point for an activation range: int8 symmetric, uint8 asymmetric,
+    float8e4m3fn symmetric (scale = amax/448: the range is the FP8 grid's own)."""
+    if dtype == FP8_DTYPE:
+        amax = max(abs(lo), abs(hi))
+        scale = amax / FP8_MAX if amax > 0 else 1.0
+        return ActivationQuant(dtype=FP8_DTYPE, symmetric=True, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=0)
     if dtype == "int8":
         amax = max(abs(lo), abs(hi))
         scale = amax / 127.0 if amax > 0 else 1.0
@@ -171,4 +201,4 @@ def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:
         scale = (rmax - rmin) / 255.0 if rmax > rmin else 1.0
         zero = int(np.clip(np.rint(-rmin / scale), 0, 255))
         return ActivationQuant(dtype="uint8", symmetric=False, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=zero)
-    raise PlanError(f"activation dtype {dtype!r} is not supported; use int8 or uint8")
+    raise PlanError(f"activation dtype {dtype!r} is not supported; use int8, uint8 or {FP8_DTYPE}")

@@ -2,7 +2,8 @@
 
 Rules:
 - activations are asymmetric uint8 per tensor, weights symmetric int8 per channel (ORT's
-  preferred form on x86 with VNNI);
+  preferred form on x86 with VNNI); with ``precision="fp8"`` both are symmetric FP8 E4M3FN
+  (ORT runs FP8 Q/DQ as float ops: accuracy studies only, no speed-up on CPU);
 - the inputs of Conv / Gemm / MatMul are quantized; DQ→MatMul fuses to MatMulIntegerToFloat with
   no output Q;
 - a Conv's output is quantized too, after its single trailing Relu/Clip when there is one (ORT
@@ -29,8 +30,8 @@ def _conv_output_tensor(node: ir.Node) -> ir.Value:
     return out
 
 
-def place(model: ir.Model, *, exclude: Sequence[str] = ()) -> QuantPlan:
-    plan = QuantPlan(target="ort", precision="int8")
+def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int8") -> QuantPlan:
+    plan = QuantPlan(target="ort", precision=precision)
     by_name = {}
     for node in rules.nodes(model, ("Conv", "Gemm", "MatMul")):
         plan.nodes[node.name] = rules.linear_decision(node, plan)

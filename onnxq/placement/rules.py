@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
+from onnxq.plan import FLOAT, WEIGHT_DTYPE, NodeDecision, QuantPlan, WeightQuant
 from onnxq.weights import FLOAT_TYPES, weight_source
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -91,8 +91,10 @@ def conv_channels_reason(node: ir.Node) -> str | None:
     return None
 
 
-def linear_decision(node: ir.Node, plan: QuantPlan, weight_dtype: str = "int8") -> NodeDecision:
-    """The default decision for a Conv/ConvTranspose/Gemm/MatMul: quantize activations and weight."""
+def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
+    """The default decision for a Conv/ConvTranspose/Gemm/MatMul: quantize activations and weight
+    at the plan's precision."""
+    weight_dtype = WEIGHT_DTYPE[plan.precision]
     reason = conv_channels_reason(node) if node.op_type.startswith("Conv") else gemv_reason(node)
     if reason:
         return NodeDecision(node.op_type, FLOAT, {}, reason)
@@ -117,7 +119,7 @@ def linear_decision(node: ir.Node, plan: QuantPlan, weight_dtype: str = "int8") 
     else:
         return NodeDecision(node.op_type, FLOAT, {}, "second operand is not a float tensor")
     kind = "weight" if inputs.get(w_index) == "weight" else "activation"
-    return NodeDecision(node.op_type, "int8", inputs, f"inputs of {node.op_type} ({kind} {'per-channel' if kind == 'weight' and axis is not None else 'per-tensor'})")
+    return NodeDecision(node.op_type, plan.precision, inputs, f"inputs of {node.op_type} ({kind} {'per-channel' if kind == 'weight' and axis is not None else 'per-tensor'})")
 
 
 def apply_exclusions(model: ir.Model, plan: QuantPlan, patterns: Sequence[str]) -> None:

@@ -1,7 +1,7 @@
 """TensorRT explicit-quantization policy (strongly typed networks).
 
 Rules, from TensorRT's Q/DQ placement guidance:
-- symmetric INT8, zero points 0; weights per channel on the output-channel axis, activations per
+- symmetric INT8 (or FP8 E4M3FN with ``precision="fp8"``: same placement), zero points 0; weights per channel on the output-channel axis, activations per
   tensor;
 - quantize the inputs of Conv / ConvTranspose / Gemm / MatMul, never their outputs, and place no
   Q/DQ that would simulate BN or ReLU folding (TensorRT fuses those itself);
@@ -37,8 +37,8 @@ def _zero_pad_source(value: ir.Value | None) -> ir.Node | None:
     return prod
 
 
-def place(model: ir.Model, *, exclude: Sequence[str] = ()) -> QuantPlan:
-    plan = QuantPlan(target="tensorrt", precision="int8")
+def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int8") -> QuantPlan:
+    plan = QuantPlan(target="tensorrt", precision=precision)
     for node in rules.nodes(model, rules.LINEAR_OPS):
         decision = rules.linear_decision(node, plan)
         plan.nodes[node.name] = decision
@@ -48,7 +48,7 @@ def place(model: ir.Model, *, exclude: Sequence[str] = ()) -> QuantPlan:
                 del decision.inputs[0]
                 decision.reason += "; activation Q/DQ placed before its Pad"
                 plan.nodes[pad.name] = NodeDecision(
-                    "Pad", "int8", {0: "activation"}, f"Q/DQ before the Pad that feeds {node.name}"
+                    "Pad", precision, {0: "activation"}, f"Q/DQ before the Pad that feeds {node.name}"
                 )
 
     quantized_convs = {
@@ -67,7 +67,7 @@ def place(model: ir.Model, *, exclude: Sequence[str] = ()) -> QuantPlan:
         skip = 1 if from_conv[0] else 0  # the other branch; the conv branch fuses as epilogue
         plan.nodes[node.name] = NodeDecision(
             "Add",
-            "int8",
+            precision,
             {skip: "activation"},
             "residual Add: Q/DQ on the skip branch only, so TensorRT fuses the Add into the Conv",
         )
