@@ -23,6 +23,7 @@ from onnxq.placement import TARGETS, place
 from onnxq.plan import QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
+from onnxq.smoothquant import SmoothPlan
 
 PRECISIONS = ("int8",)
 
@@ -36,6 +37,7 @@ class QuantizeResult:
     eval_source: str
     report_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    smoothquant: SmoothPlan | None = None
 
     def to_json(self) -> dict:
         return {
@@ -48,6 +50,7 @@ class QuantizeResult:
             "calibration_method": self.table.method,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
         }
 
 
@@ -69,6 +72,7 @@ def quantize(
     report: bool = True,
     evaluate: bool = True,
     quiet: bool = False,
+    smoothquant: float | str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
 
@@ -81,6 +85,10 @@ def quantize(
     ``percentile`` for the percentile method (default 99.99). ``table``: a calibration table from
     :func:`calibrate` (path or object) used instead of calibrating; its method and percentile are
     the defaults then.
+
+    ``smoothquant``: a migration strength α in [0, 1], or ``"auto"`` (α per group from a grid, by
+    simulated W8A8 error on rows sampled during calibration); the scales are folded into the
+    graph (:mod:`onnxq.smoothquant`) before Q/DQ insertion.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -95,6 +103,12 @@ def quantize(
     if percentile is not None:
         percentile = check_percentile(percentile)
     resolve_methods(method, target)  # fail on a bad method before any work
+    if smoothquant is not None:
+        from onnxq.smoothquant import check_alpha
+
+        smoothquant = check_alpha(smoothquant)
+        if calib is None:
+            raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     if table is not None and not isinstance(table, CalibrationTable):
         table_source = str(table)
         table = CalibrationTable.load(table)
@@ -128,11 +142,26 @@ def quantize(
     timings["place"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    sq_groups, sq_request = [], {}
+    if smoothquant is not None:
+        from onnxq import smoothquant as sq
+
+        sq_groups = sq.find_groups(float_model, the_plan)
+        sq_request = sq.calibration_request(sq_groups, smoothquant)
+        table = None  # SmoothQuant needs per-channel statistics and rows from this pass
     table = plan_ranges(
         float_model, the_plan, calib_data, table, method=method, percentile=percentile,
-        table_source=table_source, quiet=quiet,
+        table_source=table_source, quiet=quiet, **sq_request,
     )
     timings["calibrate"] = time.perf_counter() - t
+    smooth_plan = None
+    if smoothquant is not None:
+        t = time.perf_counter()
+        smooth_plan = sq.smooth(
+            float_model, the_plan, sq_groups, table, smoothquant, sq_request.get("reservoirs"), calib_data,
+            method=method, percentile=percentile, quiet=quiet,
+        )
+        timings["smoothquant"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from onnxq.passes.qdq import InsertQDQPass
@@ -171,7 +200,7 @@ def quantize(
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    result = QuantizeResult(output, the_plan, table, accuracy, eval_source, timings=timings)
+    result = QuantizeResult(output, the_plan, table, accuracy, eval_source, timings=timings, smoothquant=smooth_plan)
     if report:
         with modelio.atomic_path(report_path) as tmp:
             tmp.write_text(json.dumps(result.to_json(), indent=1))
