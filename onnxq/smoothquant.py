@@ -210,8 +210,12 @@ def _private(value: ir.Value, protected: set[str]) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output() and value.name not in protected
 
 
-def _looks_like_norm(value: ir.Value, depth: int = 6) -> bool:
-    """A normalization within ``depth`` ops upstream (a mean of squares, a square root, a norm op)."""
+def _looks_like_norm(value: ir.Value, depth: int = 5) -> bool:
+    """``value`` is a normalized tensor: a Div/Mul with a mean, a square root or a norm op within
+    ``depth`` ops upstream (the weight Mul of a decomposed RMSNorm/LayerNorm reads one)."""
+    producer = value.producer()
+    if producer is None or producer.op_type not in ("Div", "Mul"):
+        return False
     frontier, seen = [value], set()
     for _ in range(depth):
         nodes = [v.producer() for v in frontier if v is not None and v.producer() is not None]
