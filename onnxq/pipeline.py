@@ -148,7 +148,9 @@ def quantize(
 
         sq_groups = sq.find_groups(float_model, the_plan)
         sq_request = sq.calibration_request(sq_groups, smoothquant)
-        table = None  # SmoothQuant needs per-channel statistics and rows from this pass
+        if table is not None:
+            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
+        table = None
     table = plan_ranges(
         float_model, the_plan, calib_data, table, method=method, percentile=percentile,
         table_source=table_source, quiet=quiet, **sq_request,

@@ -42,9 +42,9 @@ from onnxq.errors import OnnxqError
 from onnxq.plan import QuantPlan
 from onnxq.weights import FLOAT_TYPES, weight_source
 
-ALPHA_GRID = tuple(round(a, 2) for a in np.arange(0.3, 0.91, 0.05))
+ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
-MAX_SIM_COLUMNS = 2048  # output columns the α search simulates per group (sampled when more)
+MAX_SIM_COLUMNS = 1024  # output columns the α search simulates per group (sampled when more)
 
 
 @dataclass
@@ -372,18 +372,19 @@ def _fake_quant_weight(w: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(w / scale), -127, 127) * scale
 
 
-def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, dtype: str) -> float:
-    """Relative squared error of W8A8 ``(rows/s)·(s·W)`` against the float ``rows·W``.
+def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, dtype: str, reference: np.ndarray | None = None) -> float:
+    """Relative squared error of W8A8 ``(rows/s)·(s·W)`` against the float ``rows·W``
+    (``reference``, when already computed).
 
     The activation range is the whole tensor's (per-channel min/max over the calibration data,
     divided by s), not the sample's.
     """
-    ref = rows @ weight
+    ref = rows @ weight if reference is None else reference
     if s is None:
         s = np.ones(rows.shape[1], dtype=np.float32)
     x = rows / s
-    xq = _fake_quant_activation(x, float(np.min(lo / s)), float(np.max(hi / s)), dtype)
-    wq = _fake_quant_weight(weight * s[:, None])
+    xq = _fake_quant_activation(x, float(np.min(lo / s)), float(np.max(hi / s)), dtype).astype(np.float32)
+    wq = _fake_quant_weight(weight * s[:, None]).astype(np.float32)
     denom = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
     return float(np.sum((xq @ wq - ref).astype(np.float64) ** 2) / denom)
 
@@ -433,12 +434,13 @@ def plan_smoothing(
                 weight = np.concatenate(weights, axis=1)
                 if weight.shape[1] > MAX_SIM_COLUMNS:
                     weight = weight[:, np.sort(rng.choice(weight.shape[1], MAX_SIM_COLUMNS, replace=False))]
-                errors = {"none": simulated_error(rows, weight, None, lo, hi, activation_dtype)}
+                reference = rows @ weight
+                errors = {"none": simulated_error(rows, weight, None, lo, hi, activation_dtype, reference)}
                 for a in ALPHA_GRID:
-                    errors[f"{a:.2f}"] = simulated_error(rows, weight, scales(x_amax, w_amax, a), lo, hi, activation_dtype)
+                    errors[f"{a:.2f}"] = simulated_error(rows, weight, scales(x_amax, w_amax, a), lo, hi, activation_dtype, reference)
                 group.sim_error = errors
                 best = min(ALPHA_GRID, key=lambda a: errors[f"{a:.2f}"])
-                group.alpha = best if errors[f"{best:.2f}"] < errors["none"] else None
+                group.alpha = float(best) if errors[f"{best:.2f}"] < errors["none"] else None
         else:
             group.alpha = float(alpha)
         if group.alpha is None:

@@ -169,7 +169,7 @@ def print_table(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["smollm2-6l", "minilm-l6-v2", "smollm2-135m"])
+    ap.add_argument("--models", nargs="*", default=["smollm2-6l", "minilm-l6-v2", "smollm2-135m"])
     ap.add_argument("--targets", nargs="+", default=["tensorrt"])
     ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
     ap.add_argument("--alphas", nargs="+", default=["none", "0.5", "auto"])
