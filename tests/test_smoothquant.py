@@ -156,3 +156,19 @@ def test_cli_smoothquant(decoder_case, tmp_path, capsys):
     assert "smoothquant" in json.loads((tmp_path / "q.report.json").read_text())
     assert main(["quantize", str(model), "-o", str(tmp_path / "r.onnx"), "--calib", str(calib), "--smoothquant", "2"]) == 2
     assert "onnxq: error:" in capsys.readouterr().err and not (tmp_path / "r.onnx").exists()
+
+
+def test_quantized_tied_head_reads_its_scaled_copy_per_channel(tmp_path):
+    model = synthetic.save(synthetic.tied_embedding_lm(), tmp_path / "lm.onnx")
+    ids = np.random.default_rng(0).integers(0, 64, (8, 1, 8))
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    result = onnxq.quantize(model, tmp_path / "q.onnx", str(tmp_path / "ids.npz"), smoothquant=0.5, quiet=True)
+    assert result.accuracy[0].cosine_mean > 0.99
+    q = onnx.load(str(result.output))
+    by_output = {o: n for n in q.graph.node for o in n.output}
+    head = next(n for n in q.graph.node if n.name == "lm_head")
+    dq = by_output[head.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    axis = next(a.i for a in dq.attribute if a.name == "axis")
+    assert axis == 1  # the head's output channels, on the weight as the MatMul reads it
+    assert set(result.plan.weights) == {i.name.removesuffix("_quantized") for i in q.graph.initializer if i.name.endswith("_quantized")}

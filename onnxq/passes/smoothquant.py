@@ -82,9 +82,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         node.replace_input_with(fold.input, new)
 
     def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], s: np.ndarray, trailing: int, output: str) -> None:
-        dtype = x.const_value.numpy().dtype if x.const_value is not None else np.float32
-        if x.dtype == ir.DataType.FLOAT16:
-            dtype = np.float16
+        dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
         inv = (1.0 / s).reshape((-1,) + (1,) * trailing).astype(dtype)
         name = f"{x.name}_smooth_scale"
         const = ir.Value(name=name, const_value=ir.tensor(inv, name=name))

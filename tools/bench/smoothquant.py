@@ -3,11 +3,14 @@ and ModelOpt, on the zoo's transformer models, same model and data for every too
 
     python tools/bench/smoothquant.py [--models smollm2-6l minilm-l6-v2 smollm2-135m]
         [--targets tensorrt] [--methods minmax mse] [--alphas none 0.5 auto]
-        [--calib-samples N] [--eval-samples N] [--no-ort] [--sweep MODEL] [--out bench.json]
+        [--calib-samples N] [--eval-samples N] [--tools onnxq ort modelopt inc-sq]
+        [--sweep MODEL] [--out bench.json]
 
 Rows per model: FP32, onnxq per (range method, SmoothQuant α), ORT quantize_static (QDQ, MinMax,
-per-channel symmetric INT8 weights; via tools/bench/_job.py, its own process), ModelOpt (from
-tools/bench/competitors/ when that runner exists; otherwise a row that says why it was not run).
+per-channel symmetric INT8 weights; via tools/bench/_job.py, its own process), ModelOpt INT8
+(its default entropy calibration, unquantized ops kept FP32) and Intel Neural Compressor's ONNX
+SmoothQuant (α 0.5, MinMax) through tools/bench/competitors/runners.py (their own venv); a tool
+that cannot run gives a row that says why.
 Metrics are the zoo's: SmolLM2 6-layer next-token top-1 agreement and KL vs FP32, SmolLM2-135M
 perplexity, MiniLM embedding cosine vs FP32 and Spearman ρ.
 
@@ -55,19 +58,21 @@ def quantize_onnxq(case, out, target, method, alpha, exclude=(), calib_n=None):
     return row
 
 
-def modelopt_row(name, case, out, target):
-    """ModelOpt's INT8 ONNX PTQ through the competitors' runner, when that runner exists."""
-    runner = HERE / "competitors"
-    if not runner.is_dir() or not any(runner.glob("*modelopt*")):
-        return {"error": "not run: no ModelOpt runner under tools/bench/competitors/ on this branch"}
+def competitor_row(tool, case, out):
+    """ModelOpt INT8 (its default calibration) or INC SmoothQuant (α 0.5) through the runners in
+    tools/bench/competitors/ (their own venv), when that directory exists on this branch."""
+    runner = HERE / "competitors" / "runners.py"
+    if not runner.exists():
+        return {"error": "not run: no competitor runner under tools/bench/competitors/ on this branch"}
+    sys.path.insert(0, str(runner.parent))
     try:
-        sys.path.insert(0, str(runner))
-        import importlib
+        import runners
 
-        mod = importlib.import_module(next(p.stem for p in runner.glob("*modelopt*.py")))
-        return mod.quantize(case["model"], out, case["calib"], target=target)
+        if tool == "modelopt":
+            return runners.run_modelopt(case["model"], case["calib"], out, "int8")
+        return runners.run_inc_smoothquant(case["model"], case["calib"], out, alpha=0.5)
     except Exception as exc:  # a competitor failing is a result, not a crash of the benchmark
-        return {"error": f"not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {"error": f"not run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"}
 
 
 def bench_model(name, args, work):
@@ -78,7 +83,7 @@ def bench_model(name, args, work):
     rows = [{"model": name, "tool": "fp32", "metrics": entry.evaluate(case["model"], n=args.eval_samples)}]
     print(json.dumps(rows[-1]), flush=True)
     for target in args.targets:
-        for method in args.methods:
+        for method in args.methods if "onnxq" in args.tools else ():
             for a in args.alphas:
                 alpha = _alpha(a)
                 out = work / name / f"onnxq.{target}.{method}.{a}.onnx"
@@ -90,7 +95,7 @@ def bench_model(name, args, work):
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        if not args.no_ort:
+        if "ort" in args.tools:
             out = work / name / f"ort.{target}.onnx"
             job = run_job("ort", case["model"], out, case["calib"], target)
             row = {"model": name, "tool": "ort", "target": target, "method": "minmax", "smoothquant": "none", **job}
@@ -98,10 +103,12 @@ def bench_model(name, args, work):
                 row["metrics"] = entry.evaluate(out, n=args.eval_samples)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        row = {"model": name, "tool": "modelopt", "target": target, "method": "-", "smoothquant": "-"}
-        row.update(modelopt_row(name, case, work / name / f"modelopt.{target}.onnx", target))
+    for tool in [t for t in ("modelopt", "inc-sq") if t in args.tools]:
+        out = work / name / f"{tool}.onnx"
+        row = {"model": name, "tool": tool, "target": "tensorrt", "method": "entropy" if tool == "modelopt" else "minmax", "smoothquant": "none" if tool == "modelopt" else "0.5"}
+        row.update(competitor_row(tool, case, out))
         if "error" not in row:
-            row["metrics"] = entry.evaluate(work / name / f"modelopt.{target}.onnx", n=args.eval_samples)
+            row["metrics"] = entry.evaluate(out, n=args.eval_samples)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -175,7 +182,7 @@ def main():
     ap.add_argument("--alphas", nargs="+", default=["none", "0.5", "auto"])
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
-    ap.add_argument("--no-ort", action="store_true", help="skip ORT quantize_static")
+    ap.add_argument("--tools", nargs="+", default=["onnxq", "ort", "modelopt", "inc-sq"], help="rows to run (default: all)")
     ap.add_argument("--sweep", metavar="MODEL", help="per-layer / per-projection float sweep of MODEL (best onnxq setting)")
     ap.add_argument("--sweep-method", default="mse")
     ap.add_argument("--sweep-alpha", default="auto")
