@@ -17,7 +17,7 @@ from onnxq import zoo  # noqa: E402
 NORM_OR_LINEAR = ("LayerNormalization", "MatMul", "Gemm", "Conv")
 
 # (model, calibration samples, evaluation samples, decoder layers or None)
-CASES = [("minilm-l6-v2", 8, 4, None), ("efficientnet-lite0", 8, 4, None), ("smollm2-6l", 4, 2, 6), ("smollm2-135m", 2, 1, 30)]
+CASES = [("minilm-l6-v2", 8, 4, None), ("efficientnet-lite0", 8, 4, None), ("smollm2-6l", 2, 2, 6), ("smollm2-135m", 1, 1, 30)]
 
 
 def _feeds(arrays):
