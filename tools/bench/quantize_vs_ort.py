@@ -111,14 +111,15 @@ KEY_METRICS = {
 
 
 def print_table(rows):
+    width = max([7] + [len(r["tool"]) + 1 for r in rows])  # competitor names (modelopt-int8) are longer
     for model in dict.fromkeys(r["model"] for r in rows):
         keys = KEY_METRICS.get(model) or tuple(sorted({k for r in rows if r["model"] == model for k in r.get("metrics", {})}))
         print(f"\n{model}")
-        print(f"  {'tool':<7}{'target':<10}{'time s':>8}{'RSS MB':>8}{'lat ms':>9}{'Q/DQ':>11}" + "".join(f"{k:>16}" for k in keys))
+        print(f"  {'tool':<{width}}{'target':<10}{'time s':>8}{'RSS MB':>8}{'lat ms':>9}{'Q/DQ':>11}" + "".join(f"{k:>16}" for k in keys))
         for r in (r for r in rows if r["model"] == model):
             m = r.get("metrics", {})
             qdq = f"{r['q_nodes']}/{r['dq_nodes']}" if "q_nodes" in r else "-"
-            line = f"  {r['tool']:<7}{r['target']:<10}{r.get('seconds', float('nan')):>8.1f}{r.get('peak_rss_mb', float('nan')):>8.0f}{r.get('latency_ms', float('nan')):>9.2f}{qdq:>11}"
+            line = f"  {r['tool']:<{width}}{r['target']:<10}{r.get('seconds', float('nan')):>8.1f}{r.get('peak_rss_mb', float('nan')):>8.0f}{r.get('latency_ms', float('nan')):>9.2f}{qdq:>11}"
             line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             if "error" in r:
                 line += f"  ERROR: {r['error']}"
