@@ -148,7 +148,8 @@ def sweep(name, args, work, method, alpha, target="tensorrt"):
     base = entry.evaluate(base_out, n=args.eval_samples)[key]
     layers, kinds = _layer_sets(case["model"], target)
     results = {"method": method, "smoothquant": alpha, "metric": key, "base": base, "float": {}}
-    for label, nodes in [*layers.items(), *((f"all {k}_proj", v) for k, v in kinds.items())]:
+    sets = {**(layers if args.sweep_by in ("layers", "both") else {}), **({f"all {k}_proj": v for k, v in kinds.items()} if args.sweep_by in ("kinds", "both") else {})}
+    for label, nodes in sets.items():
         out = work / name / "sweep.onnx"
         quantize_onnxq(case, out, target, method, alpha, exclude=[re.escape(n) for n in nodes])
         value = entry.evaluate(out, n=args.eval_samples)[key]
@@ -184,6 +185,7 @@ def main():
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort", "modelopt", "inc-sq"], help="rows to run (default: all)")
     ap.add_argument("--sweep", metavar="MODEL", help="per-layer / per-projection float sweep of MODEL (best onnxq setting)")
+    ap.add_argument("--sweep-by", choices=["layers", "kinds", "both"], default="both", help="keep each decoder layer, or each projection kind, in float")
     ap.add_argument("--sweep-method", default="mse")
     ap.add_argument("--sweep-alpha", default="auto")
     ap.add_argument("--out", default="bench_smoothquant.json")
