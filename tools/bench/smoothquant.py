@@ -133,6 +133,8 @@ def _layer_sets(model_path, target):
         kinds.setdefault(names[i % 7], []).append(node.name)
     if head:
         layers["lm_head"] = [n.name for n in head]
+    # products of two activations (attention's Q·Kᵀ and P·V)
+    kinds["attention QK/PV"] = [n.name for n in quantized if plan.nodes[n.name].inputs.get(1) == "activation"]
     return layers, kinds
 
 
@@ -148,7 +150,7 @@ def sweep(name, args, work, method, alpha, target="tensorrt"):
     base = entry.evaluate(base_out, n=args.eval_samples)[key]
     layers, kinds = _layer_sets(case["model"], target)
     results = {"method": method, "smoothquant": alpha, "metric": key, "base": base, "float": {}}
-    sets = {**(layers if args.sweep_by in ("layers", "both") else {}), **({f"all {k}_proj": v for k, v in kinds.items()} if args.sweep_by in ("kinds", "both") else {})}
+    sets = {**(layers if args.sweep_by in ("layers", "both") else {}), **({(f"all {k}_proj" if "attention" not in k else k): v for k, v in kinds.items()} if args.sweep_by in ("kinds", "both") else {})}
     for label, nodes in sets.items():
         out = work / name / "sweep.onnx"
         quantize_onnxq(case, out, target, method, alpha, exclude=[re.escape(n) for n in nodes])
