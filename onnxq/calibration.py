@@ -230,6 +230,9 @@ def plan_ranges(
     table_source: str = "the calibration table",
     quiet: bool = False,
     extra_tensors: Sequence[str] = (),
+    channel_axes: Mapping[str, int] | None = None,
+    channel_ranges: Iterable[str] = (),
+    reservoirs: Mapping | None = None,
 ) -> CalibrationTable:
     """Fill the plan's activation parameters (at the precision of each tensor's readers) from a
     pass over ``data``, or from ``table`` when given.
@@ -237,6 +240,8 @@ def plan_ranges(
     A table's method and percentile apply unless ``method``/``percentile`` override them. Returns
     the table the ranges came from. ``extra_tensors``: more tensors whose min/max the same pass
     collects (no histograms, no plan parameters), e.g. for the FP16 overflow check.
+    ``channel_axes``/``channel_ranges``/``reservoirs`` ask the same pass for per-channel abs-max,
+    per-channel min/max and sampled rows (SmoothQuant).
     """
     tensors = activation_tensors(model, plan)
     if method is None and table is not None and table.method is not None:
@@ -255,8 +260,11 @@ def plan_ranges(
         fill_activation_params(plan, table, methods, percentile, tensors=observed, precisions=tensor_precisions(model, plan))
         log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)", quiet)
         return table
-    extra = [t for t in extra_tensors if t not in set(tensors)]
-    table = collect(model, [*tensors, *extra], data, progress=not quiet, histograms=needs_hist)
+    extra = list(dict.fromkeys(t for t in [*extra_tensors, *(channel_axes or {})] if t not in set(tensors)))
+    table = collect(
+        model, [*tensors, *extra], data, progress=not quiet, histograms=needs_hist,
+        channel_axes=channel_axes, channel_ranges=set(channel_ranges), reservoirs=reservoirs,
+    )
     table.method = method if method is None or isinstance(method, str) else dict(method)
     table.percentile = percentile
     fill_activation_params(
@@ -264,3 +272,49 @@ def plan_ranges(
     )
     log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
     return table
+
+
+def refresh_ranges(
+    model: ir.Model,
+    plan: QuantPlan,
+    table: CalibrationTable,
+    derived: Mapping[str, tuple[float, float]],
+    data: Iterable[Mapping[str, np.ndarray]] | None,
+    *,
+    method: MethodArg = None,
+    percentile: float | None = None,
+    quiet: bool = False,
+) -> list[str]:
+    """Ranges of tensors a rewrite of ``model`` changed (SmoothQuant), without a full recalibration.
+
+    ``derived``: tensor -> (min, max) that follows from statistics already collected (for
+    SmoothQuant: per-channel min/max divided by s). Those are the ranges of ``minmax`` tensors.
+    Tensors whose method needs a histogram get it from a second pass over ``data`` that observes
+    only them (a histogram of ``x / s`` cannot be derived from the histogram of ``x``). Returns
+    the tensors recomputed.
+    """
+    from onnxq.calibrators.table import TensorStats
+
+    names = [t for t in activation_tensors(model, plan) if t in derived]
+    if method is None and table.method is not None:
+        method = table.method
+    if percentile is None:
+        percentile = table.percentile
+    methods = tensor_methods(model, plan, names, resolve_methods(method, plan.target))
+    for t in names:
+        lo, hi = derived[t]
+        table.tensors[t] = TensorStats(min=lo, max=hi)
+    hist = [t for t in names if methods[t] in HISTOGRAM_METHODS]
+    if hist:
+        if data is None:
+            raise OnnxqError("SmoothQuant with a histogram range method needs calibration data (--calib) to recompute the smoothed tensors' histograms")
+        log(
+            f"onnxq: SmoothQuant: second calibration pass for the histograms of {len(hist)} smoothed tensors "
+            f"({', '.join(sorted({methods[t] for t in hist}))}); min/max come from per-channel statistics",
+            quiet,
+        )
+        second = collect(model, hist, data, progress=not quiet, histograms=True)
+        for t in hist:
+            table.tensors[t].histogram = second.tensors[t].histogram
+    fill_activation_params(plan, table, methods, percentile, tensors=names, precisions=tensor_precisions(model, plan))
+    return names

@@ -29,6 +29,7 @@ def _quantize(args: argparse.Namespace) -> int:
         table=args.table,
         quiet=args.quiet,
         high_precision=args.high_precision,
+        smoothquant=args.smoothquant,
     )
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + "; with --table: the table's)")
     q.add_argument("--percentile", type=float, metavar="P", help="percentile for --calib-method percentile (default 99.99)")
     q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")
+    q.add_argument("--smoothquant", metavar="ALPHA|auto", help="fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr/stdout")
     q.set_defaults(func=_quantize)
 

@@ -23,6 +23,7 @@ from onnxq.placement import TARGETS, place
 from onnxq.plan import QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
+from onnxq.smoothquant import SmoothPlan
 
 PRECISIONS = ("int8", "fp8")
 HIGH_PRECISIONS = ("fp32", "fp16")
@@ -38,6 +39,7 @@ class QuantizeResult:
     report_path: Path | None = None
     high_precision: str = "fp32"
     timings: dict[str, float] = field(default_factory=dict)
+    smoothquant: SmoothPlan | None = None
 
     def to_json(self) -> dict:
         return {
@@ -51,6 +53,7 @@ class QuantizeResult:
             "calibration_method": self.table.method,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+            **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
         }
 
 
@@ -73,6 +76,7 @@ def quantize(
     evaluate: bool = True,
     quiet: bool = False,
     high_precision: str = "fp32",
+    smoothquant: float | str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
 
@@ -91,6 +95,9 @@ def quantize(
     converts them to FP16 with explicit Casts (:class:`~onnxq.passes.cast_fp16.CastFloat16Pass`),
     keeping in FP32 the norms, softmax inputs, rotary angles and every tensor that overflows FP16
     on the calibration data.
+    ``smoothquant``: a migration strength α in [0, 1], or ``"auto"`` (α per group from a grid, by
+    simulated W8A8 error on rows sampled during calibration); the scales are folded into the
+    graph (:mod:`onnxq.smoothquant`) before Q/DQ insertion.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -107,6 +114,12 @@ def quantize(
     if percentile is not None:
         percentile = check_percentile(percentile)
     resolve_methods(method, target)  # fail on a bad method before any work
+    if smoothquant is not None:
+        from onnxq.smoothquant import check_alpha
+
+        smoothquant = check_alpha(smoothquant)
+        if calib is None:
+            raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     if table is not None and not isinstance(table, CalibrationTable):
         table_source = str(table)
         table = CalibrationTable.load(table)
@@ -145,11 +158,28 @@ def quantize(
         from onnxq.passes.cast_fp16 import float_tensor_names
 
         fp16_tensors = float_tensor_names(float_model.graph)
+    sq_groups, sq_request = [], {}
+    if smoothquant is not None:
+        from onnxq import smoothquant as sq
+
+        sq_groups = sq.find_groups(float_model, the_plan)
+        sq_request = sq.calibration_request(sq_groups, smoothquant)
+        if table is not None:
+            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
+        table = None
     table = plan_ranges(
         float_model, the_plan, calib_data, table, method=method, percentile=percentile,
-        table_source=table_source, quiet=quiet, extra_tensors=fp16_tensors,
+        table_source=table_source, quiet=quiet, extra_tensors=fp16_tensors, **sq_request,
     )
     timings["calibrate"] = time.perf_counter() - t
+    smooth_plan = None
+    if smoothquant is not None:
+        t = time.perf_counter()
+        smooth_plan = sq.smooth(
+            float_model, the_plan, sq_groups, table, smoothquant, sq_request.get("reservoirs"), calib_data,
+            method=method, percentile=percentile, quiet=quiet,
+        )
+        timings["smoothquant"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from onnxq.passes.qdq import InsertQDQPass
@@ -194,7 +224,9 @@ def quantize(
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
-    result = QuantizeResult(output, the_plan, table, accuracy, eval_source, timings=timings, high_precision=high_precision)
+    result = QuantizeResult(
+        output, the_plan, table, accuracy, eval_source, timings=timings, high_precision=high_precision, smoothquant=smooth_plan
+    )
     if report:
         with modelio.atomic_path(report_path) as tmp:
             tmp.write_text(json.dumps(result.to_json(), indent=1))

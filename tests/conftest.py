@@ -24,3 +24,11 @@ def attention_case(tmp_path):
     calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 32), 16, seed=1)
     evald = synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 32), 8, seed=2)
     return model, calib, evald
+
+
+@pytest.fixture
+def decoder_case(tmp_path):
+    model = synthetic.save(synthetic.tiny_decoder_block(), tmp_path / "block.onnx")
+    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 32), 16, seed=1)
+    evald = synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 32), 8, seed=2)
+    return model, calib, evald

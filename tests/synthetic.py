@@ -159,3 +159,72 @@ def rmsnorm_attention(opset: int = 18, seed: int = 0, seq: int = 16, hidden: int
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+def tiny_decoder_block(seq: int = 16, hidden: int = 32, ffn: int = 48, seed: int = 0) -> onnx.ModelProto:
+    """A Llama-style block with the patterns SmoothQuant folds into, and outlier channels:
+
+    x → RMSNorm (Pow/ReduceMean/Add/Sqrt/Div/Mul weight) → Q, K, V (V with a bias Add) →
+    softmax(QKᵀ)·V → o_proj → + x → LayerNormalization → gate, up → Mul(SiLU(gate), up) → down
+    → + h → Gemm(transB) head (its input also feeds a Relu output: no producer may absorb there).
+    """
+    rng = np.random.default_rng(seed)
+    norm_w = rng.uniform(0.5, 1.5, (hidden,))
+    norm_w[[3, 17]] = [30.0, -20.0]  # outlier channels, as real LLM norms have
+    ln_w = rng.uniform(0.5, 1.5, (hidden,))
+    ln_w[5] = 25.0
+    inits = [_init(n, rng.normal(0, 0.2, (hidden, hidden))) for n in ("wq", "wk", "wv", "wo")]
+    inits += [
+        _init("bv", rng.normal(0, 0.1, (hidden,))),
+        _init("norm_w", norm_w),
+        _init("two", np.array(2.0)),
+        _init("eps", np.array(1e-6)),
+        _init("att_scale", np.array(1.0 / np.sqrt(hidden))),
+        _init("ln_w", ln_w),
+        _init("ln_b", rng.normal(0, 0.1, (hidden,))),
+        _init("wg", rng.normal(0, 0.2, (hidden, ffn))),
+        _init("wu", rng.normal(0, 0.2, (hidden, ffn))),
+        _init("wd", rng.normal(0, 0.2, (ffn, hidden))),
+        _init("whead", rng.normal(0, 0.2, (24, hidden))),
+        _init("bhead", rng.normal(0, 0.1, (24,))),
+    ]
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"], name="rms_pow"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], name="rms_mean", axes=[-1], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["ms_eps"], name="rms_add"),
+        helper.make_node("Sqrt", ["ms_eps"], ["rms"], name="rms_sqrt"),
+        helper.make_node("Div", ["x", "rms"], ["xn"], name="rms_div"),
+        helper.make_node("Mul", ["xn", "norm_w"], ["h_norm"], name="rms_weight"),
+        helper.make_node("MatMul", ["h_norm", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["h_norm", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["h_norm", "wv"], ["v0"], name="v_proj"),
+        helper.make_node("Add", ["v0", "bv"], ["v"], name="v_bias"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores_raw"], name="qk"),
+        helper.make_node("Mul", ["scores_raw", "att_scale"], ["scores"], name="scale_scores"),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["proj"], name="o_proj"),
+        helper.make_node("Add", ["proj", "x"], ["h"], name="residual1"),
+        helper.make_node("LayerNormalization", ["h", "ln_w", "ln_b"], ["h_ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h_ln", "wg"], ["gate"], name="gate_proj"),
+        helper.make_node("MatMul", ["h_ln", "wu"], ["up"], name="up_proj"),
+        helper.make_node("Sigmoid", ["gate"], ["gate_sig"], name="silu_sigmoid"),
+        helper.make_node("Mul", ["gate", "gate_sig"], ["gate_act"], name="silu_mul"),
+        helper.make_node("Mul", ["gate_act", "up"], ["mlp"], name="swiglu"),
+        helper.make_node("MatMul", ["mlp", "wd"], ["down"], name="down_proj"),
+        helper.make_node("Add", ["down", "h"], ["y"], name="residual2"),
+        helper.make_node("Reshape", ["y", "flat_shape"], ["y2"], name="flatten"),
+        helper.make_node("Gemm", ["y2", "whead", "bhead"], ["logits"], name="head", transB=1),
+        helper.make_node("Relu", ["y2"], ["y_relu"], name="side_relu"),
+    ]
+    inits.append(numpy_helper.from_array(np.array([seq, hidden], dtype=np.int64), "flat_shape"))
+    graph = helper.make_graph(
+        nodes,
+        "tiny_decoder_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [seq, 24]),
+            helper.make_tensor_value_info("y_relu", TensorProto.FLOAT, [seq, hidden]),
+        ],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)

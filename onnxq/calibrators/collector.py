@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibrators.histogram import Histogram
+from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.table import CalibrationTable, TensorStats
 from onnxq.errors import DataError
 from onnxq.progress import progress_bar
@@ -40,14 +41,14 @@ def float_tensors(model: ir.Model, tensors: Sequence[str]) -> list[str]:
     return [t for t in tensors if t in values and values[t].dtype in _FLOAT_TYPES]
 
 
-def _reduce_max(x: ir.Value, axes: list[int], opset: int, name: str) -> list[ir.Node]:
+def _reduce_max(x: ir.Value, axes: list[int], opset: int, name: str, op: str = "ReduceMax") -> list[ir.Node]:
     if opset >= 18:
         axes_value = ir.Value(name=f"{name}/axes", const_value=ir.tensor(np.array(axes, dtype=np.int64), name=f"{name}/axes"))
         const = ir.node("Constant", [], attributes={"value": axes_value.const_value}, name=f"{name}/axes")
         const.outputs[0].name = f"{name}/axes_value"
-        node = ir.node("ReduceMax", [x, const.outputs[0]], attributes={"keepdims": 0}, name=name)
+        node = ir.node(op, [x, const.outputs[0]], attributes={"keepdims": 0}, name=name)
         return [const, node]
-    return [ir.node("ReduceMax", [x], attributes={"keepdims": 0, "axes": axes}, name=name)]
+    return [ir.node(op, [x], attributes={"keepdims": 0, "axes": axes}, name=name)]
 
 
 def augment_with_reductions(
@@ -56,6 +57,7 @@ def augment_with_reductions(
     *,
     values: Collection[str] = (),
     channel_axes: Mapping[str, int] | None = None,
+    channel_ranges: Collection[str] = (),
 ) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
 
@@ -65,7 +67,9 @@ def augment_with_reductions(
 
     The reductions are added to ``model`` only while it is serialized and removed again, so the
     weights are never held twice as ``ir`` objects. Returns the proto and the tensors observed
-    (non-float ones are skipped); outputs come per tensor as min, max[, value][, channel amax].
+    (non-float ones are skipped); outputs come per tensor as min, max[, value][, channel amax]
+    [, channel min, channel max]: the signed per-channel range, for each tensor of
+    ``channel_ranges`` that has a channel axis (SmoothQuant derives the range of ``x / s`` from it).
     """
     graph = model.graph
     opset = model.opset_imports.get("", 13)
@@ -106,6 +110,15 @@ def augment_with_reductions(
             out.dtype = value.dtype
             new_nodes += [absnode, *reduce]
             new_outputs.append(out)
+            if name in channel_ranges:
+                for op in ("ReduceMin", "ReduceMax"):
+                    kind = op[6:].lower()
+                    reduce = _reduce_max(value, [a for a in range(rank) if a != axis], opset, f"onnxq_calib/{op}ChannelRange/{name}", op)
+                    out = reduce[-1].outputs[0]
+                    out.name = f"{name}::onnxq_channel_{kind}"
+                    out.dtype = value.dtype
+                    new_nodes += reduce
+                    new_outputs.append(out)
         observed.append(name)
     original_outputs = list(graph.outputs)
     graph.extend(new_nodes)
@@ -143,14 +156,19 @@ def collect(
     session_threads: int | None = None,
     histograms: bool | Iterable[str] = False,
     channel_axes: Mapping[str, int] | None = None,
+    channel_ranges: Collection[str] = (),
+    reservoirs: Mapping[str, RowReservoir] | None = None,
 ) -> CalibrationTable:
     """Run ``data`` through ``model`` once, collecting statistics of every tensor in ``tensors``.
 
     Always min/max (reduced in the graph). ``histograms``: True for every tensor, or the names
     that need one; each batch's tensor is fetched and folded into a fixed-size histogram, then
     dropped. ``channel_axes``: tensor -> axis for per-channel abs-max (reduced in the graph).
+    ``channel_ranges``: tensors (with a channel axis) whose per-channel min and max are kept too.
+    ``reservoirs``: tensor -> :class:`RowReservoir` offered every batch's rows (bounded memory).
     Memory does not grow with the number of samples.
     """
+    reservoirs = dict(reservoirs or {})
     if histograms is True:
         hist_names = set(tensors)
     elif histograms:
@@ -159,7 +177,9 @@ def collect(
         hist_names = set()
     channel_axes = dict(channel_axes or {})
     # one augmented model; a tensor's value is fetched only when it needs a histogram
-    augmented, observed = augment_with_reductions(model, tensors, values=hist_names, channel_axes=channel_axes)
+    augmented, observed = augment_with_reductions(
+        model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges
+    )
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
     if not observed:
         return table
@@ -171,23 +191,28 @@ def collect(
         stats = table.tensors[name]
         vi = out_index.get(f"{name}::onnxq_value")
         ci = out_index.get(f"{name}::onnxq_channel_amax")
-        if vi is not None:
+        if vi is not None and name in hist_names:
             stats.histogram = Histogram()
         if ci is not None:
             stats.channel_axis = channel_axes[name]
-        plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci))
+        rng = (out_index.get(f"{name}::onnxq_channel_min"), out_index.get(f"{name}::onnxq_channel_max"))
+        plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci, rng, reservoirs.get(name)))
     total = len(data) if hasattr(data, "__len__") and len(data) else None
     bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
     with bar:
         for feed in data:
             results = ort_rt.run(session, feed)
-            for stats, mi, ma, vi, ci in plan:
+            for stats, mi, ma, vi, ci, (cmin, cmax), reservoir in plan:
                 lo, hi = results[mi], results[ma]
                 stats.update(lo, hi)
-                if vi is not None:
+                if stats.histogram is not None:
                     stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
                 if ci is not None:
                     stats.update_channels(results[ci])
+                if cmin is not None:
+                    stats.update_channel_range(results[cmin], results[cmax])
+                if reservoir is not None and vi is not None:
+                    reservoir.update(results[vi])
             del results
             table.num_samples += 1
             bar.update(1)

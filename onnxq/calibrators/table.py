@@ -45,6 +45,9 @@ class TensorStats:
     histogram: Histogram | None = None
     channel_axis: int | None = None
     channel_amax: np.ndarray | None = None
+    # signed per-channel range (SmoothQuant: the range of x / s follows from it without recalibrating)
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
 
     @property
     def amax(self) -> float:
@@ -66,6 +69,15 @@ class TensorStats:
         else:
             np.maximum(self.channel_amax, amax, out=self.channel_amax)
 
+    def update_channel_range(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        lo = np.asarray(lo, dtype=np.float32).reshape(-1)
+        hi = np.asarray(hi, dtype=np.float32).reshape(-1)
+        if self.channel_min is None or self.channel_min.shape != lo.shape:
+            self.channel_min, self.channel_max = lo.copy(), hi.copy()
+        else:
+            np.minimum(self.channel_min, lo, out=self.channel_min)
+            np.maximum(self.channel_max, hi, out=self.channel_max)
+
     def to_json(self) -> dict:
         out: dict = {"min": self.min, "max": self.max}
         if self.histogram is not None:
@@ -73,6 +85,9 @@ class TensorStats:
         if self.channel_amax is not None:
             out["channel_axis"] = self.channel_axis
             out["channel_amax"] = [float(v) for v in self.channel_amax]
+        if self.channel_min is not None:
+            out["channel_min"] = [float(v) for v in self.channel_min]
+            out["channel_max"] = [float(v) for v in self.channel_max]
         return out
 
     @classmethod
@@ -83,6 +98,9 @@ class TensorStats:
         if "channel_amax" in data:
             stats.channel_axis = int(data["channel_axis"])
             stats.channel_amax = np.asarray(data["channel_amax"], dtype=np.float32)
+        if "channel_min" in data:
+            stats.channel_min = np.asarray(data["channel_min"], dtype=np.float32)
+            stats.channel_max = np.asarray(data["channel_max"], dtype=np.float32)
         return stats
 
 

@@ -179,3 +179,26 @@ def producer_op(value: ir.Value | None) -> str | None:
 def nodes(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
     ops = set(op_types)
     return [n for n in model.graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
+
+
+def refresh_weights(model: ir.Model, plan: QuantPlan) -> None:
+    """Weight entries for the initializers quantized nodes read now (after a rewrite gave a node
+    a new weight initializer, e.g. SmoothQuant's scaled copy of a shared weight), on each node's
+    output-channel axis; entries no node reads any more are dropped."""
+    by_name = {n.name: n for n in model.graph}
+    for name, decision in plan.nodes.items():
+        node = by_name.get(name)
+        if node is None or not decision.quantized:
+            continue
+        for index, kind in decision.inputs.items():
+            if kind != "weight":
+                continue
+            source = weight_source(node.inputs[index])
+            if source is None or source.initializer.name in plan.weights:
+                continue
+            spec = weight_axis(node)
+            rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
+            dtype = decision.precision
+            axis = source.initializer_axis(spec[1], rank) if spec is not None and rank else None
+            plan.weights[source.initializer.name] = WeightQuant(dtype=dtype, axis=axis)
+    _drop_unused_weights(model, plan)

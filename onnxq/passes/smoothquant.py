@@ -1,0 +1,108 @@
+"""Fold SmoothQuant scales into the graph, as a :class:`onnxq.smoothquant.SmoothPlan` says.
+
+Rule: for every smoothed group (activation X, per-channel scale s > 0, consumers C_i):
+
+- each consumer's weight is multiplied by s along its input-channel axis (MatMul ``[K, N]``:
+  rows; Gemm: rows of B, columns with ``transB=1``; 1×1 Conv: axis 1) — ``diag(s) · W``;
+- X's channels are divided by s where the plan says (its ``folds``: a norm's scale and bias,
+  a per-channel weight ``Mul``, a producer's output channels and bias), so the graph computes
+  ``X · diag(s)⁻¹`` with no new node; or, for a group whose plan says ``inserted_mul``, one
+  ``Mul(X, 1/s)`` is inserted and every consumer of the group reads its output
+  ``<X>_smoothed``.
+
+``(X · diag(s)⁻¹) · (diag(s) · W) = X · W``: the float model computes the same function. A
+constant read by another node too (a shared initializer, a tied embedding read through a
+Transpose) is not changed in place: the scaled copy becomes a new initializer of the node that
+needs it, so every other reader keeps the original. The pass decides nothing: groups, scales and
+where each scale goes come from the plan (:func:`onnxq.smoothquant.plan_smoothing`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.errors import PlanError
+from onnxq.smoothquant import Fold, SmoothPlan
+from onnxq.weights import weight_source
+
+
+class SmoothQuantPass(ir.passes.InPlacePass):
+    def __init__(self, plan: SmoothPlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self._graph = graph
+        by_name = {node.name: node for node in graph}
+        values = {v.name: v for v in graph.inputs}
+        values.update({o.name: o for n in graph for o in n.outputs})
+        modified = False
+        for group in self.plan.active():
+            s = np.asarray(group.scale, dtype=np.float32)
+            for fold in [*group.folds, *group.weight_folds]:
+                node = by_name.get(fold.node)
+                if node is None:
+                    raise PlanError(f"the SmoothQuant plan names node {fold.node!r}, which the model does not have")
+                self._fold(node, fold, s)
+            if group.inserts_mul:
+                x = values.get(group.activation)
+                if x is None:
+                    raise PlanError(f"the SmoothQuant plan smooths {group.activation!r}, which the model does not produce")
+                self._insert_mul(x, [by_name[c] for c in group.consumers], s, group.trailing, group.output)
+            modified = True
+        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]:
+            graph.initializers.pop(name)
+        return ir.passes.PassResult(model, modified)
+
+    def _fold(self, node: ir.Node, fold: Fold, s: np.ndarray) -> None:
+        value = node.inputs[fold.input]
+        source = weight_source(value)
+        if source is None:
+            raise PlanError(f"input {fold.input} of {node.name!r} is not a float constant; SmoothQuant cannot fold into it")
+        array = source.initializer.const_value.numpy()
+        if source.transpose is not None:
+            perm = source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
+            array = np.transpose(array, perm)
+        factor = s.reshape((-1,) + (1,) * fold.trailing).astype(array.dtype)
+        scaled = array / factor if fold.op == "div" else array * factor
+        scaled = np.ascontiguousarray(scaled.astype(array.dtype))
+        init = source.initializer
+        private = source.transpose is None and len(init.uses()) == 1 and not init.is_graph_input() and not init.is_graph_output()
+        if private:
+            init.const_value = ir.tensor(scaled, name=init.name)
+            init.shape = ir.Shape(scaled.shape)
+            return
+        name = f"{node.name}/{init.name}_smoothed"
+        new = ir.Value(name=name, const_value=ir.tensor(scaled, name=name))
+        new.dtype = new.const_value.dtype
+        new.shape = ir.Shape(scaled.shape)
+        self._graph.register_initializer(new)
+        node.replace_input_with(fold.input, new)
+
+    def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], s: np.ndarray, trailing: int, output: str) -> None:
+        dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
+        inv = (1.0 / s).reshape((-1,) + (1,) * trailing).astype(dtype)
+        name = f"{x.name}_smooth_scale"
+        const = ir.Value(name=name, const_value=ir.tensor(inv, name=name))
+        const.dtype = const.const_value.dtype
+        const.shape = ir.Shape(inv.shape)
+        self._graph.register_initializer(const)
+        mul = ir.node("Mul", [x, const], name=f"{x.name}_SmoothQuantMul")
+        mul.outputs[0].name = output
+        mul.outputs[0].dtype = x.dtype
+        mul.outputs[0].shape = x.shape
+        producer = x.producer()
+        if producer is not None:
+            self._graph.insert_after(producer, [mul])
+        else:
+            first = next(iter(self._graph), None)
+            if first is None:
+                self._graph.append(mul)
+            else:
+                self._graph.insert_before(first, [mul])
+        for node in consumers:
+            for i, inp in enumerate(node.inputs):
+                if inp is x:
+                    node.replace_input_with(i, mul.outputs[0])

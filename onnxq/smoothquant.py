@@ -1,0 +1,538 @@
+"""SmoothQuant, the decision: smoothing groups, their scales, and where each scale goes.
+
+Per-tensor INT8 of an activation with a few huge channels wastes the grid on those channels.
+SmoothQuant rewrites ``Y = X · W`` as ``(X · diag(s)⁻¹) · (diag(s) · W)`` with, per input channel j,
+``s_j = max|X_j|^α / max|W_j|^(1−α)``: the activation's outliers move into the weights, which
+are quantized per output channel and absorb them.
+
+This module only decides (the plan); :class:`onnxq.passes.smoothquant.SmoothQuantPass` executes it.
+
+- **Group**: every MatMul (constant ``[K, N]`` weight), Gemm (``transA=0``, constant B) and 1×1
+  Conv (``group=1``) that reads the same activation as its first input, at least one of them
+  quantized by the QuantPlan. One ``s`` per group; ``max|W_j|`` is over all of its members.
+- **Where diag(s)⁻¹ goes** (:func:`find_absorber`): walking back from the activation over ops
+  that are linear per channel, into the first one with a constant to scale: a LayerNormalization
+  (scale and bias); the per-channel weight ``Mul`` that ends a decomposed RMSNorm/LayerNorm (plus
+  the bias ``Add`` after it); the output channels of a MatMul/Gemm/Conv (and the bias Add
+  after it); through ``Relu`` (positive scales commute with it); through a product of two
+  activations into one branch (SwiGLU: ``Mul(SiLU(gate), up)`` takes it in ``up``'s output
+  channels). Every tensor on that walk must feed nothing else, be no graph output and carry no
+  quantization of its own; and the activation must feed only the group. Otherwise one ``Mul`` by
+  ``1/s`` is inserted in front of the group and reported.
+
+  The walk matches the one op at the tail of a norm that carries a per-channel constant rather
+  than whole norm patterns (onnxscript's rewriter patterns would have to enumerate every
+  exporter's spelling of RMSNorm/LayerNorm: Pow vs Mul, Div vs Reciprocal, Sqrt vs Rsqrt...);
+  what is scaled is the same either way.
+- **α**: fixed, or ``"auto"``: per group, from :data:`ALPHA_GRID`, the α whose simulated W8A8
+  product (per-tensor activation on the target's grid after smoothing, per-channel INT8 weights)
+  is closest to the float product on calibration rows sampled during the calibration pass
+  (:class:`onnxq.calibrators.reservoir.RowReservoir`); a group where no α beats not smoothing is
+  left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+from onnxq.plan import QuantPlan
+from onnxq.weights import FLOAT_TYPES, weight_source
+
+ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
+SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
+MAX_SIM_COLUMNS = 1024  # output columns the α search simulates per group (sampled when more)
+
+
+@dataclass
+class Fold:
+    """One constant input rescaled: ``input`` of ``node`` becomes ``c / s`` (``op="div"``) or
+    ``c * s`` (``op="mul"``), s reshaped to ``(C, 1, ..., 1)`` with ``trailing`` ones and
+    broadcast right-aligned (so ``trailing`` picks the constant's axis)."""
+
+    node: str
+    input: int
+    trailing: int
+    op: str
+
+
+@dataclass
+class SmoothGroup:
+    activation: str
+    consumers: list[str]
+    channel_axis: int
+    rank: int
+    alpha: float | None = None  # None: not smoothed (auto found no gain)
+    scale: list[float] = field(default_factory=list)
+    absorber: dict = field(default_factory=dict)  # {"kind", "node", "op"}; kind "inserted_mul" if none
+    folds: list[Fold] = field(default_factory=list)  # diag(s)⁻¹ into the producer side
+    weight_folds: list[Fold] = field(default_factory=list)  # diag(s) into the consumers
+    amax_before: float = 0.0
+    amax_after: float = 0.0
+    sim_error: dict = field(default_factory=dict)  # relative squared error of the simulated product
+
+    @property
+    def smoothed(self) -> bool:
+        return self.alpha is not None
+
+    @property
+    def trailing(self) -> int:
+        return self.rank - 1 - self.channel_axis
+
+    @property
+    def inserts_mul(self) -> bool:
+        return self.absorber.get("kind") == "inserted_mul"
+
+    @property
+    def output(self) -> str:
+        """The tensor the consumers read after smoothing."""
+        return f"{self.activation}_smoothed" if self.inserts_mul else self.activation
+
+
+@dataclass
+class SmoothPlan:
+    alpha: float | str
+    groups: list[SmoothGroup] = field(default_factory=list)
+
+    def active(self) -> list[SmoothGroup]:
+        return [g for g in self.groups if g.smoothed]
+
+    def to_json(self) -> dict:
+        groups = []
+        for g in self.groups:
+            d = asdict(g)
+            d["scale"] = [float(v) for v in g.scale]
+            groups.append(d)
+        return {"alpha": self.alpha, "groups": groups, "summary": self.summary()}
+
+    def summary(self) -> dict:
+        active = self.active()
+        kinds: dict[str, int] = {}
+        for g in active:
+            kinds[g.absorber["kind"]] = kinds.get(g.absorber["kind"], 0) + 1
+        return {"groups": len(self.groups), "smoothed": len(active), "absorbed_by": dict(sorted(kinds.items())), "inserted_muls": sum(g.inserts_mul for g in active)}
+
+    def format(self) -> str:
+        lines = [f"SmoothQuant (alpha {self.alpha}): {len(self.active())} of {len(self.groups)} groups smoothed"]
+        lines.append(f"  {'activation':<48} {'alpha':>5} {'amax before':>12} {'after':>9}  scale went to")
+        for g in self.groups:
+            name = g.activation if len(g.activation) <= 48 else "…" + g.activation[-47:]
+            alpha = f"{g.alpha:.2f}" if g.smoothed else "-"
+            where = f"{g.absorber['kind']} {g.absorber.get('node') or ''}".strip() if g.smoothed else "not smoothed (no gain in simulation)"
+            if g.smoothed and g.absorber.get("through"):
+                where += f" (through {g.absorber['through']})"
+            lines.append(f"  {name:<48} {alpha:>5} {g.amax_before:>12.4g} {g.amax_after:>9.4g}  {where} ({len(g.consumers)} consumers)")
+        return "\n".join(lines)
+
+
+def check_alpha(value: float | str) -> float | str:
+    """``value`` as a float in [0, 1] or ``"auto"``; anything else is an error that says so."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise OnnxqError(f"--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise OnnxqError(f"--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
+    return float(value)
+
+
+# --- groups ---------------------------------------------------------------------------------
+
+
+def _member(node: ir.Node, value: ir.Value) -> tuple[int, int] | None:
+    """(channel axis of ``value`` as read by ``node``, rank) if ``node`` can take diag(s)."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is not value:
+        return None
+    if any(inp is value for inp in node.inputs[1:]):
+        return None
+    w = weight_source(node.inputs[1])
+    if w is None or w.initializer.is_graph_input() or node.inputs[1].shape is None:
+        return None
+    rank = len(value.shape) if value.shape is not None else None
+    wrank = len(node.inputs[1].shape)
+    if rank is None:
+        return None
+    if node.op_type == "MatMul" and wrank == 2 and rank >= 2:
+        return rank - 1, rank
+    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0) and rank == 2:
+        return 1, rank
+    if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and wrank >= 3 and rank == wrank:
+        dims = list(node.inputs[1].shape)[2:]
+        if all(d == 1 for d in dims):
+            return 1, rank
+    return None
+
+
+def find_groups(model: ir.Model, plan: QuantPlan) -> list[SmoothGroup]:
+    """Every activation read by smoothable consumers, at least one of them quantized."""
+    quantized = {name for name, d in plan.nodes.items() if d.quantized and d.inputs.get(0) == "activation"}
+    values = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
+    groups = []
+    for value in values:
+        if value.dtype not in FLOAT_TYPES or value.const_value is not None:
+            continue
+        members: dict[str, tuple[int, int]] = {}
+        for use in value.uses():
+            spec = _member(use.node, value)
+            if spec is not None:
+                members[use.node.name] = spec
+        if not members or not quantized & set(members) or len(set(members.values())) != 1:
+            continue
+        axis, rank = next(iter(members.values()))
+        groups.append(SmoothGroup(value.name, list(members), axis, rank))
+    return groups
+
+
+# --- where diag(s)⁻¹ goes ---------------------------------------------------------------------
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input() or value.dtype not in FLOAT_TYPES:
+        return None
+    return value.const_value.numpy()
+
+
+def _per_channel(c: np.ndarray, rank: int, trailing: int) -> bool:
+    """``c`` (broadcast against the activation) varies at most along the channel axis."""
+    if c.ndim > rank:
+        return False
+    return all(d == 1 for i, d in enumerate(reversed(c.shape)) if i != trailing)
+
+
+def _private(value: ir.Value, protected: set[str]) -> bool:
+    """An intermediate tensor the fold may change: one reader, no graph output, not quantized."""
+    return len(value.uses()) == 1 and not value.is_graph_output() and value.name not in protected
+
+
+def _looks_like_norm(value: ir.Value, depth: int = 5) -> bool:
+    """``value`` is a normalized tensor: a Div/Mul with a mean, a square root or a norm op within
+    ``depth`` ops upstream (the weight Mul of a decomposed RMSNorm/LayerNorm reads one)."""
+    producer = value.producer()
+    if producer is None or producer.op_type not in ("Div", "Mul"):
+        return False
+    frontier, seen = [value], set()
+    for _ in range(depth):
+        nodes = [v.producer() for v in frontier if v is not None and v.producer() is not None]
+        frontier = []
+        for node in nodes:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in ("ReduceMean", "Sqrt", "Reciprocal", "Pow") or node.op_type.endswith("Normalization"):
+                return True
+            frontier += [i for i in node.inputs if i is not None and i.const_value is None]
+    return False
+
+
+def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]) -> tuple[dict, list[Fold]] | None:
+    """Where ``value``'s channels can be divided by s exactly: (description, folds), or None."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or value.is_graph_output():
+        return None
+    op = node.op_type
+    if any(out is not value and out.uses() for out in node.outputs):
+        return None
+    here = {"node": node.name, "op": op}
+    if op == "LayerNormalization":
+        axis = node.attributes.get_int("axis", -1)
+        if trailing != 0 or axis % rank != rank - 1 or _const(node.inputs[1]) is None:
+            return None
+        folds = [Fold(node.name, 1, 0, "div")]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            if _const(node.inputs[2]) is None:
+                return None
+            folds.append(Fold(node.name, 2, 0, "div"))
+        return {"kind": "norm", **here}, folds
+    if op in ("MatMul", "Gemm", "Conv"):
+        w = weight_source(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None or w.initializer.is_graph_input() or node.inputs[1].shape is None or weight_source(node.inputs[0]) is not None:
+            return None
+        wrank = len(node.inputs[1].shape)
+        if op == "MatMul":
+            if trailing != 0 or wrank != 2:
+                return None
+            folds = [Fold(node.name, 1, 0, "div")]
+        elif op == "Gemm":
+            if trailing != 0:
+                return None
+            folds = [Fold(node.name, 1, 1 if node.attributes.get_int("transB", 0) else 0, "div")]
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                c = _const(node.inputs[2])
+                if c is None or not _per_channel(c, rank, 0):
+                    return None
+                folds.append(Fold(node.name, 2, 0, "div"))
+        else:
+            if trailing != rank - 2:
+                return None
+            folds = [Fold(node.name, 1, wrank - 1, "div")]
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                if _const(node.inputs[2]) is None:
+                    return None
+                folds.append(Fold(node.name, 2, 0, "div"))
+        return {"kind": "linear", **here}, folds
+    if op == "Relu":
+        src = node.inputs[0]
+        if src is None or not _private(src, protected):
+            return None
+        return find_absorber(src, rank, trailing, protected)
+    if op in ("Mul", "Add") and len(node.inputs) == 2:
+        a, b = node.inputs
+        consts = [_const(a), _const(b)]
+        if sum(c is not None for c in consts) == 1:
+            ci = 0 if consts[0] is not None else 1
+            c, other = consts[ci], node.inputs[1 - ci]
+            if not _per_channel(c, rank, trailing) or other is None:
+                return None
+            if op == "Mul":
+                kind = "norm" if _looks_like_norm(other) else "mul"
+                return {"kind": kind, **here}, [Fold(node.name, ci, trailing, "div")]
+            # a bias: the producer of the other operand takes s too
+            if not _private(other, protected):
+                return None
+            inner = find_absorber(other, rank, trailing, protected)
+            if inner is None:
+                return None
+            return inner[0], [*inner[1], Fold(node.name, ci, trailing, "div")]
+        if any(c is not None for c in consts) or a is None or b is None or a is b:
+            return None
+        if op == "Mul":  # a product of two activations: one branch takes s
+            for branch in (b, a):
+                if _private(branch, protected):
+                    inner = find_absorber(branch, rank, trailing, protected)
+                    if inner is not None:
+                        return {**inner[0], "through": node.name}, inner[1]
+            return None
+        # a sum of two activations: both branches take s
+        if not (_private(a, protected) and _private(b, protected)):
+            return None
+        left, right = find_absorber(a, rank, trailing, protected), find_absorber(b, rank, trailing, protected)
+        if left is None or right is None:
+            return None
+        return left[0], [*left[1], *right[1]]
+    return None
+
+
+def _weight_fold(node: ir.Node) -> Fold:
+    """diag(s) on the consumer's input-channel axis (in the weight as the node reads it)."""
+    wrank = len(node.inputs[1].shape)
+    if node.op_type == "MatMul":
+        return Fold(node.name, 1, 1, "mul")
+    if node.op_type == "Gemm":
+        return Fold(node.name, 1, 0 if node.attributes.get_int("transB", 0) else 1, "mul")
+    return Fold(node.name, 1, wrank - 2, "mul")  # Conv [Cout, Cin, 1, 1]: axis 1
+
+
+# --- scales and α -------------------------------------------------------------------------------
+
+
+def _weight_matrix(node: ir.Node) -> np.ndarray:
+    """The consumer's weight as ``[C_in, N]`` (reading through a Transpose)."""
+    w = weight_source(node.inputs[1])
+    array = w.initializer.const_value.numpy().astype(np.float32)
+    if w.transpose is not None:
+        perm = w.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
+        array = np.transpose(array, perm)
+    if node.op_type == "MatMul":
+        return array
+    if node.op_type == "Gemm":
+        return array.T if node.attributes.get_int("transB", 0) else array
+    return array.reshape(array.shape[0], array.shape[1]).T
+
+
+def scales(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = max|X_j|^α / max|W_j|^(1−α)``; 1 where either is zero, clipped to :data:`SCALE_RANGE`."""
+    x = np.asarray(x_amax, dtype=np.float64)
+    w = np.asarray(w_amax, dtype=np.float64)
+    ok = (x > 0) & (w > 0) & np.isfinite(x) & np.isfinite(w)
+    s = np.ones_like(x)
+    s[ok] = x[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    return np.clip(s, *SCALE_RANGE).astype(np.float32)
+
+
+def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
+    if dtype == "int8":
+        amax = max(abs(lo), abs(hi))
+        scale = amax / 127.0 if amax > 0 else 1.0
+        return np.clip(np.rint(x / scale), -128, 127) * scale
+    rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+    scale = (rmax - rmin) / 255.0 if rmax > rmin else 1.0
+    zero = np.clip(np.rint(-rmin / scale), 0, 255)
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_quant_weight(w: np.ndarray) -> np.ndarray:
+    amax = np.abs(w).max(axis=0, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0)
+    return np.clip(np.rint(w / scale), -127, 127) * scale
+
+
+def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, dtype: str, reference: np.ndarray | None = None) -> float:
+    """Relative squared error of W8A8 ``(rows/s)·(s·W)`` against the float ``rows·W``
+    (``reference``, when already computed).
+
+    The activation range is the whole tensor's (per-channel min/max over the calibration data,
+    divided by s), not the sample's.
+    """
+    ref = rows @ weight if reference is None else reference
+    if s is None:
+        s = np.ones(rows.shape[1], dtype=np.float32)
+    x = rows / s
+    xq = _fake_quant_activation(x, float(np.min(lo / s)), float(np.max(hi / s)), dtype).astype(np.float32)
+    wq = _fake_quant_weight(weight * s[:, None]).astype(np.float32)
+    denom = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
+    return float(np.sum((xq @ wq - ref).astype(np.float64) ** 2) / denom)
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def plan_smoothing(
+    model: ir.Model,
+    plan: QuantPlan,
+    groups: list[SmoothGroup],
+    table,
+    alpha: float | str,
+    reservoirs: dict | None = None,
+    activation_dtype: str = "int8",
+) -> SmoothPlan:
+    """Scales, α and folds for every group (``table``: the calibration statistics, with per-channel
+    amax and min/max of each group's activation; ``reservoirs``: sampled rows for ``alpha="auto"``)."""
+    by_name = {n.name: n for n in model.graph}
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({o.name: o for n in model.graph for o in n.outputs})
+    protected = set(plan.outputs)
+    for name, d in plan.nodes.items():
+        node = by_name.get(name)
+        if node is not None and d.quantized:
+            protected.update(node.inputs[i].name for i, k in d.inputs.items() if k == "activation" and i < len(node.inputs) and node.inputs[i] is not None)
+    rng = np.random.default_rng(0)
+    out = SmoothPlan(alpha=alpha)
+    for group in groups:
+        stats = table.tensors.get(group.activation)
+        if stats is None or stats.channel_amax is None:
+            continue  # not observed as a float tensor: nothing to smooth
+        x_amax = stats.channel_amax.astype(np.float32)
+        lo = stats.channel_min if stats.channel_min is not None else -x_amax
+        hi = stats.channel_max if stats.channel_max is not None else x_amax
+        consumers = [by_name[c] for c in group.consumers]
+        weights = [_weight_matrix(n) for n in consumers]
+        if any(w.shape[0] != x_amax.size for w in weights):
+            continue
+        w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        group.amax_before = float(x_amax.max())
+        if alpha == "auto":
+            rows = reservoirs[group.activation].sample() if reservoirs and group.activation in reservoirs else np.zeros((0, 0))
+            if rows.shape[0] == 0 or rows.shape[1] != x_amax.size:
+                group.alpha = 0.5
+            else:
+                weight = np.concatenate(weights, axis=1)
+                if weight.shape[1] > MAX_SIM_COLUMNS:
+                    weight = weight[:, np.sort(rng.choice(weight.shape[1], MAX_SIM_COLUMNS, replace=False))]
+                reference = rows @ weight
+                errors = {"none": simulated_error(rows, weight, None, lo, hi, activation_dtype, reference)}
+                for a in ALPHA_GRID:
+                    errors[f"{a:.2f}"] = simulated_error(rows, weight, scales(x_amax, w_amax, a), lo, hi, activation_dtype, reference)
+                group.sim_error = errors
+                best = min(ALPHA_GRID, key=lambda a: errors[f"{a:.2f}"])
+                group.alpha = float(best) if errors[f"{best:.2f}"] < errors["none"] else None
+        else:
+            group.alpha = float(alpha)
+        if group.alpha is None:
+            group.amax_after = group.amax_before
+            out.groups.append(group)
+            continue
+        s = scales(x_amax, w_amax, group.alpha)
+        group.scale = s.tolist()
+        group.amax_after = float((x_amax / s).max())
+        value = values[group.activation]
+        feeds_only_group = {u.node.name for u in value.uses()} <= set(group.consumers)
+        found = find_absorber(value, group.rank, group.trailing, protected - {group.activation}) if feeds_only_group else None
+        if found is None:
+            group.absorber = {"kind": "inserted_mul", "node": None, "op": "Mul"}
+            group.folds = []
+        else:
+            group.absorber, group.folds = found
+        group.weight_folds = [_weight_fold(n) for n in consumers]
+        out.groups.append(group)
+    return out
+
+
+def smoothed_range(stats, s: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``x / s`` from ``x``'s per-channel min and max (s > 0): no recalibration."""
+    s = np.asarray(s, dtype=np.float32)
+    if stats.channel_min is not None and stats.channel_max is not None:
+        return float(np.min(stats.channel_min / s)), float(np.max(stats.channel_max / s))
+    amax = float(np.max(stats.channel_amax / s))
+    return -amax, amax
+
+
+# --- the step in the quantize job ----------------------------------------------------------------
+
+
+def calibration_request(groups: list[SmoothGroup], alpha: float | str, rows: int | None = None) -> dict:
+    """What the calibration pass must also collect for ``groups``: per-channel abs-max and signed
+    range of each group's activation, and (``alpha="auto"``) a bounded reservoir of its rows."""
+    from onnxq.calibrators.reservoir import DEFAULT_ROWS, RowReservoir
+
+    axes = {g.activation: g.channel_axis for g in groups}
+    request: dict = {"channel_axes": axes, "channel_ranges": list(axes)}
+    if alpha == "auto":
+        request["reservoirs"] = {name: RowReservoir(axis, rows or DEFAULT_ROWS, seed=i) for i, (name, axis) in enumerate(axes.items())}
+    return request
+
+
+def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, data, *, method=None, percentile=None, quiet=False) -> SmoothPlan:
+    """Plan the smoothing, fold it into ``model``, and bring ``plan`` up to date: weight entries of
+    consumers whose weight became a new initializer, and the ranges of every smoothed tensor
+    (min/max derived from per-channel statistics; histograms, if the range method needs them,
+    from a second pass over ``data``)."""
+    from onnxq.calibration import ACTIVATION_DTYPE, refresh_ranges
+    from onnxq.passes.smoothquant import SmoothQuantPass
+    from onnxq.placement.rules import refresh_weights
+    from onnxq.progress import log
+
+    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, ACTIVATION_DTYPE[plan.target])
+    if reservoirs:
+        reservoirs.clear()  # the rows are no longer needed
+    SmoothQuantPass(smooth_plan)(model)
+    refresh_weights(model, plan)
+    derived = {g.output: smoothed_range(table.tensors[g.activation], np.asarray(g.scale)) for g in smooth_plan.active()}
+    refresh_ranges(model, plan, table, derived, data, method=method, percentile=percentile, quiet=quiet)
+    summary = smooth_plan.summary()
+    log(
+        f"onnxq: SmoothQuant: {summary['smoothed']} of {summary['groups']} groups smoothed; scales folded into "
+        + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items()),
+        quiet,
+    )
+    if not quiet:
+        print(smooth_plan.format())
+    return smooth_plan
+
+
+def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True) -> tuple[ir.Model, SmoothPlan]:
+    """The float model with SmoothQuant folded in and no Q/DQ (what :func:`onnxq.quantize` does
+    before inserting Q/DQ), and the plan that was executed: to inspect or test the rewrite."""
+    from onnxq.calibrators import collect
+    from onnxq.calibration import ACTIVATION_DTYPE
+    from onnxq.data import open_source
+    from onnxq.passes.preprocess import load_and_preprocess
+    from onnxq.passes.smoothquant import SmoothQuantPass
+    from onnxq.placement import place
+    from onnxq.runtime import ort as ort_rt
+
+    alpha = check_alpha(alpha)
+    float_model = load_and_preprocess(model)
+    data = open_source(calib, ort_rt.model_input_spec(float_model), limit=calib_samples)
+    quant_plan = place(float_model, target, exclude=exclude)
+    groups = find_groups(float_model, quant_plan)
+    request = calibration_request(groups, alpha)
+    table = collect(float_model, [g.activation for g in groups], data, progress=not quiet, **request)
+    smooth_plan = plan_smoothing(float_model, quant_plan, groups, table, alpha, request.get("reservoirs"), ACTIVATION_DTYPE[target])
+    SmoothQuantPass(smooth_plan)(float_model)
+    return float_model, smooth_plan
