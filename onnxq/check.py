@@ -41,6 +41,15 @@ _REL_FLOOR = 1e-3
 EXIT_FAILED = 1  # a threshold was not met (errors exit 2, like every onnxq command)
 
 
+def snr_db(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) from sums of squares: +inf without noise, -inf without signal."""
+    if noise <= 0:
+        return math.inf
+    if signal <= 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
 def is_classifier_output(name: str, array: np.ndarray) -> bool:
     return (
         array.dtype.kind == "f" and array.ndim >= 1 and array.shape[-1] >= 10
@@ -92,12 +101,7 @@ class OutputAccuracy:
             if keep.any():
                 self.max_rel_error = max(self.max_rel_error, float((abs_err[keep] / mag[keep]).max()))
             self._add_histogram(abs_err)
-        if self._noise == 0:
-            self.snr_db = math.inf
-        elif self._signal == 0:
-            self.snr_db = -math.inf
-        else:
-            self.snr_db = 10 * math.log10(self._signal / self._noise)
+        self.snr_db = snr_db(self._signal, self._noise)
         if is_classifier_output(self.name, ref):
             self._update_topk(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))
 

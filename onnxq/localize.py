@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import modelio
+from onnxq.check import snr_db
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 
@@ -63,11 +64,7 @@ class LayerStat:
     _local_sq: float = 0.0
     _local_err_sq: float = 0.0
 
-    @staticmethod
-    def _snr(signal: float, noise: float) -> float:
-        if noise == 0:
-            return math.inf
-        return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
+    _snr = staticmethod(snr_db)
 
     @property
     def snr_input_db(self) -> float:

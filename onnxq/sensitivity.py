@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibration import DataArg, MethodArg, activation_tensors, fill_activation_params, resolve_methods, tensor_methods
-from onnxq.check import OutputAccuracy
+from onnxq.check import OutputAccuracy, snr_db
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
 from onnxq.layer_groups import Layer, layer_groups, static_macs
@@ -323,7 +323,7 @@ def local_sweep(
         results[layer.name] = {}
         for p in precisions:
             noise = sum(sums[n] for n in o["noise"][p])
-            results[layer.name][p] = {"snr_db": _snr(signal, noise), "mse": noise / size if size else 0.0, "noise": noise, "signal": signal}
+            results[layer.name][p] = {"snr_db": snr_db(signal, noise), "mse": noise / size if size else 0.0, "noise": noise, "signal": signal}
         layer.extra["shapes"] = {node: [shapes.get(n) for n in s] for node, s in o["shapes"].items()}
     return results, seconds, samples
 
@@ -338,12 +338,6 @@ def read_json(path: Path, what: str, error: type[OnnxqError], hint: str):
         raise error(f"{path} is not valid JSON ({exc}); {hint}") from None
 
 
-def _snr(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return math.inf
-    if signal <= 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
 
 
 def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: Mapping[str, np.ndarray] | None = None) -> None:

@@ -72,7 +72,7 @@ def main():
         workdir.mkdir(parents=True, exist_ok=True)
         rows = [run(m, args.samples, args.precisions, workdir) for m in args.models]
     print()
-    print(f"| model | layers x precisions | samples | calibration s | local sweep s (pass / with build) | e2e sweep s | local / calibration (pass / with build) | e2e / calibration | Spearman local vs e2e |")
+    print("| model | layers x precisions | samples | calibration s | local sweep s (pass / with build) | e2e sweep s | local / calibration (pass / with build) | e2e / calibration | Spearman local vs e2e |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rho = ", ".join(f"{k} {v:.2f}" for k, v in r["spearman"].items() if v is not None)
