@@ -196,3 +196,34 @@ def test_cli_precision_fp8(cnn_case, tmp_path):
     assert zps and all(i.data_type == TensorProto.FLOAT8E4M3FN for i in zps)
     report = json.loads((tmp_path / "q.report.json").read_text())
     assert report["precision"] == "fp8" and report["evaluation"]["outputs"][0]["cosine_mean"] > 0.999
+
+
+def _conv_chain() -> onnx.ModelProto:
+    """A 3×3 conv (16→16), a depthwise 3×3 conv (16 groups) and a 7×7 conv (49 taps)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (16, 16, 3, 3)).astype(np.float32), "w_dense"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (16, 1, 3, 3)).astype(np.float32), "w_depthwise"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (16, 16, 7, 7)).astype(np.float32), "w_large"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_dense"], ["a"], name="dense", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "w_depthwise"], ["b"], name="depthwise", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["b", "w_large"], ["y"], name="large", pads=[3, 3, 3, 3]),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=synthetic.IR_VERSION)
+
+
+def test_fp8_keeps_depthwise_and_large_filter_convs_out_of_fp8(tmp_path):
+    path = synthetic.save(_conv_chain(), tmp_path / "convs.onnx")
+    model = load_and_preprocess(path)
+    fp8 = place(model, "tensorrt", precision="fp8").nodes
+    assert fp8["dense"].precision == "fp8"
+    assert fp8["depthwise"].precision == "float" and "per group" in fp8["depthwise"].reason
+    assert fp8["large"].precision == "float" and "taps" in fp8["large"].reason
+    int8 = place(model, "tensorrt", precision="int8").nodes
+    assert all(int8[n].precision == "int8" for n in ("dense", "depthwise", "large"))

@@ -41,7 +41,8 @@ def test_zoo_model_goes_through_export_and_build(built):
                  "diff.html", "calib.npz", "eval.npz"):
         assert name in manifest["artifacts"]
     check = json.loads((out / "check.json").read_text())
-    assert check["outputs"][0]["samples"] == 8 and check["outputs"][0]["cosine_mean"] >= 0.95
+    outputs = check["candidates"][0]["outputs"]
+    assert check["passed"] and outputs[0]["samples"] == 8 and outputs[0]["cosine_mean"] >= 0.95
 
 
 def test_zoo_fp32_vs_int8_lists_every_quantized_layer_with_scales(built):

@@ -91,11 +91,34 @@ def conv_channels_reason(node: ir.Node) -> str | None:
     return None
 
 
+# TensorRT's FP8 convolution kernels: at least 16 input channels per group and at most 32 filter
+# taps (ModelOpt's ONNX FP8 rule, which follows them). Depthwise convs have one channel per group.
+MIN_FP8_CONV_GROUP_CHANNELS = 16
+MAX_FP8_CONV_TAPS = 32
+
+
+def fp8_conv_reason(node: ir.Node) -> str | None:
+    """Why a Conv stays out of FP8, or None."""
+    if node.op_type != "Conv":
+        return None
+    dims = _static_dims(node.inputs[1].shape if node.inputs[1] is not None else None)
+    if not dims or len(dims) < 3 or any(d is None for d in dims[1:]):
+        return None
+    per_group, taps = dims[1], math.prod(dims[2:])
+    if per_group < MIN_FP8_CONV_GROUP_CHANNELS:
+        return f"FP8 convolution needs >= {MIN_FP8_CONV_GROUP_CHANNELS} input channels per group (has {per_group}: depthwise/grouped)"
+    if taps > MAX_FP8_CONV_TAPS:
+        return f"FP8 convolution needs filters of <= {MAX_FP8_CONV_TAPS} taps (has {taps})"
+    return None
+
+
 def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
     """The default decision for a Conv/ConvTranspose/Gemm/MatMul: quantize activations and weight
     at the plan's precision."""
     weight_dtype = WEIGHT_DTYPE[plan.precision]
     reason = conv_channels_reason(node) if node.op_type.startswith("Conv") else gemv_reason(node)
+    if reason is None and plan.precision == "fp8":
+        reason = fp8_conv_reason(node)
     if reason:
         return NodeDecision(node.op_type, FLOAT, {}, reason)
     inputs: dict[int, str] = {}
