@@ -227,3 +227,17 @@ def test_fp8_keeps_depthwise_and_large_filter_convs_out_of_fp8(tmp_path):
     assert fp8["large"].precision == "float" and "taps" in fp8["large"].reason
     int8 = place(model, "tensorrt", precision="int8").nodes
     assert all(int8[n].precision == "int8" for n in ("dense", "depthwise", "large"))
+
+
+def test_refreshed_weight_entries_take_their_readers_fp8_dtype(attention_case):
+    """A rewrite that gives a node a new weight initializer (SmoothQuant's scaled copy of a shared
+    weight) gets a plan entry with the reader's weight dtype, float8e4m3fn for an FP8 node."""
+    from onnxq.placement.rules import refresh_weights
+
+    model = load_and_preprocess(attention_case[0])
+    plan = place(model, "tensorrt", precision="fp8")
+    name, entry = next(iter(plan.weights.items()))
+    model.graph.initializers[name].name = f"{name}_scaled"  # what a rewrite's new copy looks like
+    refresh_weights(model, plan)
+    assert name not in plan.weights
+    assert plan.weights[f"{name}_scaled"].dtype == "float8e4m3fn" and plan.weights[f"{name}_scaled"].axis == entry.axis

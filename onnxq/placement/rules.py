@@ -221,7 +221,7 @@ def refresh_weights(model: ir.Model, plan: QuantPlan) -> None:
                 continue
             spec = weight_axis(node)
             rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
-            dtype = decision.precision
+            dtype = WEIGHT_DTYPE[decision.precision]
             axis = source.initializer_axis(spec[1], rank) if spec is not None and rank else None
             plan.weights[source.initializer.name] = WeightQuant(dtype=dtype, axis=axis)
     _drop_unused_weights(model, plan)
