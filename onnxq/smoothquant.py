@@ -25,7 +25,8 @@ This module only decides (the plan); :class:`onnxq.passes.smoothquant.SmoothQuan
   exporter's spelling of RMSNorm/LayerNorm: Pow vs Mul, Div vs Reciprocal, Sqrt vs Rsqrt...);
   what is scaled is the same either way.
 - **α**: fixed, or ``"auto"``: per group, from :data:`ALPHA_GRID`, the α whose simulated W8A8
-  product (per-tensor activation on the target's grid after smoothing, per-channel INT8 weights)
+  product (per-tensor activation on the target's grid after smoothing, per-channel INT8 weights;
+  both on the E4M3FN grid for an FP8 plan)
   is closest to the float product on calibration rows sampled during the calibration pass
   (:class:`onnxq.calibrators.reservoir.RowReservoir`); a group where no α beats not smoothing is
   left as it is.
@@ -39,8 +40,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.plan import QuantPlan
-from onnxq.weights import FLOAT_TYPES, weight_source
+from onnxq.plan import FP8_DTYPE, QuantPlan
+from onnxq.weights import FLOAT_TYPES, FP8_MAX, to_fp8, weight_source
 
 ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
@@ -356,6 +357,10 @@ def scales(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
+    if dtype == FP8_DTYPE:
+        amax = max(abs(lo), abs(hi))
+        scale = amax / FP8_MAX if amax > 0 else 1.0
+        return to_fp8(x / scale).astype(np.float32) * scale
     if dtype == "int8":
         amax = max(abs(lo), abs(hi))
         scale = amax / 127.0 if amax > 0 else 1.0
@@ -366,8 +371,12 @@ def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, dtype: str) -> n
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def _fake_quant_weight(w: np.ndarray) -> np.ndarray:
+def _fake_quant_weight(w: np.ndarray, dtype: str = "int8") -> np.ndarray:
+    """Per output channel (columns of a [K, N] weight), on the FP8 grid for FP8, else INT8."""
     amax = np.abs(w).max(axis=0, keepdims=True)
+    if dtype == FP8_DTYPE:
+        scale = np.where(amax > 0, amax / FP8_MAX, 1.0)
+        return to_fp8(w / scale).astype(np.float32) * scale
     scale = np.where(amax > 0, amax / 127.0, 1.0)
     return np.clip(np.rint(w / scale), -127, 127) * scale
 
@@ -384,7 +393,7 @@ def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, 
         s = np.ones(rows.shape[1], dtype=np.float32)
     x = rows / s
     xq = _fake_quant_activation(x, float(np.min(lo / s)), float(np.max(hi / s)), dtype).astype(np.float32)
-    wq = _fake_quant_weight(weight * s[:, None]).astype(np.float32)
+    wq = _fake_quant_weight(weight * s[:, None], dtype).astype(np.float32)
     denom = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
     return float(np.sum((xq @ wq - ref).astype(np.float64) ** 2) / denom)
 
@@ -487,6 +496,13 @@ def calibration_request(groups: list[SmoothGroup], alpha: float | str, rows: int
     return request
 
 
+def simulated_dtype(plan: QuantPlan) -> str:
+    """The activation grid α is chosen on: FP8 for an FP8 plan, else the target's integer type."""
+    from onnxq.calibration import ACTIVATION_DTYPE
+
+    return FP8_DTYPE if plan.precision == "fp8" else ACTIVATION_DTYPE[plan.target]
+
+
 def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, data, *, method=None, percentile=None, quiet=False) -> SmoothPlan:
     """Plan the smoothing, fold it into ``model``, and bring ``plan`` up to date: weight entries of
     consumers whose weight became a new initializer, and the ranges of every smoothed tensor
@@ -497,7 +513,7 @@ def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, d
     from onnxq.placement.rules import refresh_weights
     from onnxq.progress import log
 
-    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, ACTIVATION_DTYPE[plan.target])
+    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, simulated_dtype(plan))
     if reservoirs:
         reservoirs.clear()  # the rows are no longer needed
     SmoothQuantPass(smooth_plan)(model)
