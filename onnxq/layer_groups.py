@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from onnxq.placement.rules import LINEAR_OPS, gemm_dims
+from onnxq.placement.rules import LINEAR_OPS, gemm_dims, linear_macs
 from onnxq.plan import QuantPlan
 from onnxq.weights import weight_source
 
@@ -107,30 +107,11 @@ def layer_groups(model: ir.Model, plan: QuantPlan) -> list[Layer]:
 
 
 def static_macs(node: ir.Node, shapes: dict[str, list[int]]) -> int:
-    """Multiply-accumulates of a linear node for one sample, from the shapes it ran with."""
-    a, b = node.inputs[0], node.inputs[1]
-    out = node.outputs[0]
-    sa, sb, so = shapes.get(a.name), shapes.get(b.name), shapes.get(out.name)
-    if node.op_type in ("Conv", "ConvTranspose"):
-        w = sb or list(b.shape or [])
-        if not so or not w:
-            return 0
-        numel_out = _prod(so)
-        if node.op_type == "Conv":
-            return numel_out * _prod(w[1:])  # each output: C_in/group × kernel
-        return _prod(sa) * _prod(w[1:]) if sa else 0  # each input feeds C_out/group × kernel
-    if node.op_type in ("MatMul", "Gemm"):
-        if not so or not sa:
-            m, k, n = gemm_dims(node)
-            return int(m * k * n) if None not in (m, k, n) else 0
-        transa = node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
-        k = sa[0] if transa else sa[-1]
-        return _prod(so) * k
-    return 0
-
-
-def _prod(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= int(d)
-    return out
+    """Multiply-accumulates of a linear node for one sample, from the shapes it ran with (a
+    MatMul/Gemm without them: from its static dims)."""
+    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
+    sa, so = shapes.get(a.name), shapes.get(out.name)
+    if node.op_type in ("MatMul", "Gemm") and not (so and sa):
+        m, k, n = gemm_dims(node)
+        return int(m * k * n) if None not in (m, k, n) else 0
+    return linear_macs(node, sa, shapes.get(b.name) or list(b.shape or []), so)

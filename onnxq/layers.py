@@ -15,7 +15,6 @@ count as given in ``dims`` (default 1 each).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -237,24 +236,13 @@ def _shape(value: ir.Value | None, dims) -> list[int] | None:
 
 
 def _macs(node: ir.Node, dims: Mapping[str, int]) -> int:
+    from onnxq.placement.rules import linear_macs
+
     if node.op_type not in MAC_OPS or not node.outputs:
         return 0
-    out = _shape(node.outputs[0], dims)
     a = _shape(node.inputs[0], dims) if node.inputs else None
     w = _shape(node.inputs[1], dims) if len(node.inputs) > 1 else None
-    if out is None:
-        return 0
-    out_n = math.prod(out)
-    if node.op_type == "MatMul" and a:
-        return out_n * a[-1]
-    if node.op_type == "Gemm" and a:
-        k = a[0] if node.attributes.get_int("transA", 0) else a[-1]
-        return out_n * k
-    if node.op_type == "Conv" and w:
-        return out_n * math.prod(w[1:])
-    if node.op_type == "ConvTranspose" and w and a:
-        return math.prod(a) * math.prod(w[1:])
-    return 0
+    return linear_macs(node, a, w, _shape(node.outputs[0], dims))
 
 
 def _precision(node: ir.Node, inputs: list[LayerInput]) -> str:

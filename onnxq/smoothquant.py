@@ -508,7 +508,7 @@ def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, d
     consumers whose weight became a new initializer, and the ranges of every smoothed tensor
     (min/max derived from per-channel statistics; histograms, if the range method needs them,
     from a second pass over ``data``)."""
-    from onnxq.calibration import ACTIVATION_DTYPE, refresh_ranges
+    from onnxq.calibration import refresh_ranges
     from onnxq.passes.smoothquant import SmoothQuantPass
     from onnxq.placement.rules import refresh_weights
     from onnxq.progress import log

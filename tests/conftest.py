@@ -10,25 +10,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
 
 
+def _case(tmp_path, model, name, shape):
+    """(model path, 16 calibration samples, 8 held-out samples) of random data for input ``x``."""
+    path = synthetic.save(model, tmp_path / name)
+    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", shape, 16, seed=1)
+    evald = synthetic.random_npz(tmp_path / "eval.npz", "x", shape, 8, seed=2)
+    return path, calib, evald
+
+
 @pytest.fixture
 def cnn_case(tmp_path):
-    model = synthetic.save(synthetic.residual_cnn(opset=11), tmp_path / "cnn.onnx")
-    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 16, seed=1)
-    evald = synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 8, 8), 8, seed=2)
-    return model, calib, evald
+    return _case(tmp_path, synthetic.residual_cnn(opset=11), "cnn.onnx", (1, 16, 8, 8))
 
 
 @pytest.fixture
 def attention_case(tmp_path):
-    model = synthetic.save(synthetic.tiny_attention(), tmp_path / "att.onnx")
-    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 32), 16, seed=1)
-    evald = synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 32), 8, seed=2)
-    return model, calib, evald
+    return _case(tmp_path, synthetic.tiny_attention(), "att.onnx", (1, 16, 32))
 
 
 @pytest.fixture
 def decoder_case(tmp_path):
-    model = synthetic.save(synthetic.tiny_decoder_block(), tmp_path / "block.onnx")
-    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 32), 16, seed=1)
-    evald = synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 32), 8, seed=2)
-    return model, calib, evald
+    return _case(tmp_path, synthetic.tiny_decoder_block(), "block.onnx", (1, 16, 32))

@@ -67,6 +67,21 @@ def gemm_dims(node: ir.Node) -> tuple[int | None, int | None, int | None]:
     return m, k, n
 
 
+def linear_macs(node: ir.Node, a: Sequence[int] | None, w: Sequence[int] | None, out: Sequence[int] | None) -> int:
+    """Multiply-accumulates of a Conv/ConvTranspose/Gemm/MatMul given the shapes of its first
+    input, its second input and its output (0 when a shape it needs is unknown)."""
+    if node.op_type in ("MatMul", "Gemm"):
+        if not out or not a:
+            return 0
+        k = a[0] if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else a[-1]
+        return math.prod(out) * k
+    if node.op_type == "Conv":
+        return math.prod(out) * math.prod(w[1:]) if out and w else 0  # each output: C_in/group × kernel
+    if node.op_type == "ConvTranspose":
+        return math.prod(a) * math.prod(w[1:]) if a and w else 0  # each input feeds C_out/group × kernel
+    return 0
+
+
 def gemv_reason(node: ir.Node) -> str | None:
     m, k, n = gemm_dims(node)
     if m == 1 or n == 1:
