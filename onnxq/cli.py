@@ -30,6 +30,7 @@ def _quantize(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         high_precision=args.high_precision,
         smoothquant=args.smoothquant,
+        split_outliers=args.split_outliers,
     )
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
@@ -67,6 +68,8 @@ def _sweep(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         method=args.calib_method,
         layers_only=args.layers.split(",") if args.layers else None,
+        smoothquant=args.smoothquant,
+        split_outliers=args.split_outliers,
         quiet=args.quiet,
     )
     if not args.quiet:
@@ -95,6 +98,7 @@ def _solve(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         eval_samples=args.eval_samples,
         method=args.calib_method,
+        save_model=args.save_model,
         quiet=args.quiet,
     )
     c = result.chosen
@@ -103,6 +107,7 @@ def _solve(args: argparse.Namespace) -> int:
         f"accuracy {c['accuracy']:.4f}; cost x{c['cost']:.3f} of all-8-bit; "
         f"{c['matmul_macs_8bit_fraction']:.1%} of MatMul/Gemm MACs in 8 bits), {result.report_path}"
         + (f", {result.curve_path}" if result.curve_path else "")
+        + (f", {result.model_path}" if result.model_path else "")
     )
     return 0
 
@@ -257,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percentile", type=float, metavar="P", help="percentile for --calib-method percentile (default 99.99)")
     q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")
     q.add_argument("--smoothquant", metavar="ALPHA|auto", help="fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)")
+    q.add_argument("--split-outliers", metavar="N", type=int, default=0, help="with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style; as many as the simulated error says pay)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr/stdout")
     q.set_defaults(func=_quantize)
 
@@ -344,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     s.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
     s.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + ")")
+    s.add_argument("--smoothquant", metavar="ALPHA|auto", help="measure the model with SmoothQuant folded in (as quantize --smoothquant; decided for every layer in INT8); solve repeats it")
+    s.add_argument("--split-outliers", metavar="N", type=int, default=0, help="with --smoothquant: as quantize --split-outliers")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress or table")
     s.set_defaults(func=_sweep)
 
@@ -365,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     v.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
     v.add_argument("--calib-method", choices=list(METHODS), help="activation range method (as for quantize)")
+    v.add_argument("--save-model", metavar="MODEL.onnx", help="also write the chosen candidate's Q/DQ model (the one the accuracy was measured on)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress")
     v.set_defaults(func=_solve)
 

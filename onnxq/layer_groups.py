@@ -32,6 +32,7 @@ class Layer:
     # Costs per sample, from the shapes the model runs with (filled by :func:`fill_shapes`):
     macs: int = 0
     matmul_macs: int = 0  # the part of ``macs`` in MatMul/Gemm
+    split_macs: int = 0  # MatMul MACs of float side products for split outlier channels (always float)
     weight_elements: int = 0
     activation_elements: int = 0  # quantized activation inputs of the layer's linear nodes
     output_elements: int = 0
@@ -44,7 +45,7 @@ class Layer:
 
     @classmethod
     def from_json(cls, d: dict) -> Layer:
-        return cls(**{k: d[k] for k in ("name", "nodes", "op_types", "macs", "matmul_macs", "weight_elements", "activation_elements", "output_elements")})
+        return cls(**{k: d[k] for k in ("name", "nodes", "op_types", "macs", "matmul_macs", "weight_elements", "activation_elements", "output_elements")}, split_macs=d.get("split_macs", 0))
 
 
 class _UnionFind:

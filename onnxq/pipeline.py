@@ -77,6 +77,7 @@ def quantize(
     quiet: bool = False,
     high_precision: str = "fp32",
     smoothquant: float | str | None = None,
+    split_outliers: int = 0,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
 
@@ -97,7 +98,10 @@ def quantize(
     on the calibration data.
     ``smoothquant``: a migration strength α in [0, 1], or ``"auto"`` (α per group from a grid, by
     simulated W8A8 error on rows sampled during calibration); the scales are folded into the
-    graph (:mod:`onnxq.smoothquant`) before Q/DQ insertion.
+    graph (:mod:`onnxq.smoothquant`) before Q/DQ insertion. ``split_outliers``: with
+    ``smoothquant``, up to this many input channels per MatMul/Gemm group (those whose smoothed
+    range dominates, as many as the simulated error says pay) leave the quantized product for a
+    float side product.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -114,10 +118,13 @@ def quantize(
     if percentile is not None:
         percentile = check_percentile(percentile)
     resolve_methods(method, target)  # fail on a bad method before any work
+    if split_outliers and smoothquant is None:
+        raise OnnxqError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
     if smoothquant is not None:
-        from onnxq.smoothquant import check_alpha
+        from onnxq.smoothquant import check_alpha, check_split as sq_check_split
 
         smoothquant = check_alpha(smoothquant)
+        split_outliers = sq_check_split(split_outliers)
         if calib is None:
             raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     if table is not None and not isinstance(table, CalibrationTable):
@@ -163,7 +170,7 @@ def quantize(
         from onnxq import smoothquant as sq
 
         sq_groups = sq.find_groups(float_model, the_plan)
-        sq_request = sq.calibration_request(sq_groups, smoothquant)
+        sq_request = sq.calibration_request(sq_groups, smoothquant, split_outliers=split_outliers)
         if table is not None:
             log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
         table = None
@@ -177,7 +184,7 @@ def quantize(
         t = time.perf_counter()
         smooth_plan = sq.smooth(
             float_model, the_plan, sq_groups, table, smoothquant, sq_request.get("reservoirs"), calib_data,
-            method=method, percentile=percentile, quiet=quiet,
+            method=method, percentile=percentile, quiet=quiet, split_outliers=split_outliers,
         )
         timings["smoothquant"] = time.perf_counter() - t
 

@@ -45,6 +45,7 @@ from onnxq.placement.rules import LINEAR_OPS
 from onnxq.plan import FLOAT, QUANTIZED_PRECISIONS, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
 from onnxq.progress import log, progress_bar
 from onnxq.runtime import ort as ort_rt
+from onnxq.smoothquant import split_fractions
 from onnxq.weights import weight_source
 
 SWEEP_FORMAT = "onnxq.sweep/1"
@@ -160,6 +161,32 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
             plan.outputs.append(tensor)
             plan.set_activation(tensor, default, ActivationQuant(**vars(ranges.params[default][tensor])))
     return plan
+
+
+def check_smoothing(smoothquant: float | str | None, split_outliers: int | None) -> tuple[float | str | None, int]:
+    """SmoothQuant options of the sweep and the solver, validated as ``onnxq quantize`` does."""
+    from onnxq.smoothquant import check_alpha, check_split
+
+    split_outliers = check_split(split_outliers)
+    if smoothquant is None:
+        if split_outliers:
+            raise SweepError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
+        return None, 0
+    return check_alpha(smoothquant), split_outliers
+
+
+def apply_smoothing(model: ir.Model, base: QuantPlan, data, smoothquant, split_outliers: int, timings: dict, quiet: bool):
+    """SmoothQuant folded into the float ``model`` for ``base`` (every quantizable layer), or None."""
+    if smoothquant is None:
+        return None
+    from onnxq.smoothquant import smooth_float
+
+    t = time.perf_counter()
+    smooth_plan = smooth_float(model, base, data, smoothquant, split_outliers=split_outliers, quiet=quiet)
+    timings["smoothquant"] = time.perf_counter() - t
+    summary = smooth_plan.summary()
+    log(f"onnxq: SmoothQuant ({smoothquant}) folded in: {summary['smoothed']} of {summary['groups']} groups, {summary['split_channels']} channels split off", quiet)
+    return smooth_plan
 
 
 def prepare_opset(model: ir.Model, precisions: Iterable[str]) -> None:
@@ -340,18 +367,19 @@ def read_json(path: Path, what: str, error: type[OnnxqError], hint: str):
 
 
 
-def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: Mapping[str, np.ndarray] | None = None) -> None:
+def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: Mapping[str, np.ndarray] | None = None, split: Mapping[str, float] | None = None) -> None:
     """MACs and element counts per layer for one sample, from the shapes the model runs with.
 
     Uses the shapes a local sweep recorded; otherwise runs ``feed`` once through a copy of the
-    model with Shape outputs.
+    model with Shape outputs. ``split``: {node: share of its input channels in a float side
+    product} (SmoothQuant's split outliers), whose MACs are the layer's ``split_macs``.
     """
     by_name = {n.name: n for n in model.graph}
     if any("shapes" not in layer.extra for layer in layers) and feed is not None:
         _record_shapes(model, layers, feed)
     for layer in layers:
         recorded = layer.extra.get("shapes", {})
-        layer.macs = layer.matmul_macs = layer.weight_elements = layer.activation_elements = layer.output_elements = 0
+        layer.macs = layer.matmul_macs = layer.split_macs = layer.weight_elements = layer.activation_elements = layer.output_elements = 0
         for name in layer.nodes:
             node = by_name[name]
             if node.op_type not in LINEAR_OPS:
@@ -362,6 +390,7 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
             layer.macs += macs
             if node.op_type in ("MatMul", "Gemm"):
                 layer.matmul_macs += macs
+                layer.split_macs += int(round(macs * (split or {}).get(name, 0.0)))
             for index, kind in base.nodes[name].inputs.items():
                 value = node.inputs[index]
                 shape = shapes.get(value.name) or ([d for d in value.shape] if value.shape is not None and all(isinstance(d, int) for d in value.shape) else None)
@@ -508,6 +537,9 @@ class SweepResult:
     timings: dict = field(default_factory=dict)
     zoo: str | None = None
     samples: dict = field(default_factory=dict)
+    smoothquant: float | str | None = None
+    split_outliers: int = 0
+    method: str | dict | None = None  # the range method asked for (None: the target's default)
 
     def sensitivity(self, layer: str, precision: str) -> float:
         """Noise-to-signal ratio of quantizing ``layer`` alone at ``precision``: end to end when
@@ -534,6 +566,9 @@ class SweepResult:
             "mode": self.mode,
             "zoo": self.zoo,
             "samples": self.samples,
+            "smoothquant": self.smoothquant,
+            "split_outliers": self.split_outliers,
+            "calibration_method": self.method,
             "layers": [layer.to_json() for layer in self.layers],
             "local": self.local,
             "e2e": self.e2e,
@@ -564,6 +599,8 @@ class SweepResult:
                 mode=data["mode"], layers=[Layer.from_json(d) for d in data["layers"]], local=data.get("local", {}),
                 e2e=data.get("e2e", {}), spearman=data.get("spearman", {}), timings=data.get("timings_s", {}),
                 zoo=data.get("zoo"), samples=data.get("samples", {}),
+                smoothquant=data.get("smoothquant"), split_outliers=int(data.get("split_outliers") or 0),
+                method=data.get("calibration_method"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SweepError(f"{path} is malformed ({type(exc).__name__}: {exc}); write it again with onnxq sweep") from None
@@ -604,6 +641,8 @@ def sweep(
     method: MethodArg = None,
     percentile: float | None = None,
     layers_only: Sequence[str] | None = None,
+    smoothquant: float | str | None = None,
+    split_outliers: int = 0,
     plot: bool = True,
     quiet: bool = False,
 ) -> SweepResult:
@@ -612,6 +651,9 @@ def sweep(
     ``output``: the JSON path; ``<stem>.md`` and ``<stem>.png`` are written beside it. Ranges come
     from one calibration pass over ``calib``; errors are measured on ``eval`` (default: ``calib``).
     ``layers_only``: measure only these layers (names as in a sweep's table); default: all.
+    ``smoothquant``/``split_outliers``: measure the model with SmoothQuant folded in first (as
+    :func:`onnxq.quantize` would, decided for all quantizable layers in INT8); the sweep records
+    them and the solver repeats them.
     """
     from onnxq.calibrators import model_hash
     from onnxq.passes.preprocess import load_and_preprocess
@@ -622,6 +664,7 @@ def sweep(
         raise SweepError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     precisions = check_precisions(precisions)
     resolve_methods(method, target)
+    smoothquant, split_outliers = check_smoothing(smoothquant, split_outliers)
     if output is not None:
         output = modelio.check_output_path(output, model)
     timings: dict[str, float] = {}
@@ -631,6 +674,8 @@ def sweep(
     calib_data = open_source(calib, spec, limit=calib_samples)
     eval_data = open_source(eval if eval is not None else calib, spec, limit=eval_samples if eval is not None else (eval_samples or calib_samples), require_finite=False)
     base = place(float_model, target)
+    sha = model_hash(float_model)
+    smooth_plan = apply_smoothing(float_model, base, calib_data, smoothquant, split_outliers, timings, quiet)
     layers = layer_groups(float_model, base)
     if not layers:
         raise SweepError(f"the {target} policy quantizes no node of this model: nothing to sweep")
@@ -640,12 +685,11 @@ def sweep(
         if unknown:
             raise SweepError(f"no layer named {unknown}; layers are named after their first node, e.g. {[la.name for la in layers[:3]]}")
         layers = [la for la in layers if la.name in layers_arg]
-    sha = model_hash(float_model)
     prepare_opset(float_model, precisions)
     timings["load"] = time.perf_counter() - t0
     ranges = calibrate_ranges(float_model, base, calib_data, precisions, method=method, percentile=percentile, quiet=quiet)
     timings["calibrate"] = ranges.seconds
-    result = SweepResult(sha, target, list(precisions), mode, layers, zoo=zoo, samples={"calibration": ranges.num_samples})
+    result = SweepResult(sha, target, list(precisions), mode, layers, zoo=zoo, samples={"calibration": ranges.num_samples}, smoothquant=smoothquant, split_outliers=split_outliers, method=method)
     float_proto = modelio.to_proto(float_model)
     if mode in ("local", "both"):
         log(f"onnxq: local sweep of {len(layers)} layers x {len(precisions)} precisions in one pass", quiet)
@@ -656,7 +700,7 @@ def sweep(
         timings["local"] = time.perf_counter() - t
         timings["local_build"] = timings["local"] - timings["local_pass"]
         del twin_model
-    fill_costs(float_model, base, layers, next(iter(eval_data)))
+    fill_costs(float_model, base, layers, next(iter(eval_data)), split_fractions(smooth_plan))
     if mode in ("e2e", "both"):
         log(f"onnxq: end-to-end sweep: {len(layers) * len(precisions)} quantized models", quiet)
         t = time.perf_counter()

@@ -30,6 +30,15 @@ This module only decides (the plan); :class:`onnxq.passes.smoothquant.SmoothQuan
   is closest to the float product on calibration rows sampled during the calibration pass
   (:class:`onnxq.calibrators.reservoir.RowReservoir`); a group where no α beats not smoothing is
   left as it is.
+- **Outlier channels split off** (``split_outliers=N``, LLM.int8()'s decomposition, for groups of
+  MatMul/Gemm consumers): a few input channels whose smoothed range still dwarfs the rest leave
+  the quantized product. The group's activation is read through one inserted ``Mul`` by
+  ``mask/s`` (0 on the split channels), each consumer's weight rows of those channels become 0,
+  and a float side product ``Gather(X, channels) · W[channels]`` is added to each consumer's
+  output: ``Y = (X·diag(m/s))·(diag(s)·W) + X[:, c]·W[c, :]``, exact in float. How many: per
+  group, from 0, 1, 2, 4, … up to N, the fewest channels whose simulated error (searched jointly
+  with α) is within :data:`SPLIT_TOLERANCE` of the best count's; a split must earn its float
+  MACs (k/K of the group's).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from onnxq.weights import FLOAT_TYPES, FP8_MAX, to_fp8, weight_source
 ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
 MAX_SIM_COLUMNS = 1024  # output columns the α search simulates per group (sampled when more)
+SPLIT_TOLERANCE = 1.25  # fewest split channels whose simulated error is within this of the best count's
 
 
 @dataclass
@@ -74,10 +84,12 @@ class SmoothGroup:
     amax_before: float = 0.0
     amax_after: float = 0.0
     sim_error: dict = field(default_factory=dict)  # relative squared error of the simulated product
+    split: list[int] = field(default_factory=list)  # input channels kept out of the quantized product
 
     @property
     def smoothed(self) -> bool:
-        return self.alpha is not None
+        """The graph changes for this group: scaled, or channels split off (or both)."""
+        return self.alpha is not None or bool(self.split)
 
     @property
     def trailing(self) -> int:
@@ -86,6 +98,18 @@ class SmoothGroup:
     @property
     def inserts_mul(self) -> bool:
         return self.absorber.get("kind") == "inserted_mul"
+
+    def inverse_scale(self) -> np.ndarray:
+        """What the activation's channels are multiplied by: 1/s, and 0 on split channels."""
+        inv = 1.0 / np.asarray(self.scale, dtype=np.float32)
+        inv[self.split] = 0.0
+        return inv
+
+    def weight_scale(self) -> np.ndarray:
+        """What the consumers' weight rows are multiplied by: s, and 0 on split channels."""
+        s = np.asarray(self.scale, dtype=np.float32).copy()
+        s[self.split] = 0.0
+        return s
 
     @property
     def output(self) -> str:
@@ -96,6 +120,7 @@ class SmoothGroup:
 @dataclass
 class SmoothPlan:
     alpha: float | str
+    split_outliers: int = 0
     groups: list[SmoothGroup] = field(default_factory=list)
 
     def active(self) -> list[SmoothGroup]:
@@ -107,24 +132,30 @@ class SmoothPlan:
             d = asdict(g)
             d["scale"] = [float(v) for v in g.scale]
             groups.append(d)
-        return {"alpha": self.alpha, "groups": groups, "summary": self.summary()}
+        return {"alpha": self.alpha, "split_outliers": self.split_outliers, "groups": groups, "summary": self.summary()}
 
     def summary(self) -> dict:
         active = self.active()
         kinds: dict[str, int] = {}
         for g in active:
             kinds[g.absorber["kind"]] = kinds.get(g.absorber["kind"], 0) + 1
-        return {"groups": len(self.groups), "smoothed": len(active), "absorbed_by": dict(sorted(kinds.items())), "inserted_muls": sum(g.inserts_mul for g in active)}
+        return {
+            "groups": len(self.groups), "smoothed": len(active), "absorbed_by": dict(sorted(kinds.items())),
+            "inserted_muls": sum(g.inserts_mul for g in active), "split_channels": sum(len(g.split) for g in active),
+        }
 
     def format(self) -> str:
-        lines = [f"SmoothQuant (alpha {self.alpha}): {len(self.active())} of {len(self.groups)} groups smoothed"]
+        split = f", up to {self.split_outliers} outlier channels per group split off" if self.split_outliers else ""
+        lines = [f"SmoothQuant (alpha {self.alpha}{split}): {len(self.active())} of {len(self.groups)} groups smoothed"]
         lines.append(f"  {'activation':<48} {'alpha':>5} {'amax before':>12} {'after':>9}  scale went to")
         for g in self.groups:
             name = g.activation if len(g.activation) <= 48 else "…" + g.activation[-47:]
-            alpha = f"{g.alpha:.2f}" if g.smoothed else "-"
+            alpha = f"{g.alpha:.2f}" if g.alpha is not None else "-"
             where = f"{g.absorber['kind']} {g.absorber.get('node') or ''}".strip() if g.smoothed else "not smoothed (no gain in simulation)"
             if g.smoothed and g.absorber.get("through"):
                 where += f" (through {g.absorber['through']})"
+            if g.split:
+                where += f"; {len(g.split)} channel{'s' if len(g.split) > 1 else ''} in float {g.split}"
             lines.append(f"  {name:<48} {alpha:>5} {g.amax_before:>12.4g} {g.amax_after:>9.4g}  {where} ({len(g.consumers)} consumers)")
         return "\n".join(lines)
 
@@ -381,9 +412,13 @@ def _fake_quant_weight(w: np.ndarray, dtype: str = "int8") -> np.ndarray:
     return np.clip(np.rint(w / scale), -127, 127) * scale
 
 
-def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, dtype: str, reference: np.ndarray | None = None) -> float:
+def simulated_error(
+    rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, lo: np.ndarray, hi: np.ndarray, dtype: str,
+    reference: np.ndarray | None = None, split: np.ndarray | None = None,
+) -> float:
     """Relative squared error of W8A8 ``(rows/s)·(s·W)`` against the float ``rows·W``
-    (``reference``, when already computed).
+    (``reference``, when already computed); the ``split`` channels (indices) are left out of the
+    quantized product and added in float.
 
     The activation range is the whole tensor's (per-channel min/max over the calibration data,
     divided by s), not the sample's.
@@ -391,11 +426,36 @@ def simulated_error(rows: np.ndarray, weight: np.ndarray, s: np.ndarray | None, 
     ref = rows @ weight if reference is None else reference
     if s is None:
         s = np.ones(rows.shape[1], dtype=np.float32)
-    x = rows / s
-    xq = _fake_quant_activation(x, float(np.min(lo / s)), float(np.max(hi / s)), dtype).astype(np.float32)
-    wq = _fake_quant_weight(weight * s[:, None], dtype).astype(np.float32)
+    keep = np.ones(rows.shape[1], dtype=bool)
+    if split is not None and len(split):
+        keep[split] = False
+    x = rows[:, keep] / s[keep]
+    xq = _fake_quant_activation(x, float(np.min(lo[keep] / s[keep])), float(np.max(hi[keep] / s[keep])), dtype).astype(np.float32)
+    wq = _fake_quant_weight(weight[keep] * s[keep, None], dtype).astype(np.float32)
+    out = xq @ wq
+    if not keep.all():
+        out += rows[:, ~keep] @ weight[~keep]
     denom = float(np.sum(ref.astype(np.float64) ** 2)) or 1.0
-    return float(np.sum((xq @ wq - ref).astype(np.float64) ** 2) / denom)
+    return float(np.sum((out - ref).astype(np.float64) ** 2) / denom)
+
+
+def split_counts(limit: int, channels: int) -> list[int]:
+    """Channel counts tried for a split: 0, 1, 2, 4, … up to ``limit``, at most half the channels."""
+    counts, k = [0], 1
+    cap = min(limit, channels // 2)
+    while k <= cap:
+        counts.append(k)
+        k *= 2
+    if cap > 0 and counts[-1] != cap:
+        counts.append(cap)
+    return counts
+
+
+def split_channels(x_amax: np.ndarray, s: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` channels with the largest smoothed range ``max|X_j| / s_j`` (sorted indices)."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.argsort(-(x_amax / s), kind="stable")[:k])
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -409,9 +469,11 @@ def plan_smoothing(
     alpha: float | str,
     reservoirs: dict | None = None,
     activation_dtype: str = "int8",
+    split_outliers: int = 0,
 ) -> SmoothPlan:
-    """Scales, α and folds for every group (``table``: the calibration statistics, with per-channel
-    amax and min/max of each group's activation; ``reservoirs``: sampled rows for ``alpha="auto"``)."""
+    """Scales, α, split channels and folds for every group (``table``: the calibration statistics,
+    with per-channel amax and min/max of each group's activation; ``reservoirs``: sampled rows for
+    ``alpha="auto"`` or ``split_outliers``)."""
     by_name = {n.name: n for n in model.graph}
     values = {v.name: v for v in model.graph.inputs}
     values.update({o.name: o for n in model.graph for o in n.outputs})
@@ -421,7 +483,8 @@ def plan_smoothing(
         if node is not None and d.quantized:
             protected.update(node.inputs[i].name for i, k in d.inputs.items() if k == "activation" and i < len(node.inputs) and node.inputs[i] is not None)
     rng = np.random.default_rng(0)
-    out = SmoothPlan(alpha=alpha)
+    out = SmoothPlan(alpha=alpha, split_outliers=split_outliers)
+    split_consumers: set[str] = set()  # their outputs gain a side product: no fold into them
     for group in groups:
         stats = table.tensors.get(group.activation)
         if stats is None or stats.channel_amax is None:
@@ -435,33 +498,36 @@ def plan_smoothing(
             continue
         w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         group.amax_before = float(x_amax.max())
-        if alpha == "auto":
+        splittable = group.trailing == 0 and all(_splittable(n) for n in consumers)
+        counts = split_counts(split_outliers, x_amax.size) if splittable else [0]
+        if alpha == "auto" or len(counts) > 1:
             rows = reservoirs[group.activation].sample() if reservoirs and group.activation in reservoirs else np.zeros((0, 0))
             if rows.shape[0] == 0 or rows.shape[1] != x_amax.size:
-                group.alpha = 0.5
+                group.alpha = 0.5 if alpha == "auto" else float(alpha)
             else:
                 weight = np.concatenate(weights, axis=1)
                 if weight.shape[1] > MAX_SIM_COLUMNS:
                     weight = weight[:, np.sort(rng.choice(weight.shape[1], MAX_SIM_COLUMNS, replace=False))]
-                reference = rows @ weight
-                errors = {"none": simulated_error(rows, weight, None, lo, hi, activation_dtype, reference)}
-                for a in ALPHA_GRID:
-                    errors[f"{a:.2f}"] = simulated_error(rows, weight, scales(x_amax, w_amax, a), lo, hi, activation_dtype, reference)
-                group.sim_error = errors
-                best = min(ALPHA_GRID, key=lambda a: errors[f"{a:.2f}"])
-                group.alpha = float(best) if errors[f"{best:.2f}"] < errors["none"] else None
+                group.alpha, group.split, group.sim_error = _search(rows, weight, x_amax, w_amax, lo, hi, alpha, counts, activation_dtype)
         else:
             group.alpha = float(alpha)
-        if group.alpha is None:
+        if not group.smoothed:
             group.amax_after = group.amax_before
             out.groups.append(group)
             continue
-        s = scales(x_amax, w_amax, group.alpha)
+        s = scales(x_amax, w_amax, group.alpha) if group.alpha is not None else np.ones_like(x_amax)
         group.scale = s.tolist()
-        group.amax_after = float((x_amax / s).max())
+        keep = np.ones(x_amax.size, dtype=bool)
+        keep[group.split] = False
+        group.amax_after = float((x_amax / s)[keep].max())
         value = values[group.activation]
         feeds_only_group = {u.node.name for u in value.uses()} <= set(group.consumers)
-        found = find_absorber(value, group.rank, group.trailing, protected - {group.activation}) if feeds_only_group else None
+        # a split needs the unscaled activation for its float side product: scale with a Mul
+        found = find_absorber(value, group.rank, group.trailing, protected - {group.activation}) if feeds_only_group and not group.split else None
+        if found is not None and {f.node for f in found[1]} & split_consumers:
+            found = None
+        if group.split:
+            split_consumers.update(group.consumers)
         if found is None:
             group.absorber = {"kind": "inserted_mul", "node": None, "op": "Mul"}
             group.folds = []
@@ -472,26 +538,61 @@ def plan_smoothing(
     return out
 
 
-def smoothed_range(stats, s: np.ndarray) -> tuple[float, float]:
-    """(min, max) of ``x / s`` from ``x``'s per-channel min and max (s > 0): no recalibration."""
+def _splittable(node: ir.Node) -> bool:
+    """A consumer whose product can take a float side product for split channels."""
+    if node.op_type == "MatMul":
+        return True
+    return node.op_type == "Gemm" and node.attributes.get_float("alpha", 1.0) == 1.0
+
+
+def _search(rows, weight, x_amax, w_amax, lo, hi, alpha, counts, dtype) -> tuple[float | None, list[int], dict]:
+    """(α, split channels, simulated error per candidate): per split count the α (from the grid,
+    or not smoothing; or the fixed α) with the least simulated error, then the fewest split
+    channels within :data:`SPLIT_TOLERANCE` of the best count's error."""
+    reference = rows @ weight
+    alphas = [None, *ALPHA_GRID] if alpha == "auto" else [float(alpha)]
+    errors: dict[str, float] = {}
+    best: dict[int, tuple[float, float | None, np.ndarray]] = {}
+    ones = np.ones_like(x_amax)
+    for k in counts:
+        for a in alphas:
+            s = scales(x_amax, w_amax, a) if a is not None else ones
+            idx = split_channels(x_amax, s, k)
+            e = simulated_error(rows, weight, s, lo, hi, dtype, reference, idx)
+            errors[("none" if a is None else f"{a:.2f}") + (f"/split{k}" if k else "")] = e
+            if k not in best or e < best[k][0]:
+                best[k] = (e, a, idx)
+    least = min(e for e, _, _ in best.values())
+    k = next(k for k in counts if best[k][0] <= SPLIT_TOLERANCE * least)
+    return best[k][1], [int(i) for i in best[k][2]], errors
+
+
+def smoothed_range(stats, s: np.ndarray, split: list[int] | None = None) -> tuple[float, float]:
+    """(min, max) of ``x / s`` from ``x``'s per-channel min and max (s > 0): no recalibration.
+    ``split`` channels are 0 in the smoothed tensor."""
     s = np.asarray(s, dtype=np.float32)
+    keep = np.ones(s.size, dtype=bool)
+    if split:
+        keep[split] = False
     if stats.channel_min is not None and stats.channel_max is not None:
-        return float(np.min(stats.channel_min / s)), float(np.max(stats.channel_max / s))
-    amax = float(np.max(stats.channel_amax / s))
+        lo, hi = float(np.min(stats.channel_min[keep] / s[keep])), float(np.max(stats.channel_max[keep] / s[keep]))
+        return (min(lo, 0.0), max(hi, 0.0)) if split else (lo, hi)
+    amax = float(np.max(stats.channel_amax[keep] / s[keep]))
     return -amax, amax
 
 
 # --- the step in the quantize job ----------------------------------------------------------------
 
 
-def calibration_request(groups: list[SmoothGroup], alpha: float | str, rows: int | None = None) -> dict:
+def calibration_request(groups: list[SmoothGroup], alpha: float | str, rows: int | None = None, split_outliers: int = 0) -> dict:
     """What the calibration pass must also collect for ``groups``: per-channel abs-max and signed
-    range of each group's activation, and (``alpha="auto"``) a bounded reservoir of its rows."""
+    range of each group's activation, and (``alpha="auto"`` or a split) a bounded reservoir of its
+    rows."""
     from onnxq.calibrators.reservoir import DEFAULT_ROWS, RowReservoir
 
     axes = {g.activation: g.channel_axis for g in groups}
     request: dict = {"channel_axes": axes, "channel_ranges": list(axes)}
-    if alpha == "auto":
+    if alpha == "auto" or split_outliers > 0:
         request["reservoirs"] = {name: RowReservoir(axis, rows or DEFAULT_ROWS, seed=i) for i, (name, axis) in enumerate(axes.items())}
     return request
 
@@ -503,7 +604,18 @@ def simulated_dtype(plan: QuantPlan) -> str:
     return FP8_DTYPE if plan.precision == "fp8" else ACTIVATION_DTYPE[plan.target]
 
 
-def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, data, *, method=None, percentile=None, quiet=False) -> SmoothPlan:
+def check_split(value: int | str | None) -> int:
+    """``--split-outliers``: a channel count >= 0."""
+    try:
+        n = int(value or 0)
+    except (TypeError, ValueError):
+        raise OnnxqError(f"--split-outliers takes a channel count >= 0, got {value!r}") from None
+    if n < 0 or isinstance(value, bool) or (isinstance(value, float) and value != n):
+        raise OnnxqError(f"--split-outliers takes a channel count >= 0, got {value!r}")
+    return n
+
+
+def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, data, *, method=None, percentile=None, quiet=False, split_outliers: int = 0) -> SmoothPlan:
     """Plan the smoothing, fold it into ``model``, and bring ``plan`` up to date: weight entries of
     consumers whose weight became a new initializer, and the ranges of every smoothed tensor
     (min/max derived from per-channel statistics; histograms, if the range method needs them,
@@ -513,17 +625,18 @@ def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, d
     from onnxq.placement.rules import refresh_weights
     from onnxq.progress import log
 
-    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, simulated_dtype(plan))
+    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, simulated_dtype(plan), split_outliers)
     if reservoirs:
         reservoirs.clear()  # the rows are no longer needed
     SmoothQuantPass(smooth_plan)(model)
     refresh_weights(model, plan)
-    derived = {g.output: smoothed_range(table.tensors[g.activation], np.asarray(g.scale)) for g in smooth_plan.active()}
+    derived = {g.output: smoothed_range(table.tensors[g.activation], np.asarray(g.scale), g.split) for g in smooth_plan.active()}
     refresh_ranges(model, plan, table, derived, data, method=method, percentile=percentile, quiet=quiet)
     summary = smooth_plan.summary()
     log(
         f"onnxq: SmoothQuant: {summary['smoothed']} of {summary['groups']} groups smoothed; scales folded into "
-        + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items()),
+        + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items())
+        + (f"; {summary['split_channels']} outlier channels in float side products" if split_outliers else ""),
         quiet,
     )
     if not quiet:
@@ -531,14 +644,28 @@ def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, d
     return smooth_plan
 
 
-def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True) -> tuple[ir.Model, SmoothPlan]:
+def smooth_float(model: ir.Model, plan: QuantPlan, data, alpha: float | str, *, split_outliers: int = 0, quiet: bool = True) -> SmoothPlan:
+    """Fold SmoothQuant into the float ``model`` in place, for ``plan`` (its weight entries are
+    brought up to date), from one statistics pass over ``data``; no ranges are computed (the
+    sweep and the solver calibrate the smoothed model themselves)."""
+    from onnxq.calibrators import collect
+    from onnxq.passes.smoothquant import SmoothQuantPass
+    from onnxq.placement.rules import refresh_weights
+
+    groups = find_groups(model, plan)
+    request = calibration_request(groups, alpha, split_outliers=split_outliers)
+    table = collect(model, [g.activation for g in groups], data, progress=not quiet, **request)
+    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, request.get("reservoirs"), simulated_dtype(plan), split_outliers)
+    SmoothQuantPass(smooth_plan)(model)
+    refresh_weights(model, plan)
+    return smooth_plan
+
+
+def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True, split_outliers: int = 0) -> tuple[ir.Model, SmoothPlan]:
     """The float model with SmoothQuant folded in and no Q/DQ (what :func:`onnxq.quantize` does
     before inserting Q/DQ), and the plan that was executed: to inspect or test the rewrite."""
-    from onnxq.calibrators import collect
-    from onnxq.calibration import ACTIVATION_DTYPE
     from onnxq.data import open_source
     from onnxq.passes.preprocess import load_and_preprocess
-    from onnxq.passes.smoothquant import SmoothQuantPass
     from onnxq.placement import place
     from onnxq.runtime import ort as ort_rt
 
@@ -546,9 +673,15 @@ def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tenso
     float_model = load_and_preprocess(model)
     data = open_source(calib, ort_rt.model_input_spec(float_model), limit=calib_samples)
     quant_plan = place(float_model, target, exclude=exclude)
-    groups = find_groups(float_model, quant_plan)
-    request = calibration_request(groups, alpha)
-    table = collect(float_model, [g.activation for g in groups], data, progress=not quiet, **request)
-    smooth_plan = plan_smoothing(float_model, quant_plan, groups, table, alpha, request.get("reservoirs"), ACTIVATION_DTYPE[target])
-    SmoothQuantPass(smooth_plan)(float_model)
+    smooth_plan = smooth_float(float_model, quant_plan, data, alpha, split_outliers=check_split(split_outliers), quiet=quiet)
     return float_model, smooth_plan
+
+
+def split_fractions(smooth_plan: SmoothPlan | None) -> dict[str, float]:
+    """{consumer node: share of its input channels that went to a float side product}."""
+    out: dict[str, float] = {}
+    for g in smooth_plan.active() if smooth_plan is not None else []:
+        if g.split:
+            for c in g.consumers:
+                out[c] = len(g.split) / len(g.scale)
+    return out

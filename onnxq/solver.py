@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx_ir as ir
+
 from onnxq import modelio
 from onnxq.calibration import DataArg, MethodArg
 from onnxq.data import open_source
@@ -44,7 +46,7 @@ from onnxq.layer_groups import Layer, layer_groups
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
-from onnxq.sensitivity import Evaluator, SweepError, SweepResult, assemble_plan, calibrate_ranges, prepare_opset, read_json
+from onnxq.sensitivity import Evaluator, SweepError, SweepResult, apply_smoothing, assemble_plan, calibrate_ranges, prepare_opset, qdq_proto, read_json
 
 # Nominal roofline (an A100-like device; only ratios matter): MAC/s by precision, bytes/s.
 PEAK_MACS = {"float": 156e12, "int8": 312e12, "fp8": 312e12}
@@ -107,11 +109,15 @@ class SolveResult:
     output: Path | None = None
     report_path: Path | None = None
     curve_path: Path | None = None
+    model_path: Path | None = None
     timings: dict = field(default_factory=dict)
+    smoothquant: dict | None = None
 
     def to_json(self) -> dict:
         return {
             "plan": str(self.output) if self.output else None,
+            "model": str(self.model_path) if self.model_path else None,
+            "smoothquant": self.smoothquant,
             "plan_summary": self.plan.summary() if self.plan is not None else None,
             "chosen": self.chosen,
             "promotion_order": self.order,
@@ -139,6 +145,7 @@ def solve(
     eval_samples: int | None = None,
     method: MethodArg = None,
     percentile: float | None = None,
+    save_model: str | os.PathLike | None = None,
     plot: bool = True,
     quiet: bool = False,
 ) -> SolveResult:
@@ -149,6 +156,9 @@ def solve(
     promotion would break it is never promoted (the promotion order skips it). ``precisions``: the
     8-bit candidates to use, a subset of the sweep's (default: all of them). ``order_by``:
     "sensitivity" (most sensitive first) or "per-cost" (sensitivity per unit of added cost).
+    A sweep made with ``smoothquant``/``split_outliers`` is solved on the model smoothed the same
+    way; MACs of split-off channels count as high precision. ``save_model``: also write the
+    chosen candidate's Q/DQ model, the very model whose accuracy the report gives.
     """
     if order_by not in ORDERS:
         raise SolverError(f"unknown promotion order {order_by!r}; choose one of {list(ORDERS)}")
@@ -166,6 +176,8 @@ def solve(
         raise SolverError(f"--max-high-precision-layers must be >= 0, got {max_high_precision_layers}")
     result_sweep = sweep if isinstance(sweep, SweepResult) else SweepResult.load(sweep)
     zoo = zoo or result_sweep.zoo
+    if method is None:  # the ranges the sweep measured with
+        method = result_sweep.method
     metric = None
     if target_metric is not None:
         metric = parse_metric_target(target_metric)
@@ -173,11 +185,20 @@ def solve(
             raise SolverError("--target-metric needs --zoo NAME (the zoo model whose task metric it names)")
     if output is not None:
         output = modelio.check_output_path(output, model)
+    if save_model is not None:
+        save_model = modelio.check_output_path(save_model, model)
     float_model = load_and_preprocess(model)
     if model_hash(float_model) != result_sweep.model_sha256:
         raise SweepError(f"the sweep was made for another model (its model hash differs from {model}'s); run onnxq sweep on this model")
-    prepare_opset(float_model, result_sweep.precisions)
+    spec = ort_rt.model_input_spec(float_model)
+    calib_data = open_source(calib, spec, limit=calib_samples)
+    if eval is None:
+        raise SolverError("the solver verifies on held-out data: pass --eval DATA (not the calibration data)")
+    eval_data = open_source(eval, spec, limit=eval_samples, require_finite=False)
     base = place(float_model, result_sweep.target)
+    timings: dict[str, float] = {}
+    apply_smoothing(float_model, base, calib_data, result_sweep.smoothquant, result_sweep.split_outliers, timings, quiet)
+    prepare_opset(float_model, result_sweep.precisions)
     layers = layer_groups(float_model, base)
     by_name = {la.name: la for la in result_sweep.layers}
     if [la.name for la in layers] != [la.name for la in result_sweep.layers]:
@@ -186,7 +207,7 @@ def solve(
         raise SweepError("the sweep's layers differ from this model's; run onnxq sweep again with this onnxq version")
     for la in layers:  # costs come from the shapes the sweep ran with
         s = by_name[la.name]
-        la.macs, la.matmul_macs, la.weight_elements, la.activation_elements, la.output_elements = s.macs, s.matmul_macs, s.weight_elements, s.activation_elements, s.output_elements
+        la.macs, la.matmul_macs, la.split_macs, la.weight_elements, la.activation_elements, la.output_elements = s.macs, s.matmul_macs, s.split_macs, s.weight_elements, s.activation_elements, s.output_elements
     if precisions is None:
         precisions = list(result_sweep.precisions)
     else:
@@ -202,11 +223,6 @@ def solve(
         la.name: {p: roofline_cost(la, p) for p in [*precisions, FLOAT]} for la in layers
     }
 
-    spec = ort_rt.model_input_spec(float_model)
-    calib_data = open_source(calib, spec, limit=calib_samples)
-    if eval is None:
-        raise SolverError("the solver verifies on held-out data: pass --eval DATA (not the calibration data)")
-    eval_data = open_source(eval, spec, limit=eval_samples, require_finite=False)
     ranges = calibrate_ranges(float_model, base, calib_data, precisions, method=method, percentile=percentile, quiet=quiet)
     float_proto = modelio.to_proto(float_model)
     evaluator = Evaluator(float_proto, model, eval_data, zoo=zoo if (metric or zoo) else None, quiet=quiet, outputs=metric is None)
@@ -222,10 +238,11 @@ def solve(
 
     order = [la.name for la in sorted(layers, key=gain, reverse=True)]
     all8 = sum(costs[la.name][best8[la.name]] for la in layers)
-    total_mm = sum(la.matmul_macs for la in layers)
+    side_mm = sum(la.split_macs for la in layers)  # split-off channels: high precision in every candidate
+    total_mm = sum(la.matmul_macs for la in layers) + side_mm
     layer_of = {la.name: la for la in layers}
     if min_8bit_macs is not None:  # skip promotions that would leave too few MACs in 8 bits
-        budget, kept = (1 - min_8bit_macs) * total_mm, []
+        budget, kept = (1 - min_8bit_macs) * total_mm - side_mm, []
         for name in order:
             if layer_of[name].matmul_macs <= budget:
                 budget -= layer_of[name].matmul_macs
@@ -257,7 +274,7 @@ def solve(
         plan = assemble_plan(float_model, base, assignment(k), ranges)
         r = evaluator.evaluate(plan)
         cost = all8 + sum(costs[n][FLOAT] - costs[n][best8[n]] for n in order[:k])
-        mm8 = total_mm - sum(layer_of[n].matmul_macs for n in order[:k])
+        mm8 = total_mm - side_mm - sum(layer_of[n].matmul_macs for n in order[:k])
         if metric is not None:
             acc = float(r["metric"][metric[0]])
         else:
@@ -326,7 +343,14 @@ def solve(
     chosen = dict(candidates[chosen_k])
     candidates[chosen_k]["chosen"] = True
     result = SolveResult(plan, chosen, [candidates[k] for k in sorted(candidates)], order)
-    result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds}
+    if result_sweep.smoothquant is not None:
+        result.smoothquant = {"alpha": result_sweep.smoothquant, "split_outliers": result_sweep.split_outliers}
+    if save_model is not None:
+        proto = qdq_proto(float_proto, plan)
+        modelio.save(ir.serde.deserialize_model(proto), save_model)
+        result.model_path = save_model
+        log(f"onnxq: wrote {save_model} (the chosen candidate)", quiet)
+    result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds, **timings}
     _write_outputs(result, output, metric, target_cosine, plot, quiet)
     return result
 

@@ -167,3 +167,25 @@ def test_bad_inputs_are_clear_errors(attention_case, tmp_path, capsys):
         sweep(model, calib, layers_only=["nope"], quiet=True)
     with pytest.raises(SweepError, match="unknown sweep mode"):
         sweep(model, calib, mode="fast")
+
+
+def test_sweep_and_solver_with_smoothquant_and_split_outliers(decoder_case, tmp_path):
+    """The sweep records its SmoothQuant settings and the solver repeats them; split-off channels
+    are float MACs in every candidate; --save-model writes the very model the solver measured."""
+    from onnxq.check import compare
+
+    model, calib, evald = decoder_case
+    result = sweep(model, calib, tmp_path / "s.json", eval=evald, smoothquant="auto", split_outliers=4, quiet=True, plot=False)
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["smoothquant"] == "auto" and saved["split_outliers"] == 4
+    assert any(la.split_macs > 0 for la in result.layers)
+    assert all(la.split_macs < la.matmul_macs for la in result.layers)
+    solved = solve(tmp_path / "s.json", model, calib, tmp_path / "plan.json", eval=evald, max_high_precision_layers=0, save_model=tmp_path / "mixed.onnx", quiet=True, plot=False)
+    side = sum(la.split_macs for la in result.layers)
+    total = sum(la.matmul_macs for la in result.layers) + side
+    assert solved.chosen["matmul_macs_8bit_fraction"] == pytest.approx(1 - side / total)
+    q = onnx.load(str(tmp_path / "mixed.onnx"))
+    assert any(n.name.endswith("_SplitMatMul") for n in q.graph.node)
+    assert json.loads(solved.report_path.read_text())["smoothquant"] == {"alpha": "auto", "split_outliers": 4}
+    measured = compare(model, ort_rt.create_session(str(tmp_path / "mixed.onnx")), _feeds(evald, load_and_preprocess(model)), progress=False)
+    assert min(a.cosine_mean for a in measured) == pytest.approx(solved.chosen["cosine"], abs=1e-6)

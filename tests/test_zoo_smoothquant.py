@@ -78,3 +78,31 @@ def test_auto_smoothquant_accuracy(tmp_path, name, metric, floor):
     )
     assert result.smoothquant.active()
     assert entry.evaluate(out)[metric] >= floor
+
+
+def test_split_outliers_make_smollm2s_head_quantizable(tmp_path):
+    """SmolLM2-6l's LM head (56 % of its MatMul MACs) alone in INT8 loses next-token agreement to
+    its input's outlier channels, which per-tensor INT8 cannot hold even after smoothing; sending
+    the widest channels (16 at most of 576) to a float side product recovers most of it.
+    Measured: SQ auto 0.9595, with --split-outliers 16 0.9878."""
+    import onnxq
+    from onnxq.passes.preprocess import load_and_preprocess
+    from onnxq.placement import place
+
+    entry = zoo.get("smollm2-6l")
+    head = "node_linear_42"  # the last MatMul: logits = norm(x) · Eᵀ
+    calib = _feeds(entry.calib_data())
+    agreement = {}
+    for split in (0, 16):
+        plan = place(load_and_preprocess(entry.onnx_path()), "tensorrt")  # quantize updates its plan
+        assert plan.nodes[head].quantized
+        for name in plan.quantized_nodes():
+            if name != head:
+                plan.set_precision(name, "float")
+        out = tmp_path / f"head{split}.onnx"
+        result = onnxq.quantize(entry.onnx_path(), out, calib, plan=plan, method="minmax", smoothquant="auto", split_outliers=split, evaluate=False, quiet=True)
+        agreement[split] = entry.evaluate(out)["top1_agreement"]
+        if split:
+            (group,) = [g for g in result.smoothquant.active() if head in g.consumers]
+            assert 1 <= len(group.split) <= 16
+    assert agreement[16] >= 0.98 and agreement[16] > agreement[0] + 0.015, agreement

@@ -10,6 +10,10 @@ Rule: for every smoothed group (activation X, per-channel scale s > 0, consumers
   ``Mul(X, 1/s)`` is inserted and every consumer of the group reads its output
   ``<X>_smoothed``.
 
+A group with split channels c (outliers kept in float) always goes through the inserted ``Mul``,
+by ``m/s`` with m 0 on c; the rows c of each consumer's weight become 0, and each consumer's
+output becomes ``Add(<Y>_split_main, MatMul(Gather(X, c), W[c, :]))`` under the name ``<Y>``.
+
 ``(X · diag(s)⁻¹) · (diag(s) · W) = X · W``: the float model computes the same function. A
 constant read by another node too (a shared initializer, a tied embedding read through a
 Transpose) is not changed in place: the scaled copy becomes a new initializer of the node that
@@ -41,16 +45,21 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         modified = False
         for group in self.plan.active():
             s = np.asarray(group.scale, dtype=np.float32)
-            for fold in [*group.folds, *group.weight_folds]:
-                node = by_name.get(fold.node)
-                if node is None:
-                    raise PlanError(f"the SmoothQuant plan names node {fold.node!r}, which the model does not have")
-                self._fold(node, fold, s)
+            for name in [f.node for f in (*group.folds, *group.weight_folds)]:
+                if name not in by_name:
+                    raise PlanError(f"the SmoothQuant plan names node {name!r}, which the model does not have")
+            x = values.get(group.activation)
+            if group.inserts_mul and x is None:
+                raise PlanError(f"the SmoothQuant plan smooths {group.activation!r}, which the model does not produce")
+            if group.split:  # the side products read the original weight rows: before the folds
+                for c in group.consumers:
+                    self._split_off(x, by_name[c], group.split)
+            for fold in group.folds:
+                self._fold(by_name[fold.node], fold, s)
+            for fold in group.weight_folds:
+                self._fold(by_name[fold.node], fold, group.weight_scale())
             if group.inserts_mul:
-                x = values.get(group.activation)
-                if x is None:
-                    raise PlanError(f"the SmoothQuant plan smooths {group.activation!r}, which the model does not produce")
-                self._insert_mul(x, [by_name[c] for c in group.consumers], s, group.trailing, group.output)
+                self._insert_mul(x, [by_name[c] for c in group.consumers], group.inverse_scale(), group.trailing, group.output)
             modified = True
         for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]:
             graph.initializers.pop(name)
@@ -81,9 +90,41 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self._graph.register_initializer(new)
         node.replace_input_with(fold.input, new)
 
-    def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], s: np.ndarray, trailing: int, output: str) -> None:
+    def _split_off(self, x: ir.Value, consumer: ir.Node, channels: list[int]) -> None:
+        """``Y`` → ``Add(Y_split_main, MatMul(Gather(X, channels, axis=-1), W[channels, :]))``."""
+        from onnxq.smoothquant import _weight_matrix
+
         dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
-        inv = (1.0 / s).reshape((-1,) + (1,) * trailing).astype(dtype)
+        rows = np.ascontiguousarray(_weight_matrix(consumer)[channels].astype(dtype))
+        y = consumer.outputs[0]
+        name = y.name
+        index = self._constant(f"{name}_split_channels", np.asarray(channels, dtype=np.int64))
+        weight = self._constant(f"{name}_split_weight", rows)
+        gather = ir.node("Gather", [x, index], attributes={"axis": -1}, name=f"{name}_SplitGather")
+        gather.outputs[0].name = f"{name}_split_input"
+        gather.outputs[0].dtype = x.dtype
+        matmul = ir.node("MatMul", [gather.outputs[0], weight], name=f"{name}_SplitMatMul")
+        matmul.outputs[0].name = f"{name}_split_side"
+        matmul.outputs[0].dtype = y.dtype
+        add = ir.node("Add", [y, matmul.outputs[0]], name=f"{name}_SplitAdd")
+        add.outputs[0].dtype = y.dtype
+        add.outputs[0].shape = y.shape
+        ir.convenience.replace_all_uses_with(y, add.outputs[0], replace_graph_outputs=True)
+        add.replace_input_with(0, y)
+        y.name = f"{name}_split_main"
+        add.outputs[0].name = name
+        self._graph.insert_after(consumer, [gather, matmul, add])
+
+    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
+        const = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        const.dtype = const.const_value.dtype
+        const.shape = ir.Shape(array.shape)
+        self._graph.register_initializer(const)
+        return const
+
+    def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], inv: np.ndarray, trailing: int, output: str) -> None:
+        dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
+        inv = inv.reshape((-1,) + (1,) * trailing).astype(dtype)
         name = f"{x.name}_smooth_scale"
         const = ir.Value(name=name, const_value=ir.tensor(inv, name=name))
         const.dtype = const.const_value.dtype
