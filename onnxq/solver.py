@@ -19,6 +19,10 @@ per layer and precision. The solver
 4. writes the QuantPlan (replay with ``onnxq quantize --plan``), a JSON report of every candidate
    it evaluated and an accuracy-versus-cost curve (PNG).
 
+A sweep made with SmoothQuant (``--smoothquant``, ``--split-outliers``) is solved on the model
+smoothed the same way (the sweep records the settings and its range method); the MACs of
+split-off channels are float in every candidate.
+
 Cost: ``--latency-json`` gives measured costs ``{layer or node name: {precision: cost}}`` (e.g.
 from a TensorRT profile); node costs are summed per layer. Without it, a nominal roofline per
 layer and sample: time = max(MACs / peak, bytes / bandwidth), 8-bit peak twice the 16-bit one,

@@ -2,11 +2,12 @@
 and ModelOpt, on the zoo's transformer models, same model and data for every tool.
 
     python tools/bench/smoothquant.py [--models smollm2-6l minilm-l6-v2 smollm2-135m]
-        [--targets tensorrt] [--methods minmax mse] [--alphas none 0.5 auto]
+        [--targets tensorrt] [--methods minmax mse] [--alphas none 0.5 auto] [--splits 0 16]
         [--calib-samples N] [--eval-samples N] [--tools onnxq ort modelopt inc-sq]
         [--sweep MODEL] [--out bench.json]
 
-Rows per model: FP32, onnxq per (range method, SmoothQuant α), ORT quantize_static (QDQ, MinMax,
+Rows per model: FP32, onnxq per (range method, SmoothQuant α, --split-outliers N for α != none;
+shown as "α+N"), ORT quantize_static (QDQ, MinMax,
 per-channel symmetric INT8 weights; via tools/bench/_job.py, its own process), ModelOpt INT8
 (its default entropy calibration, unquantized ops kept FP32) and Intel Neural Compressor's ONNX
 SmoothQuant (α 0.5, MinMax) through tools/bench/competitors/runners.py (their own venv); a tool
@@ -42,13 +43,13 @@ def _alpha(text: str):
     return None if text == "none" else ("auto" if text == "auto" else float(text))
 
 
-def quantize_onnxq(case, out, target, method, alpha, exclude=(), calib_n=None):
+def quantize_onnxq(case, out, target, method, alpha, exclude=(), calib_n=None, split=0):
     import onnxq
 
     t = time.perf_counter()
     result = onnxq.quantize(
         case["model"], out, case["calib"], target=target, method=method, smoothquant=alpha, exclude=exclude,
-        calib_samples=calib_n, report=False, evaluate=False, quiet=True,
+        calib_samples=calib_n, report=False, evaluate=False, quiet=True, split_outliers=split,
     )
     row = {"seconds": time.perf_counter() - t}
     if result.smoothquant is not None:
@@ -84,12 +85,13 @@ def bench_model(name, args, work):
     print(json.dumps(rows[-1]), flush=True)
     for target in args.targets:
         for method in args.methods if "onnxq" in args.tools else ():
-            for a in args.alphas:
+            for a, split in [(a, n) for a in args.alphas for n in (args.splits if a != "none" else [0])]:
                 alpha = _alpha(a)
-                out = work / name / f"onnxq.{target}.{method}.{a}.onnx"
-                row = {"model": name, "tool": "onnxq", "target": target, "method": method, "smoothquant": a}
+                label = a + (f"+{split}" if split else "")
+                out = work / name / f"onnxq.{target}.{method}.{label}.onnx"
+                row = {"model": name, "tool": "onnxq", "target": target, "method": method, "smoothquant": label}
                 try:
-                    row.update(quantize_onnxq(case, out, target, method, alpha))
+                    row.update(quantize_onnxq(case, out, target, method, alpha, split=split))
                     row["metrics"] = entry.evaluate(out, n=args.eval_samples)
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -164,10 +166,10 @@ def print_table(rows):
     for model in dict.fromkeys(r["model"] for r in rows):
         keys = KEY_METRICS.get(model, ())
         print(f"\n{model}")
-        print(f"  {'tool':<9}{'target':<10}{'method':<8}{'SQ α':<6}" + "".join(f"{k:>16}" for k in keys) + "   SmoothQuant groups (absorbed / inserted Mul)")
+        print(f"  {'tool':<9}{'target':<10}{'method':<8}{'SQ α':<8}" + "".join(f"{k:>16}" for k in keys) + "   SmoothQuant groups (absorbed / inserted Mul)")
         for r in (r for r in rows if r["model"] == model):
             m = r.get("metrics", {})
-            line = f"  {r['tool']:<9}{r.get('target', '-'):<10}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<6}"
+            line = f"  {r['tool']:<9}{r.get('target', '-'):<10}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<8}"
             line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             info = r.get("sq_summary")
             if info:
@@ -183,6 +185,7 @@ def main():
     ap.add_argument("--targets", nargs="+", default=["tensorrt"])
     ap.add_argument("--methods", nargs="+", default=["minmax", "mse"])
     ap.add_argument("--alphas", nargs="+", default=["none", "0.5", "auto"])
+    ap.add_argument("--splits", nargs="+", type=int, default=[0], help="--split-outliers values for each α other than none (default: 0)")
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort", "modelopt", "inc-sq"], help="rows to run (default: all)")
