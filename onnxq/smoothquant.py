@@ -363,7 +363,7 @@ def _weight_fold(node: ir.Node) -> Fold:
 # --- scales and α -------------------------------------------------------------------------------
 
 
-def _weight_matrix(node: ir.Node) -> np.ndarray:
+def weight_matrix(node: ir.Node) -> np.ndarray:
     """The consumer's weight as ``[C_in, N]`` (reading through a Transpose)."""
     w = weight_source(node.inputs[1])
     array = w.initializer.const_value.numpy().astype(np.float32)
@@ -493,7 +493,7 @@ def plan_smoothing(
         lo = stats.channel_min if stats.channel_min is not None else -x_amax
         hi = stats.channel_max if stats.channel_max is not None else x_amax
         consumers = [by_name[c] for c in group.consumers]
-        weights = [_weight_matrix(n) for n in consumers]
+        weights = [weight_matrix(n) for n in consumers]
         if any(w.shape[0] != x_amax.size for w in weights):
             continue
         w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)

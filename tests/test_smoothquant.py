@@ -14,7 +14,7 @@ from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.runtime import ort as ort_rt
-from onnxq.smoothquant import _weight_matrix, check_alpha, scales, smooth_model
+from onnxq.smoothquant import weight_matrix, check_alpha, scales, smooth_model
 
 
 def _run(model, feeds):
@@ -206,7 +206,7 @@ def test_split_outliers_keeps_the_function_and_moves_the_widest_channels_to_floa
             side = add.inputs[1].producer()
             assert side.op_type == "MatMul" and side.inputs[0].producer().op_type == "Gather"
             np.testing.assert_array_equal(side.inputs[0].producer().inputs[1].const_value.numpy(), g.split)
-            w = _weight_matrix(names[c])  # [C_in, N] as the node reads it
+            w = weight_matrix(names[c])  # [C_in, N] as the node reads it
             assert not np.any(w[g.split]) and np.any(w)  # split rows are zero in the quantized product
     assert_same_function(str(model), split, _feeds(evald))
     assert "channels in float" in plan.format()

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
-from onnxq.smoothquant import Fold, SmoothPlan
+from onnxq.smoothquant import Fold, SmoothPlan, weight_matrix
 from onnxq.weights import weight_source
 
 
@@ -92,10 +92,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
 
     def _split_off(self, x: ir.Value, consumer: ir.Node, channels: list[int]) -> None:
         """``Y`` → ``Add(Y_split_main, MatMul(Gather(X, channels, axis=-1), W[channels, :]))``."""
-        from onnxq.smoothquant import _weight_matrix
-
         dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
-        rows = np.ascontiguousarray(_weight_matrix(consumer)[channels].astype(dtype))
+        rows = np.ascontiguousarray(weight_matrix(consumer)[channels].astype(dtype))
         y = consumer.outputs[0]
         name = y.name
         index = self._constant(f"{name}_split_channels", np.asarray(channels, dtype=np.int64))
@@ -125,11 +123,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], inv: np.ndarray, trailing: int, output: str) -> None:
         dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
         inv = inv.reshape((-1,) + (1,) * trailing).astype(dtype)
-        name = f"{x.name}_smooth_scale"
-        const = ir.Value(name=name, const_value=ir.tensor(inv, name=name))
-        const.dtype = const.const_value.dtype
-        const.shape = ir.Shape(inv.shape)
-        self._graph.register_initializer(const)
+        const = self._constant(f"{x.name}_smooth_scale", inv)
         mul = ir.node("Mul", [x, const], name=f"{x.name}_SmoothQuantMul")
         mul.outputs[0].name = output
         mul.outputs[0].dtype = x.dtype
