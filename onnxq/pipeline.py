@@ -121,10 +121,10 @@ def quantize(
     if split_outliers and smoothquant is None:
         raise OnnxqError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
     if smoothquant is not None:
-        from onnxq.smoothquant import check_alpha, check_split as sq_check_split
+        from onnxq.smoothquant import check_alpha, check_split
 
         smoothquant = check_alpha(smoothquant)
-        split_outliers = sq_check_split(split_outliers)
+        split_outliers = check_split(split_outliers)
         if calib is None:
             raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     if table is not None and not isinstance(table, CalibrationTable):

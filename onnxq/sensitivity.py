@@ -390,7 +390,7 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
             layer.macs += macs
             if node.op_type in ("MatMul", "Gemm"):
                 layer.matmul_macs += macs
-                layer.split_macs += int(round(macs * (split or {}).get(name, 0.0)))
+                layer.split_macs += round(macs * (split or {}).get(name, 0.0))
             for index, kind in base.nodes[name].inputs.items():
                 value = node.inputs[index]
                 shape = shapes.get(value.name) or ([d for d in value.shape] if value.shape is not None and all(isinstance(d, int) for d in value.shape) else None)

@@ -50,7 +50,17 @@ from onnxq.layer_groups import Layer, layer_groups
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
-from onnxq.sensitivity import Evaluator, SweepError, SweepResult, apply_smoothing, assemble_plan, calibrate_ranges, prepare_opset, qdq_proto, read_json
+from onnxq.sensitivity import (
+    Evaluator,
+    SweepError,
+    SweepResult,
+    apply_smoothing,
+    assemble_plan,
+    calibrate_ranges,
+    prepare_opset,
+    qdq_proto,
+    read_json,
+)
 
 # Nominal roofline (an A100-like device; only ratios matter): MAC/s by precision, bytes/s.
 PEAK_MACS = {"float": 156e12, "int8": 312e12, "fp8": 312e12}

@@ -190,7 +190,7 @@ def test_alpha_search_simulates_the_plans_grid():
 
 def test_split_outliers_keeps_the_function_and_moves_the_widest_channels_to_float(decoder_case):
     model, calib, evald = decoder_case
-    plain, plain_plan = smooth_model(model, str(calib), "auto")
+    _, plain_plan = smooth_model(model, str(calib), "auto")
     split, plan = smooth_model(model, str(calib), "auto", split_outliers=4)
     groups = [g for g in plan.active() if g.split]
     assert groups, plan.format()
@@ -218,7 +218,7 @@ def test_split_outliers_keeps_graph_output_names(tmp_path):
     ids_path = tmp_path / "ids.npz"
     np.savez(ids_path, ids=ids)
     # a fixed α with a split: the channel count comes from the simulation alone
-    smoothed, plan = smooth_model(model, str(ids_path), 0.5, split_outliers=2)
+    smoothed, _ = smooth_model(model, str(ids_path), 0.5, split_outliers=2)
     assert [o.name for o in smoothed.graph.outputs] == ["logits"]
     assert smoothed.graph.outputs[0].producer().op_type in ("Add", "MatMul")
     assert_same_function(str(model), smoothed, [{"ids": ids[i]} for i in range(4)])

@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.passes.initializers import add_initializer
+
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal
 _DEFAULT = ("", "ai.onnx")
@@ -272,9 +274,7 @@ class CastFloat16Pass(ir.passes.InPlacePass):
         if value.const_value is not None and value.producer() is None and not value.is_graph_input():
             with np.errstate(over="ignore"):  # only with rules off: beyond 65504 becomes ±inf, as a Cast does
                 array = value.const_value.numpy().astype(np.float16)
-            new = ir.Value(name=f"{value.name}_fp16", const_value=ir.tensor(array, name=f"{value.name}_fp16"))
-            new.dtype, new.shape = ir.DataType.FLOAT16, value.shape
-            self._graph.register_initializer(new)
+            new = add_initializer(self._graph, f"{value.name}_fp16", array)
         else:
             new = self._cast(value, ir.DataType.FLOAT16, "fp16")
         self._to16[id(value)] = new

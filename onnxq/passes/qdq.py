@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
+from onnxq.passes.initializers import add_initializer
 from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, ActivationQuant, QuantPlan, WeightQuant
 from onnxq.weights import FP8_MAX, quantize_weight, weight_source
 
@@ -88,11 +89,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------------------------------
     def _constant(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.dtype = value.const_value.dtype
-        value.shape = ir.Shape(array.shape)
-        self._graph.register_initializer(value)
-        return value
+        return add_initializer(self._graph, name, array)
 
     def _insert(self, after: ir.Value, nodes: list[ir.Node]) -> None:
         producer = after.producer()

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
+from onnxq.passes.initializers import add_initializer
 from onnxq.smoothquant import Fold, SmoothPlan, weight_matrix
 from onnxq.weights import weight_source
 
@@ -83,12 +84,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             init.const_value = ir.tensor(scaled, name=init.name)
             init.shape = ir.Shape(scaled.shape)
             return
-        name = f"{node.name}/{init.name}_smoothed"
-        new = ir.Value(name=name, const_value=ir.tensor(scaled, name=name))
-        new.dtype = new.const_value.dtype
-        new.shape = ir.Shape(scaled.shape)
-        self._graph.register_initializer(new)
-        node.replace_input_with(fold.input, new)
+        node.replace_input_with(fold.input, self._constant(f"{node.name}/{init.name}_smoothed", scaled))
 
     def _split_off(self, x: ir.Value, consumer: ir.Node, channels: list[int]) -> None:
         """``Y`` → ``Add(Y_split_main, MatMul(Gather(X, channels, axis=-1), W[channels, :]))``."""
@@ -114,11 +110,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self._graph.insert_after(consumer, [gather, matmul, add])
 
     def _constant(self, name: str, array: np.ndarray) -> ir.Value:
-        const = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        const.dtype = const.const_value.dtype
-        const.shape = ir.Shape(array.shape)
-        self._graph.register_initializer(const)
-        return const
+        return add_initializer(self._graph, name, array)
 
     def _insert_mul(self, x: ir.Value, consumers: list[ir.Node], inv: np.ndarray, trailing: int, output: str) -> None:
         dtype = np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32
