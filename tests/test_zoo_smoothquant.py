@@ -121,4 +121,5 @@ def test_split_outliers_make_smollm2s_head_quantizable(tmp_path):
         if split:
             (group,) = [g for g in result.smoothquant.active() if head in g.consumers]
             assert 1 <= len(group.split) <= 16
+    print("head alone in INT8, top-1 agreement by --split-outliers:", agreement)  # pytest -s shows it
     assert agreement[16] >= 0.98 and agreement[16] > agreement[0] + 0.015, agreement
