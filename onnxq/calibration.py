@@ -5,6 +5,7 @@ scales and zero points.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -13,6 +14,7 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.table import TensorStats
 from onnxq.calibrators.methods import DEFAULT_METHOD, HISTOGRAM_METHODS
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError, PlanError
@@ -233,6 +235,7 @@ def plan_ranges(
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Iterable[str] = (),
     reservoirs: Mapping | None = None,
+    only: Sequence[str] | None = None,
 ) -> CalibrationTable:
     """Fill the plan's activation parameters (at the precision of each tensor's readers) from a
     pass over ``data``, or from ``table`` when given.
@@ -241,9 +244,10 @@ def plan_ranges(
     the table the ranges came from. ``extra_tensors``: more tensors whose min/max the same pass
     collects (no histograms, no plan parameters), e.g. for the FP16 overflow check.
     ``channel_axes``/``channel_ranges``/``reservoirs`` ask the same pass for per-channel abs-max,
-    per-channel min/max and sampled rows (SmoothQuant).
+    per-channel min/max and sampled rows (SmoothQuant). ``only``: calibrate and fill just these
+    of the plan's tensors (those a given plan has no parameters for).
     """
-    tensors = activation_tensors(model, plan)
+    tensors = activation_tensors(model, plan) if only is None else list(only)
     if method is None and table is not None and table.method is not None:
         method = table.method
     if percentile is None and table is not None:
@@ -274,7 +278,13 @@ def plan_ranges(
     return table
 
 
-def refresh_ranges(
+def missing_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
+    """Activation tensors the plan quantizes at some precision it holds no parameters for."""
+    precisions = tensor_precisions(model, plan)
+    return [t for t in activation_tensors(model, plan) if any(plan.activation(t, p) is None for p in precisions.get(t, ()))]
+
+
+def derived_stats(
     model: ir.Model,
     plan: QuantPlan,
     table: CalibrationTable,
@@ -284,26 +294,20 @@ def refresh_ranges(
     method: MethodArg = None,
     percentile: float | None = None,
     quiet: bool = False,
-) -> list[str]:
-    """Ranges of tensors a rewrite of ``model`` changed (SmoothQuant), without a full recalibration.
+) -> dict[str, TensorStats]:
+    """Statistics of tensors a rewrite of ``model`` changed (SmoothQuant), as an overlay on
+    ``table`` (which is not modified), without a full recalibration.
 
     ``derived``: tensor -> (min, max) that follows from statistics already collected (for
     SmoothQuant: per-channel min/max divided by s). Those are the ranges of ``minmax`` tensors.
     Tensors whose method needs a histogram get it from a second pass over ``data`` that observes
-    only them (a histogram of ``x / s`` cannot be derived from the histogram of ``x``). Returns
-    the tensors recomputed.
+    only them (a histogram of ``x / s`` cannot be derived from the histogram of ``x``).
     """
-    from onnxq.calibrators.table import TensorStats
-
     names = [t for t in activation_tensors(model, plan) if t in derived]
     if method is None and table.method is not None:
         method = table.method
-    if percentile is None:
-        percentile = table.percentile
     methods = tensor_methods(model, plan, names, resolve_methods(method, plan.target))
-    for t in names:
-        lo, hi = derived[t]
-        table.tensors[t] = TensorStats(min=lo, max=hi)
+    overlay = {t: TensorStats(min=derived[t][0], max=derived[t][1]) for t in names}
     hist = [t for t in names if methods[t] in HISTOGRAM_METHODS]
     if hist:
         if data is None:
@@ -315,6 +319,10 @@ def refresh_ranges(
         )
         second = collect(model, hist, data, progress=not quiet, histograms=True)
         for t in hist:
-            table.tensors[t].histogram = second.tensors[t].histogram
-    fill_activation_params(plan, table, methods, percentile, tensors=names, precisions=tensor_precisions(model, plan))
-    return names
+            overlay[t].histogram = second.tensors[t].histogram
+    return overlay
+
+
+def with_overlay(table: CalibrationTable, overlay: Mapping[str, TensorStats]) -> CalibrationTable:
+    """A view of ``table`` whose ``overlay`` tensors replace its own (``table`` is unchanged)."""
+    return dataclasses.replace(table, tensors={**table.tensors, **overlay})

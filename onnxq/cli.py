@@ -10,27 +10,22 @@ from onnxq.errors import OnnxqError
 EXIT_ERROR = 2
 
 
+def _recipe(args: argparse.Namespace):
+    """The recipe: ``--recipe FILE`` (if given) with the recipe flags given on the command line
+    overriding it."""
+    from onnxq.recipe import Recipe
+
+    base = Recipe.load(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    given = {name: getattr(args, name) for name in RECIPE_OPTIONS if hasattr(args, name)}
+    return base.merged(given)
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from onnxq.pipeline import quantize
 
     result = quantize(
-        args.model,
-        args.output,
-        args.calib,
-        target=args.target,
-        precision=args.precision,
-        eval=args.eval,
-        exclude=args.exclude or (),
-        plan=args.plan,
-        save_plan=args.save_plan,
-        calib_samples=args.calib_samples,
-        method=args.calib_method,
-        percentile=args.percentile,
-        table=args.table,
-        quiet=args.quiet,
-        high_precision=args.high_precision,
-        smoothquant=args.smoothquant,
-        split_outliers=args.split_outliers,
+        args.model, args.output, args.calib, recipe=_recipe(args), eval=args.eval, plan=args.plan,
+        save_plan=args.save_plan, table=args.table, evaluate=not args.no_eval, quiet=args.quiet,
     )
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
@@ -39,14 +34,10 @@ def _quantize(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from onnxq.calibration import calibrate
 
+    recipe = _recipe(args)
     table = calibrate(
-        args.model,
-        args.calib,
-        args.output,
-        method=args.calib_method,
-        percentile=args.percentile,
-        calib_samples=args.calib_samples,
-        quiet=args.quiet,
+        args.model, args.calib, args.output, method=recipe.calib_method, percentile=recipe.percentile,
+        calib_samples=recipe.calib_samples, quiet=args.quiet,
     )
     print(f"wrote {args.output} ({len(table.tensors)} tensors, {table.num_samples} samples)")
     return 0
@@ -55,6 +46,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from onnxq.sensitivity import sweep
 
+    recipe = _recipe(args)
     result = sweep(
         args.model,
         args.calib,
@@ -62,14 +54,15 @@ def _sweep(args: argparse.Namespace) -> int:
         eval=args.eval,
         mode=args.mode,
         precisions=args.precisions,
-        target=args.target,
+        target=recipe.target,
         zoo=args.zoo,
-        calib_samples=args.calib_samples,
+        calib_samples=recipe.calib_samples,
         eval_samples=args.eval_samples,
-        method=args.calib_method,
+        method=recipe.calib_method,
+        percentile=recipe.percentile,
         layers_only=args.layers.split(",") if args.layers else None,
-        smoothquant=args.smoothquant,
-        split_outliers=args.split_outliers,
+        smoothquant=recipe.smoothquant,
+        split_outliers=recipe.split_outliers,
         quiet=args.quiet,
     )
     if not args.quiet:
@@ -81,6 +74,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _solve(args: argparse.Namespace) -> int:
     from onnxq.solver import solve
 
+    recipe = _recipe(args)
     result = solve(
         args.sweep,
         args.model,
@@ -95,9 +89,10 @@ def _solve(args: argparse.Namespace) -> int:
         min_8bit_macs=args.min_8bit_macs,
         precisions=args.precisions,
         order_by=args.order,
-        calib_samples=args.calib_samples,
+        calib_samples=recipe.calib_samples,
         eval_samples=args.eval_samples,
-        method=args.calib_method,
+        method=recipe.calib_method if recipe.given("calib_method") else None,
+        percentile=recipe.percentile,
         save_model=args.save_model,
         quiet=args.quiet,
     )
@@ -240,45 +235,94 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_FAILED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from onnxq.calibrators.methods import DEFAULT_METHOD, METHODS
+# --- option groups, declared once ----------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models for TensorRT and ONNX Runtime.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# The recipe's options (onnxq.recipe.Recipe): default SUPPRESS, so only flags given on the command
+# line override a --recipe file.
+RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
+    "target": (("--target",), {"choices": ["tensorrt", "ort"], "help": "deployment target whose Q/DQ rules apply (default: tensorrt)"}),
+    "precision": (("--precision",), {"choices": ["int8", "fp8"], "help": "quantized precision: int8, or fp8 (E4M3FN, opset 19; ranges on the FP8 grid) (default: int8)"}),
+    "high_precision": (("--high-precision",), {"choices": ["fp32", "fp16"], "help": "precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)"}),
+    "exclude": (("--exclude",), {"action": "append", "metavar": "NAME|REGEX", "help": "keep matching nodes in float (repeatable; regexes match whole names)"}),
+    "exclude_op": (("--exclude-op",), {"action": "append", "metavar": "OP", "help": "keep every node of this op type in float (repeatable), e.g. ConvTranspose"}),
+    "include": (("--include",), {"action": "append", "metavar": "NAME|REGEX", "help": "quantize only the matching Conv/Gemm/MatMul nodes (repeatable)"}),
+    "include_op": (("--include-op",), {"action": "append", "metavar": "OP", "help": "quantize only Conv/Gemm/MatMul nodes of these op types (repeatable)"}),
+    "calib_samples": (("--calib-samples",), {"type": int, "metavar": "N", "help": "use at most N calibration samples"}),
+    "calib_method": (("--calib-method",), {"choices": ["minmax", "percentile", "entropy", "mse"], "help": "activation range method (default: mse; with --table: the table's)"}),
+    "percentile": (("--percentile",), {"type": float, "metavar": "P", "help": "percentile for --calib-method percentile (default 99.99)"}),
+    "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
+    "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
+}
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op")
+CALIBRATION = ("calib_samples", "calib_method", "percentile")
+SMOOTHING = ("smoothquant", "split_outliers")
 
+
+def _add_recipe(p: argparse.ArgumentParser, names) -> None:
+    g = p.add_argument_group("recipe (flags override --recipe)")
+    g.add_argument("--recipe", metavar="FILE", help="the request as YAML or JSON, keys spelled like these options (e.g. 'calib-method: minmax')")
+    for name in names:
+        flags, kwargs = RECIPE_OPTIONS[name]
+        g.add_argument(*flags, dest=name, default=argparse.SUPPRESS, **kwargs)
+
+
+def _add_model(p: argparse.ArgumentParser, name: str = "model", help: str = "input ONNX model (never modified)") -> None:
+    p.add_argument(name, help=help)
+
+
+def _add_output(p: argparse.ArgumentParser, help: str, *, metavar: str | None = None, required: bool = True, default: str | None = None) -> None:
+    p.add_argument("-o", "--output", required=required, default=default, metavar=metavar, help=help)
+
+
+def _add_quiet(p: argparse.ArgumentParser, help: str = "no progress or summary on stderr/stdout") -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=help)
+
+
+def _add_data(p: argparse.ArgumentParser, *, calib_required: bool, eval_help: str | None, eval_required: bool = False) -> None:
+    p.add_argument("--calib", required=calib_required, help="calibration data: .npz (one array per input, leading axis = samples), a directory of .npz, or module:function")
+    if eval_help is not None:
+        p.add_argument("--eval", required=eval_required, help=eval_help)
+
+
+def _add_eval_samples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
+
+
+def _add_dims(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1), e.g. seq=128")
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def _quantize_parser(sub) -> None:
     q = sub.add_parser("quantize", help="insert Q/DQ from calibration data and compare with the float model")
-    q.add_argument("model", help="input ONNX model (never modified)")
-    q.add_argument("-o", "--output", required=True, help="output Q/DQ ONNX model; a .report.json is written beside it")
-    q.add_argument("--calib", help="calibration data: .npz (one array per input, leading axis = samples), a directory of .npz, or module:function")
-    q.add_argument("--eval", help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
-    q.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="deployment target whose Q/DQ rules apply (default: tensorrt)")
-    q.add_argument("--precision", choices=["int8", "fp8"], default="int8", help="quantized precision: int8, or fp8 (E4M3FN, opset 19; ranges on the FP8 grid) (default: int8)")
-    q.add_argument("--high-precision", choices=["fp32", "fp16"], default="fp32", help="precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)")
-    q.add_argument("--exclude", action="append", metavar="NAME|REGEX", help="keep matching nodes in float (repeatable; regexes match whole names)")
-    q.add_argument("--plan", help="replay a QuantPlan JSON (from --save-plan, possibly edited) instead of the target's policy")
+    _add_model(q)
+    _add_output(q, "output Q/DQ ONNX model; a .report.json is written beside it")
+    _add_data(q, calib_required=False, eval_help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
+    _add_recipe(q, (*PLACEMENT, *CALIBRATION, *SMOOTHING))
+    q.add_argument("--plan", help="a QuantPlan JSON (from --save-plan, possibly edited): its decisions are used as they are; a complete plan rebuilds its model byte for byte")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")
-    q.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
-    q.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + "; with --table: the table's)")
-    q.add_argument("--percentile", type=float, metavar="P", help="percentile for --calib-method percentile (default 99.99)")
     q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")
-    q.add_argument("--smoothquant", metavar="ALPHA|auto", help="fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)")
-    q.add_argument("--split-outliers", metavar="N", type=int, default=0, help="with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style; as many as the simulated error says pay)")
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr/stdout")
+    q.add_argument("--no-eval", action="store_true", help="skip the closing comparison with the float model")
+    _add_quiet(q)
     q.set_defaults(func=_quantize)
 
+
+def _calibrate_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="collect calibration statistics once and write them as a reusable table")
-    c.add_argument("model", help="input ONNX model (never modified)")
-    c.add_argument("--calib", required=True, help="calibration data, same forms as for quantize")
-    c.add_argument("-o", "--output", required=True, metavar="TABLE.json", help="calibration table to write (JSON)")
-    c.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
-    c.add_argument("--calib-method", choices=list(METHODS), help="range method recorded in the table as the default for quantize --table")
-    c.add_argument("--percentile", type=float, metavar="P", help="percentile recorded in the table (default 99.99)")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress or summary on stderr")
+    _add_model(c)
+    _add_data(c, calib_required=True, eval_help=None)
+    _add_output(c, "calibration table to write (JSON)", metavar="TABLE.json")
+    _add_recipe(c, CALIBRATION)
+    _add_quiet(c, "no progress or summary on stderr")
     c.set_defaults(func=_calibrate)
 
+
+def _export_parser(sub) -> None:
     e = sub.add_parser("export", help="export a PyTorch module to ONNX (dynamo exporter) and verify it against torch in ORT")
     e.add_argument("factory", metavar="MODULE:FACTORY", help="a function returning the torch.nn.Module, e.g. onnxq.zoo.minilm:torch_module or path/to/file.py:build")
-    e.add_argument("-o", "--output", required=True, help="output .onnx (weights over 1 GiB go to OUT.onnx.data)")
+    _add_output(e, "output .onnx (weights over 1 GiB go to OUT.onnx.data)")
     e.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE:DTYPE[:LOW..HIGH]", help="a model input, in forward's order, e.g. x:1x3x224x224:float32 (random example data: floats N(0,1), ints in [LOW, HIGH), default [0, 100))")
     e.add_argument("--dynamic", action="append", metavar="NAME:AXIS:DIM[=MIN..MAX]", help="make an input axis dynamic, e.g. input_ids:1:seq=2..512; inputs sharing DIM share the size")
     e.add_argument("--output-name", action="append", metavar="NAME", help="name the graph outputs, in order (repeatable)")
@@ -290,34 +334,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the random example and check inputs")
     e.set_defaults(func=_export)
 
+
+def _review_parsers(sub) -> None:
     d = sub.add_parser("diff", help="compare two ONNX graphs layer by layer, looking through Q/DQ and Cast (exit 0 equivalent, 1 different, 2 error)")
-    d.add_argument("a", help="first model (e.g. the FP32 one)")
-    d.add_argument("b", help="second model (e.g. its quantized version)")
+    _add_model(d, "a", "first model (e.g. the FP32 one)")
+    _add_model(d, "b", "second model (e.g. its quantized version)")
     d.add_argument("--format", choices=["text", "json", "html"], default="text", help="report format (default text); html is one self-contained page")
-    d.add_argument("-o", "--output", help="write the report to this file instead of stdout")
-    d.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1), e.g. seq=128")
+    _add_output(d, "write the report to this file instead of stdout", required=False)
+    _add_dims(d)
     d.set_defaults(func=_diff)
 
     i = sub.add_parser("inspect", help="opset, IR version, op histogram, Q/DQ by precision, parameters, inputs and outputs")
-    i.add_argument("model")
-    i.add_argument("--format", choices=["text", "json"], default="text")
-    i.add_argument("-o", "--output", help="write the report to this file instead of stdout")
-    i.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a dynamic dimension for MAC counts (default 1)")
+    _add_model(i, help="ONNX model to describe")
+    i.add_argument("--format", choices=["text", "json"], default="text", help="report format (default text)")
+    _add_output(i, "write the report to this file instead of stdout", required=False)
+    _add_dims(i)
     i.set_defaults(func=_inspect)
+
+
+def _build_parser(sub) -> None:
     b = sub.add_parser("build", help="build a strongly typed TensorRT engine from a Q/DQ ONNX model (needs tensorrt and a GPU)")
-    b.add_argument("model", help="Q/DQ ONNX model (never modified)")
-    b.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write; ENGINE.manifest.json is written beside it")
+    _add_model(b, help="Q/DQ ONNX model (never modified)")
+    _add_output(b, "engine file to write; ENGINE.manifest.json is written beside it", metavar="ENGINE")
     b.add_argument("--shapes", action="append", metavar="NAME:MIN,OPT,MAX", help="optimization profile range of a dynamic input, shapes written 1x128 (repeatable)")
     b.add_argument("--workspace", metavar="SIZE", help="builder workspace limit, e.g. 512M or 2G (default: TensorRT's)")
     b.add_argument("--timing-cache", metavar="PATH", help="tactic timing cache to read (if it exists) and update")
     b.set_defaults(func=_build)
 
+
+def _check_parser(sub) -> None:
     k = sub.add_parser("check", help="accuracy and latency of candidates vs the FP32 model, with pass/fail thresholds")
-    k.add_argument("reference", help="the float ONNX model (run in ONNX Runtime on the CPU)")
+    _add_model(k, "reference", "the float ONNX model (run in ONNX Runtime on the CPU)")
     k.add_argument("candidates", nargs="*", help="quantized ONNX models to compare (each on every provider in --providers)")
     k.add_argument("--engine", action="append", metavar="ENGINE", help="a TensorRT engine to compare (repeatable; needs tensorrt and a GPU)")
     k.add_argument("--data", required=True, help="evaluation data, same forms as for quantize")
-    k.add_argument("-o", "--output", default="check_report", metavar="BASE", help="writes BASE.json, BASE.md and BASE.html (default: check_report)")
+    _add_output(k, "writes BASE.json, BASE.md and BASE.html (default: check_report)", metavar="BASE", required=False, default="check_report")
     k.add_argument("--providers", metavar="LIST", help="ORT providers for ONNX candidates, comma-separated from cpu,cuda,tensorrt (default: those installed)")
     k.add_argument("--samples", type=int, metavar="N", help="compare on at most N samples")
     k.add_argument("--batch", type=int, action="append", metavar="B", help="batch size to time (repeatable; default 1)")
@@ -333,34 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--layers", action="store_true", help="per-layer SNR through the Q/DQ pairs, lowest first")
     k.add_argument("--layer-samples", type=int, metavar="N", help="samples for --layers (default: --samples)")
     k.add_argument("--layer-top", type=int, default=10, metavar="N", help="layers printed (all are in the reports; default 10)")
-    k.add_argument("-q", "--quiet", action="store_true", help="no progress or tables on stdout/stderr")
+    _add_quiet(k, "no progress or tables on stdout/stderr")
     k.set_defaults(func=_check)
-    from onnxq.plan import QUANTIZED_PRECISIONS
 
+
+def _mixed_precision_parsers(sub) -> None:
     s = sub.add_parser("sweep", help="per-layer sensitivity: the error of quantizing each layer alone, per precision")
-    s.add_argument("model", help="input ONNX model (never modified)")
-    s.add_argument("--calib", required=True, help="calibration data for the ranges, same forms as for quantize")
-    s.add_argument("--eval", help="data the errors are measured on (default: the calibration data)")
-    s.add_argument("-o", "--output", required=True, metavar="SWEEP.json", help="sweep JSON; SWEEP.md (table) and SWEEP.png (chart) are written beside it")
+    _add_model(s)
+    _add_data(s, calib_required=True, eval_help="data the errors are measured on (default: the calibration data)")
+    _add_output(s, "sweep JSON; SWEEP.md (table) and SWEEP.png (chart) are written beside it", metavar="SWEEP.json")
     s.add_argument("--mode", choices=["local", "e2e", "both"], default="local", help="local: every layer in one pass (quantized twins); e2e: one quantized model per layer; both: and their rank correlation (default: local)")
-    s.add_argument("--precisions", default=",".join(QUANTIZED_PRECISIONS), help="comma-separated candidate precisions (default: %(default)s)")
-    s.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="placement policy whose plan defines the layers (default: tensorrt)")
+    s.add_argument("--precisions", default="int8,fp8", help="comma-separated candidate precisions (default: %(default)s)")
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     s.add_argument("--zoo", metavar="NAME", help="e2e mode: also compute this zoo model's task metric per layer")
-    s.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
-    s.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
-    s.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + ")")
-    s.add_argument("--smoothquant", metavar="ALPHA|auto", help="measure the model with SmoothQuant folded in (as quantize --smoothquant; decided for every layer in INT8); solve repeats it")
-    s.add_argument("--split-outliers", metavar="N", type=int, default=0, help="with --smoothquant: as quantize --split-outliers")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress or table")
+    _add_eval_samples(s)
+    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING))
+    _add_quiet(s, "no progress or table")
     s.set_defaults(func=_sweep)
 
     v = sub.add_parser("solve", help="choose each layer's precision from a sweep: lowest cost meeting an accuracy target; writes a QuantPlan")
     v.add_argument("sweep", metavar="SWEEP.json", help="output of onnxq sweep for this model")
-    v.add_argument("model", help="input ONNX model (never modified)")
-    v.add_argument("--calib", required=True, help="calibration data, same forms as for quantize")
-    v.add_argument("--eval", required=True, help="held-out data the candidates are verified on")
-    v.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="QuantPlan to write (replay with onnxq quantize --plan); PLAN.solve.json and PLAN.curve.png beside it")
+    _add_model(v)
+    _add_data(v, calib_required=True, eval_help="held-out data the candidates are verified on", eval_required=True)
+    _add_output(v, "QuantPlan to write (replay with onnxq quantize --plan); PLAN.solve.json and PLAN.curve.png beside it", metavar="PLAN.json")
     target = v.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-cosine", type=float, metavar="C", help="smallest mean output cosine vs FP32 on --eval")
     target.add_argument("--target-metric", metavar="NAME>=VALUE", help="zoo task metric bound, e.g. top1_agreement>=0.97 (needs --zoo)")
@@ -370,23 +416,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-8bit-macs", type=float, metavar="FRACTION", help="never promote a layer if that leaves less than FRACTION of MatMul/Gemm MACs in 8 bits")
     v.add_argument("--order", choices=["sensitivity", "per-cost"], default="sensitivity", help="promotion order: most sensitive first, or sensitivity per added cost (default: sensitivity)")
     v.add_argument("--precisions", help="comma-separated 8-bit candidates to use, a subset of the sweep's (default: all)")
-    v.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
-    v.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
-    v.add_argument("--calib-method", choices=list(METHODS), help="activation range method (as for quantize)")
+    _add_eval_samples(v)
+    _add_recipe(v, CALIBRATION)
     v.add_argument("--save-model", metavar="MODEL.onnx", help="also write the chosen candidate's Q/DQ model (the one the accuracy was measured on)")
-    v.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    _add_quiet(v, "no progress")
     v.set_defaults(func=_solve)
 
+
+def _zoo_parser(sub) -> None:
     z = sub.add_parser("zoo", help="the built-in model zoo (needs the zoo extra: pip install 'onnxq[zoo]')")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zl = zsub.add_parser("list", help="list zoo models")
     zl.set_defaults(func=_zoo_list)
     ze = zsub.add_parser("export", help="write model.onnx, calib.npz and eval.npz for a zoo model")
-    ze.add_argument("name")
-    ze.add_argument("-o", "--output", required=True, help="output directory (created if missing)")
-    ze.add_argument("--calib-samples", type=int, metavar="N")
-    ze.add_argument("--eval-samples", type=int, metavar="N")
+    ze.add_argument("name", help="a zoo model (onnxq zoo list)")
+    _add_output(ze, "output directory (created if missing)")
+    ze.add_argument("--calib-samples", type=int, metavar="N", help="calibration samples to write (default: the model's)")
+    _add_eval_samples(ze)
     ze.set_defaults(func=_zoo_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onnxq import __version__
+
+    parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models for TensorRT and ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_quantize_parser, _calibrate_parser, _export_parser, _review_parsers, _build_parser, _check_parser, _mixed_precision_parsers, _zoo_parser):
+        add(sub)
     return parser
 
 

@@ -1,39 +1,56 @@
-"""The quantize job: load → preprocess → place → calibrate → insert Q/DQ → verify → compare."""
+"""The quantize job: recipe → placement → calibration → decisions in the plan → emit → compare.
+
+Data flows one way. The recipe (the request) and the calibration table (immutable once collected)
+go in; placement, SmoothQuant and the FP16 regions write their decisions into the
+:class:`~onnxq.plan.QuantPlan`; :mod:`onnxq.emit` executes it; the report comes last. A plan
+that already holds a decision (``--plan``) is not decided again, so a complete plan rebuilds the
+model that wrote it, byte for byte, without calibration data.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
+import numpy as np
 import onnx_ir as ir
 
-from onnxq import modelio
-from onnxq.calibration import DataArg, MethodArg, plan_ranges, resolve_methods
-from onnxq.calibrators import CalibrationTable
+from onnxq import emit, modelio
+from onnxq import smoothquant as sq
+from onnxq.calibration import (
+    DataArg,
+    derived_stats,
+    fill_activation_params,
+    missing_tensors,
+    plan_ranges,
+    resolve_methods,
+    tensor_methods,
+    tensor_precisions,
+    with_overlay,
+)
+from onnxq.calibrators import CalibrationTable, collect
 from onnxq.check import OutputAccuracy, compare, format_table
 from onnxq.data import open_source
-from onnxq.errors import OnnxqError, UnsupportedModelError
+from onnxq.errors import OnnxqError
 from onnxq.passes.preprocess import load_and_preprocess
-from onnxq.placement import TARGETS, place
-from onnxq.plan import QuantPlan
+from onnxq.placement import plan_for
+from onnxq.placement.fp16 import float_tensor_names, fp32_nodes
+from onnxq.placement.rules import apply_filters
+from onnxq.plan import QuantPlan, SmoothPlan
 from onnxq.progress import log
+from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
-from onnxq.smoothquant import SmoothPlan
-
-PRECISIONS = ("int8", "fp8")
-HIGH_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
 class QuantizeResult:
     output: Path
     plan: QuantPlan
-    table: CalibrationTable
+    table: CalibrationTable | None
     accuracy: list[OutputAccuracy]
     eval_source: str
     report_path: Path | None = None
@@ -47,14 +64,26 @@ class QuantizeResult:
             "target": self.plan.target,
             "precision": self.plan.precision,
             "high_precision": self.high_precision,
+            "recipe": self.plan.recipe,
             "plan_summary": self.plan.summary(),
             "quantized_nodes": len(self.plan.quantized_nodes()),
-            "calibration_samples": self.table.num_samples,
-            "calibration_method": self.table.method,
+            "calibration_samples": self.table.num_samples if self.table is not None else 0,
+            "calibration_method": self.table.method if self.table is not None else None,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
         }
+
+
+def make_recipe(recipe: Recipe | str | os.PathLike | None, options: Mapping[str, object]) -> Recipe:
+    """The recipe of an API call: a Recipe or recipe file, with keyword ``options`` overriding it.
+    ``method`` is accepted for ``calib_method`` (the older keyword)."""
+    options = dict(options)
+    if "method" in options:
+        options["calib_method"] = options.pop("method")
+    options = {k: v for k, v in options.items() if v is not None}  # None: not given
+    base = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe) if recipe is not None else Recipe()
+    return base.merged(options, source="options") if options else base.validated()
 
 
 def quantize(
@@ -62,182 +91,226 @@ def quantize(
     output: str | os.PathLike,
     calib: DataArg | None = None,
     *,
-    target: str = "tensorrt",
-    precision: str = "int8",
+    recipe: Recipe | str | os.PathLike | None = None,
     eval: DataArg | None = None,
-    exclude: Sequence[str] = (),
     plan: str | os.PathLike | QuantPlan | None = None,
     save_plan: str | os.PathLike | None = None,
-    calib_samples: int | None = None,
-    method: MethodArg = None,
-    percentile: float | None = None,
     table: str | os.PathLike | CalibrationTable | None = None,
     report: bool = True,
     evaluate: bool = True,
     quiet: bool = False,
-    high_precision: str = "fp32",
-    smoothquant: float | str | None = None,
-    split_outliers: int = 0,
+    **options,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
 
-    ``calib``/``eval`` are an .npz file, a directory of .npz files, ``module:function``, or an
-    iterable of feed dicts. Without ``eval`` the comparison runs on the calibration data and the
-    report says so. The report is written as JSON beside the output (``<output>.report.json``).
-
-    ``method``: the range method (``minmax``, ``percentile``, ``entropy``, ``mse``), or a mapping
-    by the reading node's op type, e.g. ``{"matmul": "entropy", "default": "minmax"}``;
-    ``percentile`` for the percentile method (default 99.99). ``table``: a calibration table from
-    :func:`calibrate` (path or object) used instead of calibrating; its method and percentile are
-    the defaults then.
-
-    ``precision``: ``int8`` or ``fp8`` (E4M3FN) for the quantized nodes (a ``plan`` may mix them
-    per node). ``high_precision``: ``fp32`` keeps the non-quantized regions as they are; ``fp16``
-    converts them to FP16 with explicit Casts (:class:`~onnxq.passes.cast_fp16.CastFloat16Pass`),
-    keeping in FP32 the norms, softmax inputs, rotary angles and every tensor that overflows FP16
-    on the calibration data.
-    ``smoothquant``: a migration strength α in [0, 1], or ``"auto"`` (α per group from a grid, by
-    simulated W8A8 error on rows sampled during calibration); the scales are folded into the
-    graph (:mod:`onnxq.smoothquant`) before Q/DQ insertion. ``split_outliers``: with
-    ``smoothquant``, up to this many input channels per MatMul/Gemm group (those whose smoothed
-    range dominates, as many as the simulated error says pay) leave the quantized product for a
-    float side product.
+    ``recipe``: a :class:`~onnxq.recipe.Recipe` or a recipe file; keyword ``options`` (``target``,
+    ``precision``, ``high_precision``, ``calib_method``/``method``, ``percentile``,
+    ``calib_samples``, ``smoothquant``, ``split_outliers``, ``exclude``, ``exclude_op``,
+    ``include``, ``include_op``) override it. ``calib``/``eval``: an .npz file, a directory of
+    .npz files, ``module:function``, or an iterable of feed dicts; without ``eval`` the comparison
+    runs on the calibration data and the report says so. ``table``: a calibration table from
+    :func:`onnxq.calibrate` used instead of calibrating. ``plan``: a plan (path or object) whose
+    decisions are used as they are; those it lacks are made from the recipe. The report is
+    written as JSON beside the output (``<output>.report.json``); ``save_plan`` writes the plan.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if target not in TARGETS:
-        raise OnnxqError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    if high_precision not in HIGH_PRECISIONS:
-        raise OnnxqError(f"high precision {high_precision!r} is not one of {list(HIGH_PRECISIONS)}")
-    if precision not in PRECISIONS:
-        raise OnnxqError(f"precision {precision!r} is not available; choose one of {list(PRECISIONS)}")
-    if calib is None and table is None:
+    recipe = make_recipe(recipe, options)
+    given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
+    if calib is None and table is None and given_plan is None:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
-    from onnxq.calibrators.methods import check_percentile
-
-    if percentile is not None:
-        percentile = check_percentile(percentile)
-    resolve_methods(method, target)  # fail on a bad method before any work
-    if split_outliers and smoothquant is None:
-        raise OnnxqError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
-    if smoothquant is not None:
-        from onnxq.smoothquant import check_alpha, check_split
-
-        smoothquant = check_alpha(smoothquant)
-        split_outliers = check_split(split_outliers)
-        if calib is None:
-            raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
+    if recipe.smoothquant is not None and calib is None and not (given_plan and given_plan.smoothquant):
+        raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
+    table_source = str(table) if table is not None and not isinstance(table, CalibrationTable) else "the calibration table"
     if table is not None and not isinstance(table, CalibrationTable):
-        table_source = str(table)
         table = CalibrationTable.load(table)
-    else:
-        table_source = "the calibration table"
-    output = modelio.check_output_path(output, model)
-    report_path = output.with_name(output.name.removesuffix(".onnx") + ".report.json")
-    plan_path = Path(save_plan) if save_plan else None
-    for extra in (report_path if report else None, plan_path):
-        if extra is not None:
-            modelio.check_output_path(extra, model)
+    paths = _output_paths(model, output, save_plan, report)
 
     float_model = load_and_preprocess(model)
     spec = ort_rt.model_input_spec(float_model)
-    calib_data = open_source(calib, spec, limit=calib_samples) if calib is not None else None
+    calib_data = open_source(calib, spec, limit=recipe.calib_samples) if calib is not None else None
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    if plan is None:
-        the_plan = place(float_model, target, exclude=exclude, precision=precision)
-    else:
-        the_plan = plan if isinstance(plan, QuantPlan) else QuantPlan.load(plan)
-        if the_plan.target != target:
-            log(f"onnxq: using the plan's target {the_plan.target!r}", quiet)
-        if exclude:
-            from onnxq.placement.rules import apply_exclusions
-
-            apply_exclusions(float_model, the_plan, exclude)
-    n_quant = len(the_plan.quantized_nodes())
-    log(f"onnxq: plan for {the_plan.target}: {n_quant} of {len(the_plan.nodes)} candidate nodes quantized", quiet)
-    timings["place"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    fp16_tensors = []
-    if high_precision == "fp16":
-        from onnxq.passes.cast_fp16 import float_tensor_names
-
-        fp16_tensors = float_tensor_names(float_model.graph)
-    sq_groups, sq_request = [], {}
-    if smoothquant is not None:
-        from onnxq import smoothquant as sq
-
-        sq_groups = sq.find_groups(float_model, the_plan)
-        sq_request = sq.calibration_request(sq_groups, smoothquant, split_outliers=split_outliers)
-        if table is not None:
-            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
-        table = None
-    table = plan_ranges(
-        float_model, the_plan, calib_data, table, method=method, percentile=percentile,
-        table_source=table_source, quiet=quiet, extra_tensors=fp16_tensors, **sq_request,
-    )
-    timings["calibrate"] = time.perf_counter() - t
-    smooth_plan = None
-    if smoothquant is not None:
-        t = time.perf_counter()
-        smooth_plan = sq.smooth(
-            float_model, the_plan, sq_groups, table, smoothquant, sq_request.get("reservoirs"), calib_data,
-            method=method, percentile=percentile, quiet=quiet, split_outliers=split_outliers,
-        )
-        timings["smoothquant"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    from onnxq.passes.qdq import InsertQDQPass
-
-    InsertQDQPass(the_plan)(float_model)
-    if high_precision == "fp16":
-        from onnxq.passes.cast_fp16 import CastFloat16Pass
-
-        cast_pass = CastFloat16Pass(ranges={n: s.amax for n, s in table.tensors.items()})
-        cast_pass(float_model)
-        log(f"onnxq: FP16 high-precision regions; {len(cast_pass.kept)} nodes kept in FP32", quiet)
-    ir.passes.common.RemoveUnusedNodesPass()(float_model)
-    ir.passes.common.TopologicalSortPass()(float_model)
-    proto = modelio.to_proto(float_model)
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
+    the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, quiet=quiet, timings=timings)
+    proto = emit.checked_proto(float_model)
     quant_session = ort_rt.create_session(proto)
     del proto
-    modelio.save(float_model, output)
-    del float_model  # the float weights are no longer needed; evaluation loads the user's file
-    if plan_path is not None:
-        the_plan.save(plan_path)
-    timings["insert_qdq"] = time.perf_counter() - t
+    timings["build"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    run_eval = evaluate
-    if not evaluate:
-        eval_data, eval_source = [], "skipped"
-    elif eval is not None:
-        eval_data = open_source(eval, spec, require_finite=False)
-        eval_source = eval_data.description
-    elif calib is None:
-        run_eval = False
-        eval_data, eval_source = [], "skipped (ranges from a calibration table and no --eval data)"
-    else:
-        eval_data = open_source(calib, spec, limit=calib_samples, require_finite=False)
-        eval_source = f"{eval_data.description} (calibration data, not held out: pass --eval)"
+    eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
     # The float reference is the user's own file, as they would run it.
-    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if run_eval else []
+    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if eval_data is not None else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-
-    result = QuantizeResult(
-        output, the_plan, table, accuracy, eval_source, timings=timings, high_precision=high_precision, smoothquant=smooth_plan
-    )
-    if report:
-        with modelio.atomic_path(report_path) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1))
-        result.report_path = report_path
+    result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant)
+    _write_outputs(float_model, result, paths)
     if not quiet and accuracy:
         print(format_table(accuracy, f"ORT FP32 vs ORT {the_plan.precision} ({the_plan.target}) on {eval_source}:"))
     return result
+
+
+def _output_paths(model, output, save_plan, report: bool) -> dict[str, Path | None]:
+    """Every output of the job, checked before any work (none may be an input)."""
+    out = modelio.check_output_path(output, model)
+    paths = {
+        "model": out,
+        "report": out.with_name(out.name.removesuffix(".onnx") + ".report.json") if report else None,
+        "plan": Path(save_plan) if save_plan else None,
+    }
+    for extra in (paths["report"], paths["plan"]):
+        if extra is not None:
+            modelio.check_output_path(extra, model)
+    return paths
+
+
+def _evaluation_data(eval, calib, spec, recipe: Recipe, evaluate: bool):
+    """(data, description) of the closing comparison; data None when it does not run."""
+    if not evaluate:
+        return None, "skipped"
+    if eval is not None:
+        data = open_source(eval, spec, require_finite=False)
+        return data, data.description
+    if calib is None:
+        return None, "skipped (ranges from a calibration table or a plan and no --eval data)"
+    data = open_source(calib, spec, limit=recipe.calib_samples, require_finite=False)
+    return data, f"{data.description} (calibration data, not held out: pass --eval)"
+
+
+def _write_outputs(model: ir.Model, result: QuantizeResult, paths: Mapping[str, Path | None]) -> None:
+    modelio.save(model, paths["model"])
+    if paths["plan"] is not None:
+        result.plan.save(paths["plan"])
+    if paths["report"] is not None:
+        with modelio.atomic_path(paths["report"]) as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=1))
+        result.report_path = paths["report"]
+
+
+# --- decisions and emit, stage by stage ---------------------------------------------------------
+
+
+def build(
+    model: ir.Model,
+    recipe: Recipe,
+    data,
+    *,
+    plan: QuantPlan | None = None,
+    table: CalibrationTable | None = None,
+    table_source: str = "the calibration table",
+    quiet: bool = False,
+    timings: dict | None = None,
+) -> tuple[QuantPlan, CalibrationTable | None]:
+    """Make every decision ``plan`` lacks and execute it on ``model`` (in place), stage by stage
+    (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
+    timings = {} if timings is None else timings
+    plan = _placement(model, recipe, plan, quiet)
+    t = time.perf_counter()
+    decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
+    request = {}
+    if decide_sq:
+        groups = sq.find_groups(model, plan)
+        request = sq.calibration_request(groups, recipe.smoothquant, split_outliers=recipe.split_outliers)
+        if table is not None:
+            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
+        table = None
+    fp16_extra = float_tensor_names(model.graph) if plan.high_precision == "fp16" and plan.fp32_nodes is None else []
+    missing = missing_tensors(model, plan) if plan.smoothquant is None else []
+    if missing or decide_sq:
+        table = _calibrate(model, plan, recipe, data, table, table_source, quiet, missing, fp16_extra, request)
+    timings["calibrate"] = time.perf_counter() - t
+    if decide_sq:
+        t = time.perf_counter()
+        plan.smoothquant = sq.plan_smoothing(model, plan, groups, table, recipe.smoothquant, request.get("reservoirs"), sq.simulated_dtype(plan), recipe.split_outliers)
+        request.clear()  # the sampled rows are no longer needed
+        timings["smoothquant"] = time.perf_counter() - t
+        _log_smoothquant(plan.smoothquant, quiet)
+    emit.emit(model, plan, ["fold"])
+    table = _fill_ranges(model, plan, recipe, data, table, quiet, decided_sq=decide_sq, fp16_extra=fp16_extra)
+    emit.emit(model, plan, ["quantize"])
+    if plan.high_precision == "fp16" and plan.fp32_nodes is None:
+        ranges = {n: s.amax for n, s in table.tensors.items()} if table is not None else {}
+        plan.fp32_nodes = fp32_nodes(model.graph, ranges)
+        log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32", quiet)
+    emit.emit(model, plan, ["finish"])
+    return plan, table
+
+
+def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None, quiet: bool) -> QuantPlan:
+    if plan is None:
+        plan = plan_for(model, recipe)
+    else:
+        if recipe.given("target") and plan.target != recipe.target:
+            log(f"onnxq: using the plan's target {plan.target!r}", quiet)
+        apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
+        if plan.recipe is None:
+            plan.recipe = recipe.to_json()
+        if plan.fp32_nodes is None:
+            plan.high_precision = recipe.high_precision
+    log(f"onnxq: plan for {plan.target}: {len(plan.quantized_nodes())} of {len(plan.nodes)} candidate nodes quantized", quiet)
+    return plan
+
+
+def _calibrate(model, plan, recipe, data, table, table_source, quiet, tensors, fp16_extra, request) -> CalibrationTable:
+    """Ranges for ``tensors`` (the plan's tensors without parameters) from ``table`` or one pass
+    over ``data``, plus what SmoothQuant (``request``) and the FP16 overflow check need."""
+    if data is None and table is None:
+        raise OnnxqError(f"the plan has no ranges for {len(tensors)} tensors (e.g. {tensors[0]!r}); pass --calib DATA to calibrate them" if tensors else "pass --calib DATA")
+    return plan_ranges(
+        model, plan, data, table, method=recipe.calib_method, percentile=recipe.percentile, table_source=table_source,
+        quiet=quiet, extra_tensors=fp16_extra, only=tensors, **request,
+    )
+
+
+def _fill_ranges(model, plan, recipe, data, table, quiet, *, decided_sq: bool, fp16_extra) -> CalibrationTable | None:
+    """After the fold: ranges of the tensors SmoothQuant changed (an overlay on the table), and of
+    any tensor the plan still lacks (a plan that arrived with its SmoothQuant decisions)."""
+    if decided_sq:
+        derived = {g.output: sq.smoothed_range(table.tensors[g.activation], np.asarray(g.scale), g.split) for g in plan.smoothquant.active()}
+        overlay = derived_stats(model, plan, table, derived, data, method=recipe.calib_method, percentile=recipe.percentile, quiet=quiet)
+        view = with_overlay(table, overlay)
+        method = recipe.calib_method if recipe.calib_method is not None else table.method
+        percentile = recipe.percentile if recipe.percentile is not None else table.percentile
+        methods = tensor_methods(model, plan, list(overlay), resolve_methods(method, plan.target))
+        fill_activation_params(plan, view, methods, percentile, tensors=list(overlay), precisions=tensor_precisions(model, plan))
+        return view
+    if missing := missing_tensors(model, plan):
+        return _calibrate(model, plan, recipe, data, None, "", quiet, missing, fp16_extra, {})
+    return table
+
+
+def _log_smoothquant(smooth_plan: SmoothPlan, quiet: bool) -> None:
+    summary = smooth_plan.summary()
+    log(
+        f"onnxq: SmoothQuant: {summary['smoothed']} of {summary['groups']} groups smoothed; scales folded into "
+        + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items())
+        + (f"; {summary['split_channels']} outlier channels in float side products" if smooth_plan.split_outliers else ""),
+        quiet,
+    )
+    log(smooth_plan.format(), quiet)
+
+
+# --- SmoothQuant folded into a float model (the sweep, the solver, inspection) -----------------
+
+
+def fold_smoothquant(model: ir.Model, plan: QuantPlan, data, alpha: float | str, *, split_outliers: int = 0, quiet: bool = True) -> SmoothPlan:
+    """Decide SmoothQuant for ``plan`` from one statistics pass over ``data``, record it in
+    ``plan.smoothquant`` and fold it into the float ``model`` in place (no ranges: the sweep and
+    the solver calibrate the smoothed model themselves)."""
+    groups = sq.find_groups(model, plan)
+    request = sq.calibration_request(groups, alpha, split_outliers=split_outliers)
+    table = collect(model, [g.activation for g in groups], data, progress=not quiet, **request)
+    plan.smoothquant = sq.plan_smoothing(model, plan, groups, table, alpha, request.get("reservoirs"), sq.simulated_dtype(plan), split_outliers)
+    emit.emit(model, plan, ["fold"])
+    return plan.smoothquant
+
+
+def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True, split_outliers: int = 0) -> tuple[ir.Model, SmoothPlan]:
+    """The float model with SmoothQuant folded in and no Q/DQ (what :func:`quantize` does before
+    inserting Q/DQ), and the SmoothQuant decisions: to inspect or test the rewrite."""
+    recipe = Recipe.from_options({"target": target, "exclude": list(exclude), "smoothquant": alpha, "split_outliers": split_outliers, "calib_samples": calib_samples})
+    float_model = load_and_preprocess(model)
+    data = open_source(calib, ort_rt.model_input_spec(float_model), limit=recipe.calib_samples)
+    quant_plan = plan_for(float_model, recipe)
+    return float_model, fold_smoothquant(float_model, quant_plan, data, recipe.smoothquant, split_outliers=recipe.split_outliers, quiet=quiet)

@@ -32,7 +32,22 @@ with ``precisions={tensor: ("int8", "fp8")}`` to get both parameter sets from on
 the parameters each node's precision needs, and ``InsertQDQPass`` executes the plan. A plan
 with an FP8 node needs opset 19; ``InsertQDQPass`` raises the model's opset itself.
 
-Old plans (without ``fp8_activations``) load unchanged.
+The plan is the whole contract: besides the per-node decisions it carries
+
+- ``smoothquant``: the SmoothQuant groups (α, scales, where each scale goes, split channels;
+  :class:`SmoothPlan`), folded into the float model before Q/DQ insertion;
+- ``high_precision`` (``"fp32"`` or ``"fp16"``) and, for FP16, ``fp32_nodes``: the nodes kept in
+  FP32 with the reason (decided by :mod:`onnxq.placement.fp16`);
+- ``min_opset``: the opset the model is raised to before Q/DQ insertion (FP8: 19), if any;
+- ``recipe``: the request that produced the plan (for the record; replay does not read it).
+
+Weight entries are keyed by ``"<node>:<input index>"`` (a rewrite that renames an initializer
+does not orphan them). ``onnxq quantize --plan`` executes a complete plan without calibrating
+and rebuilds, byte for byte, the model whose run wrote it; decisions a plan lacks (a placement-
+only plan, an edited node without ranges) are made from the recipe and the calibration data.
+
+Old plans (``onnxq.plan/1``: weights keyed by initializer name, no SmoothQuant or FP16 entries)
+load unchanged.
 """
 
 from __future__ import annotations
@@ -41,9 +56,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from onnxq.errors import PlanError
 
-PLAN_FORMAT = "onnxq.plan/1"
+PLAN_FORMAT = "onnxq.plan/2"
+READABLE_FORMATS = ("onnxq.plan/1", PLAN_FORMAT)
+HIGH_PRECISIONS = ("fp32", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
@@ -56,6 +75,12 @@ def check_precision(precision: str, *, quantized: bool = False, source: str = "p
     if precision not in allowed:
         raise PlanError(f"{source}: precision {precision!r} is not one of {list(allowed)}")
     return precision
+
+
+def _high_precision(value: str, source: str) -> str:
+    if value not in HIGH_PRECISIONS:
+        raise PlanError(f"{source}: high_precision {value!r} is not one of {list(HIGH_PRECISIONS)}")
+    return value
 
 
 @dataclass
@@ -87,6 +112,121 @@ class WeightQuant:
     axis: int | None = 0
 
 
+# --- SmoothQuant decisions (made by onnxq.smoothquant, executed by passes/smoothquant.py) ---
+
+
+@dataclass
+class Fold:
+    """One constant input rescaled: ``input`` of ``node`` becomes ``c / s`` (``op="div"``) or
+    ``c * s`` (``op="mul"``), s reshaped to ``(C, 1, ..., 1)`` with ``trailing`` ones and
+    broadcast right-aligned (so ``trailing`` picks the constant's axis)."""
+
+    node: str
+    input: int
+    trailing: int
+    op: str
+
+
+@dataclass
+class SmoothGroup:
+    activation: str
+    consumers: list[str]
+    channel_axis: int
+    rank: int
+    alpha: float | None = None  # None: not smoothed (auto found no gain)
+    scale: list[float] = field(default_factory=list)
+    absorber: dict = field(default_factory=dict)  # {"kind", "node", "op"}; kind "inserted_mul" if none
+    folds: list[Fold] = field(default_factory=list)  # diag(s)⁻¹ into the producer side
+    weight_folds: list[Fold] = field(default_factory=list)  # diag(s) into the consumers
+    amax_before: float = 0.0
+    amax_after: float = 0.0
+    sim_error: dict = field(default_factory=dict)  # relative squared error of the simulated product
+    split: list[int] = field(default_factory=list)  # input channels kept out of the quantized product
+
+    @property
+    def smoothed(self) -> bool:
+        """The graph changes for this group: scaled, or channels split off (or both)."""
+        return self.alpha is not None or bool(self.split)
+
+    @property
+    def trailing(self) -> int:
+        return self.rank - 1 - self.channel_axis
+
+    @property
+    def inserts_mul(self) -> bool:
+        return self.absorber.get("kind") == "inserted_mul"
+
+    def inverse_scale(self) -> np.ndarray:
+        """What the activation's channels are multiplied by: 1/s, and 0 on split channels."""
+        inv = 1.0 / np.asarray(self.scale, dtype=np.float32)
+        inv[self.split] = 0.0
+        return inv
+
+    def weight_scale(self) -> np.ndarray:
+        """What the consumers' weight rows are multiplied by: s, and 0 on split channels."""
+        s = np.asarray(self.scale, dtype=np.float32).copy()
+        s[self.split] = 0.0
+        return s
+
+    @property
+    def output(self) -> str:
+        """The tensor the consumers read after smoothing."""
+        return f"{self.activation}_smoothed" if self.inserts_mul else self.activation
+
+
+@dataclass
+class SmoothPlan:
+    alpha: float | str
+    split_outliers: int = 0
+    groups: list[SmoothGroup] = field(default_factory=list)
+
+    def active(self) -> list[SmoothGroup]:
+        return [g for g in self.groups if g.smoothed]
+
+    def to_json(self) -> dict:
+        groups = []
+        for g in self.groups:
+            d = asdict(g)
+            d["scale"] = [float(v) for v in g.scale]
+            groups.append(d)
+        return {"alpha": self.alpha, "split_outliers": self.split_outliers, "groups": groups, "summary": self.summary()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SmoothPlan:
+        groups = []
+        for g in data.get("groups", []):
+            g = dict(g)
+            g["folds"] = [Fold(**f) for f in g.get("folds", [])]
+            g["weight_folds"] = [Fold(**f) for f in g.get("weight_folds", [])]
+            groups.append(SmoothGroup(**g))
+        return cls(alpha=data["alpha"], split_outliers=data.get("split_outliers", 0), groups=groups)
+
+    def summary(self) -> dict:
+        active = self.active()
+        kinds: dict[str, int] = {}
+        for g in active:
+            kinds[g.absorber["kind"]] = kinds.get(g.absorber["kind"], 0) + 1
+        return {
+            "groups": len(self.groups), "smoothed": len(active), "absorbed_by": dict(sorted(kinds.items())),
+            "inserted_muls": sum(g.inserts_mul for g in active), "split_channels": sum(len(g.split) for g in active),
+        }
+
+    def format(self) -> str:
+        split = f", up to {self.split_outliers} outlier channels per group split off" if self.split_outliers else ""
+        lines = [f"SmoothQuant (alpha {self.alpha}{split}): {len(self.active())} of {len(self.groups)} groups smoothed"]
+        lines.append(f"  {'activation':<48} {'alpha':>5} {'amax before':>12} {'after':>9}  scale went to")
+        for g in self.groups:
+            name = g.activation if len(g.activation) <= 48 else "…" + g.activation[-47:]
+            alpha = f"{g.alpha:.2f}" if g.alpha is not None else "-"
+            where = f"{g.absorber['kind']} {g.absorber.get('node') or ''}".strip() if g.smoothed else "not smoothed (no gain in simulation)"
+            if g.smoothed and g.absorber.get("through"):
+                where += f" (through {g.absorber['through']})"
+            if g.split:
+                where += f"; {len(g.split)} channel{'s' if len(g.split) > 1 else ''} in float {g.split}"
+            lines.append(f"  {name:<48} {alpha:>5} {g.amax_before:>12.4g} {g.amax_after:>9.4g}  {where} ({len(g.consumers)} consumers)")
+        return "\n".join(lines)
+
+
 @dataclass
 class QuantPlan:
     target: str
@@ -98,6 +238,12 @@ class QuantPlan:
     # at the plan's precision
     outputs: list[str] = field(default_factory=list)
     fp8_activations: dict[str, ActivationQuant] = field(default_factory=dict)
+    smoothquant: SmoothPlan | None = None
+    high_precision: str = "fp32"
+    # FP16 plans: nodes kept in FP32 and why (None: not decided yet)
+    fp32_nodes: dict[str, str] | None = None
+    min_opset: int | None = None
+    recipe: dict | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -137,6 +283,21 @@ class QuantPlan:
             raise PlanError(f"node {node!r} has no quantizable inputs in the plan ({decision.reason}); it stays float")
         decision.precision = precision
 
+    # --- weights, keyed by the node and input that read them ---------------------------------
+    @staticmethod
+    def weight_key(node: str, index: int) -> str:
+        return f"{node}:{index}"
+
+    def weight(self, node: str, index: int, initializer: str | None = None) -> WeightQuant | None:
+        """The weight entry of input ``index`` of ``node`` (old plans: by initializer name)."""
+        found = self.weights.get(self.weight_key(node, index))
+        if found is None and initializer is not None:
+            found = self.weights.get(initializer)
+        return found
+
+    def set_weight(self, node: str, index: int, params: WeightQuant) -> None:
+        self.weights[self.weight_key(node, index)] = params
+
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for d in self.nodes.values():
@@ -159,11 +320,16 @@ class QuantPlan:
             "fp8_activations": {name: asdict(a) for name, a in self.fp8_activations.items()},
             "weights": {name: asdict(w) for name, w in self.weights.items()},
             "outputs": list(self.outputs),
+            "smoothquant": self.smoothquant.to_json() if self.smoothquant is not None else None,
+            "high_precision": self.high_precision,
+            "fp32_nodes": self.fp32_nodes,
+            "min_opset": self.min_opset,
+            "recipe": self.recipe,
         }
 
     @classmethod
     def from_json(cls, data: dict, source: str = "plan") -> QuantPlan:
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
             raise PlanError(f"{source} is not an onnxq plan (expected \"format\": \"{PLAN_FORMAT}\"); write one with --save-plan")
         try:
             nodes = {}
@@ -188,6 +354,11 @@ class QuantPlan:
                 weights={n: WeightQuant(**w) for n, w in data.get("weights", {}).items()},
                 outputs=list(data.get("outputs", [])),
                 fp8_activations={n: ActivationQuant(**a) for n, a in data.get("fp8_activations", {}).items()},
+                smoothquant=SmoothPlan.from_json(data["smoothquant"]) if data.get("smoothquant") else None,
+                high_precision=_high_precision(data.get("high_precision", "fp32"), source),
+                fp32_nodes=data.get("fp32_nodes"),
+                min_opset=data.get("min_opset"),
+                recipe=data.get("recipe"),
             )
         except PlanError:
             raise

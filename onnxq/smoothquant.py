@@ -5,7 +5,9 @@ SmoothQuant rewrites ``Y = X · W`` as ``(X · diag(s)⁻¹) · (diag(s) · W)``
 ``s_j = max|X_j|^α / max|W_j|^(1−α)``: the activation's outliers move into the weights, which
 are quantized per output channel and absorb them.
 
-This module only decides (the plan); :class:`onnxq.passes.smoothquant.SmoothQuantPass` executes it.
+This module only decides (``plan.smoothquant``, a :class:`~onnxq.plan.SmoothPlan`);
+:class:`onnxq.passes.smoothquant.SmoothQuantPass` executes it (the ``fold`` stage of
+:mod:`onnxq.emit`).
 
 - **Group**: every MatMul (constant ``[K, N]`` weight), Gemm (``transA=0``, constant B) and 1×1
   Conv (``group=1``) that reads the same activation as its first input, at least one of them
@@ -43,121 +45,17 @@ This module only decides (the plan); :class:`onnxq.passes.smoothquant.SmoothQuan
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.plan import FP8_DTYPE, QuantPlan
+from onnxq.plan import FP8_DTYPE, Fold, QuantPlan, SmoothGroup, SmoothPlan
 from onnxq.weights import FLOAT_TYPES, FP8_MAX, to_fp8, weight_source
 
 ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
 MAX_SIM_COLUMNS = 1024  # output columns the α search simulates per group (sampled when more)
 SPLIT_TOLERANCE = 1.25  # fewest split channels whose simulated error is within this of the best count's
-
-
-@dataclass
-class Fold:
-    """One constant input rescaled: ``input`` of ``node`` becomes ``c / s`` (``op="div"``) or
-    ``c * s`` (``op="mul"``), s reshaped to ``(C, 1, ..., 1)`` with ``trailing`` ones and
-    broadcast right-aligned (so ``trailing`` picks the constant's axis)."""
-
-    node: str
-    input: int
-    trailing: int
-    op: str
-
-
-@dataclass
-class SmoothGroup:
-    activation: str
-    consumers: list[str]
-    channel_axis: int
-    rank: int
-    alpha: float | None = None  # None: not smoothed (auto found no gain)
-    scale: list[float] = field(default_factory=list)
-    absorber: dict = field(default_factory=dict)  # {"kind", "node", "op"}; kind "inserted_mul" if none
-    folds: list[Fold] = field(default_factory=list)  # diag(s)⁻¹ into the producer side
-    weight_folds: list[Fold] = field(default_factory=list)  # diag(s) into the consumers
-    amax_before: float = 0.0
-    amax_after: float = 0.0
-    sim_error: dict = field(default_factory=dict)  # relative squared error of the simulated product
-    split: list[int] = field(default_factory=list)  # input channels kept out of the quantized product
-
-    @property
-    def smoothed(self) -> bool:
-        """The graph changes for this group: scaled, or channels split off (or both)."""
-        return self.alpha is not None or bool(self.split)
-
-    @property
-    def trailing(self) -> int:
-        return self.rank - 1 - self.channel_axis
-
-    @property
-    def inserts_mul(self) -> bool:
-        return self.absorber.get("kind") == "inserted_mul"
-
-    def inverse_scale(self) -> np.ndarray:
-        """What the activation's channels are multiplied by: 1/s, and 0 on split channels."""
-        inv = 1.0 / np.asarray(self.scale, dtype=np.float32)
-        inv[self.split] = 0.0
-        return inv
-
-    def weight_scale(self) -> np.ndarray:
-        """What the consumers' weight rows are multiplied by: s, and 0 on split channels."""
-        s = np.asarray(self.scale, dtype=np.float32).copy()
-        s[self.split] = 0.0
-        return s
-
-    @property
-    def output(self) -> str:
-        """The tensor the consumers read after smoothing."""
-        return f"{self.activation}_smoothed" if self.inserts_mul else self.activation
-
-
-@dataclass
-class SmoothPlan:
-    alpha: float | str
-    split_outliers: int = 0
-    groups: list[SmoothGroup] = field(default_factory=list)
-
-    def active(self) -> list[SmoothGroup]:
-        return [g for g in self.groups if g.smoothed]
-
-    def to_json(self) -> dict:
-        groups = []
-        for g in self.groups:
-            d = asdict(g)
-            d["scale"] = [float(v) for v in g.scale]
-            groups.append(d)
-        return {"alpha": self.alpha, "split_outliers": self.split_outliers, "groups": groups, "summary": self.summary()}
-
-    def summary(self) -> dict:
-        active = self.active()
-        kinds: dict[str, int] = {}
-        for g in active:
-            kinds[g.absorber["kind"]] = kinds.get(g.absorber["kind"], 0) + 1
-        return {
-            "groups": len(self.groups), "smoothed": len(active), "absorbed_by": dict(sorted(kinds.items())),
-            "inserted_muls": sum(g.inserts_mul for g in active), "split_channels": sum(len(g.split) for g in active),
-        }
-
-    def format(self) -> str:
-        split = f", up to {self.split_outliers} outlier channels per group split off" if self.split_outliers else ""
-        lines = [f"SmoothQuant (alpha {self.alpha}{split}): {len(self.active())} of {len(self.groups)} groups smoothed"]
-        lines.append(f"  {'activation':<48} {'alpha':>5} {'amax before':>12} {'after':>9}  scale went to")
-        for g in self.groups:
-            name = g.activation if len(g.activation) <= 48 else "…" + g.activation[-47:]
-            alpha = f"{g.alpha:.2f}" if g.alpha is not None else "-"
-            where = f"{g.absorber['kind']} {g.absorber.get('node') or ''}".strip() if g.smoothed else "not smoothed (no gain in simulation)"
-            if g.smoothed and g.absorber.get("through"):
-                where += f" (through {g.absorber['through']})"
-            if g.split:
-                where += f"; {len(g.split)} channel{'s' if len(g.split) > 1 else ''} in float {g.split}"
-            lines.append(f"  {name:<48} {alpha:>5} {g.amax_before:>12.4g} {g.amax_after:>9.4g}  {where} ({len(g.consumers)} consumers)")
-        return "\n".join(lines)
 
 
 def check_alpha(value: float | str) -> float | str:
@@ -613,68 +511,6 @@ def check_split(value: int | str | None) -> int:
     if n < 0 or isinstance(value, bool) or (isinstance(value, float) and value != n):
         raise OnnxqError(f"--split-outliers takes a channel count >= 0, got {value!r}")
     return n
-
-
-def smooth(model: ir.Model, plan: QuantPlan, groups, table, alpha, reservoirs, data, *, method=None, percentile=None, quiet=False, split_outliers: int = 0) -> SmoothPlan:
-    """Plan the smoothing, fold it into ``model``, and bring ``plan`` up to date: weight entries of
-    consumers whose weight became a new initializer, and the ranges of every smoothed tensor
-    (min/max derived from per-channel statistics; histograms, if the range method needs them,
-    from a second pass over ``data``)."""
-    from onnxq.calibration import refresh_ranges
-    from onnxq.passes.smoothquant import SmoothQuantPass
-    from onnxq.placement.rules import refresh_weights
-    from onnxq.progress import log
-
-    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, reservoirs, simulated_dtype(plan), split_outliers)
-    if reservoirs:
-        reservoirs.clear()  # the rows are no longer needed
-    SmoothQuantPass(smooth_plan)(model)
-    refresh_weights(model, plan)
-    derived = {g.output: smoothed_range(table.tensors[g.activation], np.asarray(g.scale), g.split) for g in smooth_plan.active()}
-    refresh_ranges(model, plan, table, derived, data, method=method, percentile=percentile, quiet=quiet)
-    summary = smooth_plan.summary()
-    log(
-        f"onnxq: SmoothQuant: {summary['smoothed']} of {summary['groups']} groups smoothed; scales folded into "
-        + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items())
-        + (f"; {summary['split_channels']} outlier channels in float side products" if split_outliers else ""),
-        quiet,
-    )
-    if not quiet:
-        print(smooth_plan.format())
-    return smooth_plan
-
-
-def smooth_float(model: ir.Model, plan: QuantPlan, data, alpha: float | str, *, split_outliers: int = 0, quiet: bool = True) -> SmoothPlan:
-    """Fold SmoothQuant into the float ``model`` in place, for ``plan`` (its weight entries are
-    brought up to date), from one statistics pass over ``data``; no ranges are computed (the
-    sweep and the solver calibrate the smoothed model themselves)."""
-    from onnxq.calibrators import collect
-    from onnxq.passes.smoothquant import SmoothQuantPass
-    from onnxq.placement.rules import refresh_weights
-
-    groups = find_groups(model, plan)
-    request = calibration_request(groups, alpha, split_outliers=split_outliers)
-    table = collect(model, [g.activation for g in groups], data, progress=not quiet, **request)
-    smooth_plan = plan_smoothing(model, plan, groups, table, alpha, request.get("reservoirs"), simulated_dtype(plan), split_outliers)
-    SmoothQuantPass(smooth_plan)(model)
-    refresh_weights(model, plan)
-    return smooth_plan
-
-
-def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True, split_outliers: int = 0) -> tuple[ir.Model, SmoothPlan]:
-    """The float model with SmoothQuant folded in and no Q/DQ (what :func:`onnxq.quantize` does
-    before inserting Q/DQ), and the plan that was executed: to inspect or test the rewrite."""
-    from onnxq.data import open_source
-    from onnxq.passes.preprocess import load_and_preprocess
-    from onnxq.placement import place
-    from onnxq.runtime import ort as ort_rt
-
-    alpha = check_alpha(alpha)
-    float_model = load_and_preprocess(model)
-    data = open_source(calib, ort_rt.model_input_spec(float_model), limit=calib_samples)
-    quant_plan = place(float_model, target, exclude=exclude)
-    smooth_plan = smooth_float(float_model, quant_plan, data, alpha, split_outliers=check_split(split_outliers), quiet=quiet)
-    return float_model, smooth_plan
 
 
 def split_fractions(smooth_plan: SmoothPlan | None) -> dict[str, float]:

@@ -17,6 +17,7 @@ from onnx.reference import ReferenceEvaluator
 import onnxq
 from onnxq import modelio
 from onnxq.passes.cast_fp16 import CastFloat16Pass
+from onnxq.placement.fp16 import fp32_nodes
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.runtime.ort import create_session
 
@@ -34,7 +35,7 @@ def test_rules_keep_what_overflows_fp16(tmp_path):
     results = {}
     for rules in (True, False):
         model = load_and_preprocess(path)
-        cast_pass = CastFloat16Pass(rules=rules)
+        cast_pass = CastFloat16Pass(fp32_nodes(model.graph) if rules else {})
         cast_pass(model)
         results[rules] = (_fp16_reference_run(model, x), cast_pass.kept, model)
     got, kept, model = results[True]
@@ -59,9 +60,8 @@ def test_rules_keep_what_overflows_fp16(tmp_path):
 def test_measured_ranges_keep_overflowing_tensors_fp32(tmp_path):
     path = synthetic.save(synthetic.tiny_attention(), tmp_path / "att.onnx")
     model = load_and_preprocess(path)
-    cast_pass = CastFloat16Pass(ranges={"q": 1e5, "k": 10.0})
-    cast_pass(model)
-    assert {"q_proj", "qk"} <= set(cast_pass.kept) and "k_proj" not in cast_pass.kept
+    kept = fp32_nodes(model.graph, {"q": 1e5, "k": 10.0})
+    assert {"q_proj", "qk"} <= set(kept) and "k_proj" not in kept
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

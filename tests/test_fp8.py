@@ -229,15 +229,15 @@ def test_fp8_keeps_depthwise_and_large_filter_convs_out_of_fp8(tmp_path):
     assert all(int8[n].precision == "int8" for n in ("dense", "depthwise", "large"))
 
 
-def test_refreshed_weight_entries_take_their_readers_fp8_dtype(attention_case):
-    """A rewrite that gives a node a new weight initializer (SmoothQuant's scaled copy of a shared
-    weight) gets a plan entry with the reader's weight dtype, float8e4m3fn for an FP8 node."""
-    from onnxq.placement.rules import refresh_weights
-
+def test_weight_entries_are_keyed_by_their_reader(attention_case):
+    """Weight entries name the node and input that read them, so a rewrite that renames an
+    initializer (SmoothQuant's scaled copy of a shared weight) does not orphan them, and the
+    entry carries the reader's dtype (float8e4m3fn for an FP8 node)."""
     model = load_and_preprocess(attention_case[0])
     plan = place(model, "tensorrt", precision="fp8")
-    name, entry = next(iter(plan.weights.items()))
-    model.graph.initializers[name].name = f"{name}_scaled"  # what a rewrite's new copy looks like
-    refresh_weights(model, plan)
-    assert name not in plan.weights
-    assert plan.weights[f"{name}_scaled"].dtype == "float8e4m3fn" and plan.weights[f"{name}_scaled"].axis == entry.axis
+    assert set(plan.weights) == {f"{n}:1" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    entry = plan.weight("q_proj", 1)
+    assert entry.dtype == "float8e4m3fn" and entry.axis == 1
+    init = next(n for n in model.graph if n.name == "q_proj").inputs[1]
+    init.name = f"{init.name}_scaled"  # what a rewrite's new copy looks like
+    assert plan.weight("q_proj", 1, init.name) is entry

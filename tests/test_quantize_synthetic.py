@@ -130,7 +130,7 @@ def test_plan_replay_with_an_edited_plan(cnn_case, tmp_path):
     plan_path = tmp_path / "plan.json"
     onnxq.quantize(model, tmp_path / "a.onnx", calib, save_plan=plan_path, quiet=True)
     data = json.loads(plan_path.read_text())
-    assert data["format"] == "onnxq.plan/1"
+    assert data["format"] == "onnxq.plan/2"
     assert data["nodes"]["conv2"]["precision"] == "int8"
     data["nodes"]["conv2"]["precision"] = "float"
     plan_path.write_text(json.dumps(data))

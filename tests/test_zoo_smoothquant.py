@@ -7,7 +7,7 @@ import pytest
 
 from onnxq import modelio
 from onnxq.runtime import ort as ort_rt
-from onnxq.smoothquant import smooth_model
+from onnxq.pipeline import smooth_model
 
 pytestmark = pytest.mark.zoo
 pytest.importorskip("torch", reason="the zoo exports PyTorch models: install the zoo extra")

@@ -148,3 +148,15 @@ def require_opset(model: ir.Model, min_opset: int) -> bool:
     if modified:
         LiftConstantsPass()(model)
     return modified
+
+
+class RequireOpsetPass(ir.passes.InPlacePass):
+    """Raise the opset to at least ``min_opset`` (:func:`require_opset`): the plan's ``min_opset``,
+    so that a model prepared for FP8 keeps the opset its measurements were made at."""
+
+    def __init__(self, min_opset: int):
+        super().__init__()
+        self.min_opset = min_opset
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, require_opset(model, self.min_opset))

@@ -68,7 +68,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 if kind == "activation":
                     node.replace_input_with(index, self._activation(value, decision.precision))
                 elif kind == "weight":
-                    node.replace_input_with(index, self._weight(value, decision.precision))
+                    node.replace_input_with(index, self._weight(value, decision.precision, name, index))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
                 modified = True
@@ -134,7 +134,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._activation_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
-    def _weight(self, value: ir.Value, precision: str) -> ir.Value:
+    def _weight(self, value: ir.Value, precision: str, node: str, index: int) -> ir.Value:
         """A dequantized copy of the weight behind ``value``.
 
         A weight read through a Transpose gets its transposed integer copy as an initializer, so
@@ -148,7 +148,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if source is None:
             raise PlanError(f"the plan quantizes {value.name!r} as a weight, but it is not a float initializer")
         init = source.initializer
-        params = self.plan.weights.get(init.name, WeightQuant())
+        params = self.plan.weight(node, index, init.name) or WeightQuant()
         if params.dtype not in WEIGHT_DTYPE.values():
             raise PlanError(f"weights quantize to {list(WEIGHT_DTYPE.values())} (symmetric); the plan asks for {params.dtype} for {init.name!r}")
         # The reading node's precision decides the dtype (see onnxq.plan).

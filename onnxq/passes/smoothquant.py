@@ -28,7 +28,8 @@ import onnx_ir as ir
 
 from onnxq.errors import PlanError
 from onnxq.passes.initializers import add_initializer
-from onnxq.smoothquant import Fold, SmoothPlan, weight_matrix
+from onnxq.plan import Fold, SmoothPlan
+from onnxq.smoothquant import weight_matrix
 from onnxq.weights import weight_source
 
 

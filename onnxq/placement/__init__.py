@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan
+from onnxq.recipe import Recipe
 
 TARGETS = ("tensorrt", "ort")
 
@@ -25,3 +27,13 @@ def place(model: ir.Model, target: str, *, exclude: Sequence[str] = (), precisio
     else:
         raise OnnxqError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
     return policy(model, exclude=exclude, precision=precision)
+
+
+def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
+    """The placement decisions for ``recipe``: the target's policy at its precision, then its
+    node filters (exclude/include by name, regex and op type)."""
+    plan = place(model, recipe.target, precision=recipe.precision)
+    apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
+    plan.high_precision = recipe.high_precision
+    plan.recipe = recipe.to_json()
+    return plan

@@ -148,10 +148,7 @@ def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
     if source is not None:
         inputs[w_index] = "weight"
         rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
-        plan.weights.setdefault(
-            source.initializer.name,
-            WeightQuant(dtype=weight_dtype, axis=source.initializer_axis(axis, rank) if rank else None),
-        )
+        plan.set_weight(node.name, w_index, WeightQuant(dtype=weight_dtype, axis=source.initializer_axis(axis, rank) if rank else None))
     elif is_activation(w):
         inputs[w_index] = "activation"  # e.g. attention's Q·Kᵀ: both operands are activations
     else:
@@ -160,46 +157,67 @@ def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
     return NodeDecision(node.op_type, plan.precision, inputs, f"inputs of {node.op_type} ({kind} {'per-channel' if kind == 'weight' and axis is not None else 'per-tensor'})")
 
 
-def apply_exclusions(model: ir.Model, plan: QuantPlan, patterns: Sequence[str]) -> None:
-    """Set every node whose name equals or fully matches a pattern to float.
+def _matching(names: Sequence[str], pattern: str, option: str) -> list[str]:
+    """Node names equal to or fully matching ``pattern``; none is an error (almost always a typo)."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise OnnxqError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from None
+    hits = [n for n in names if n == pattern or regex.fullmatch(n)]
+    if not hits:
+        raise OnnxqError(f"{option} {pattern!r} matches no node name; names look like {names[:3]} (use `onnxq quantize --save-plan` to list them)")
+    return hits
 
-    A pattern that matches no node is an error: it is almost always a typo.
-    """
+
+def _set_float(plan: QuantPlan, name: str, reason: str) -> None:
+    decision = plan.nodes.get(name)
+    if decision is None or not decision.quantized:
+        return  # a node no policy would quantize: nothing to exclude
+    decision.precision = FLOAT
+    decision.inputs = {}
+    decision.reason = reason
+
+
+def apply_exclusions(model: ir.Model, plan: QuantPlan, patterns: Sequence[str]) -> None:
+    """Set every node whose name equals or fully matches a pattern to float."""
+    apply_filters(model, plan, exclude=patterns)
+
+
+def apply_filters(
+    model: ir.Model, plan: QuantPlan, *, exclude: Sequence[str] = (), exclude_op: Sequence[str] = (),
+    include: Sequence[str] = (), include_op: Sequence[str] = (),
+) -> None:
+    """The recipe's node filters: ``exclude`` names/regexes and ``exclude_op`` op types go to
+    float; with ``include`` / ``include_op``, only matching Conv/ConvTranspose/Gemm/MatMul nodes
+    stay quantized. A pattern or op type that matches nothing is an error."""
     names = [n.name for n in model.graph if n.name]
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except re.error as exc:
-            raise OnnxqError(f"--exclude {pattern!r} is not a valid regular expression ({exc})") from None
-        hits = [n for n in names if n == pattern or regex.fullmatch(n)]
-        if not hits:
-            raise OnnxqError(
-                f"--exclude {pattern!r} matches no node name; names look like {names[:3]} "
-                "(use `onnxq quantize --save-plan` to list them)"
-            )
-        for name in hits:
-            decision = plan.nodes.get(name)
-            if decision is None:
-                continue  # a node no policy would quantize: nothing to exclude
-            decision.precision = FLOAT
-            decision.inputs = {}
-            decision.reason = f"excluded by --exclude {pattern!r}"
+    ops = {n.op_type for n in model.graph}
+    for op in (*exclude_op, *include_op):
+        if op not in ops:
+            raise OnnxqError(f"--{'exclude' if op in exclude_op else 'include'}-op {op!r}: the model has no {op} node; its op types are {sorted(ops)[:12]}")
+    for pattern in exclude:
+        for name in _matching(names, pattern, "--exclude"):
+            _set_float(plan, name, f"excluded by --exclude {pattern!r}")
+    for name, d in list(plan.nodes.items()):
+        if d.op_type in exclude_op:
+            _set_float(plan, name, f"excluded by --exclude-op {d.op_type}")
+    if include or include_op:
+        included = {n for p in include for n in _matching(names, p, "--include")}
+        for name, d in list(plan.nodes.items()):
+            if d.op_type in LINEAR_OPS and name not in included and d.op_type not in include_op:
+                _set_float(plan, name, "not selected by --include/--include-op")
     _drop_unused_weights(model, plan)
 
 
 def _drop_unused_weights(model: ir.Model, plan: QuantPlan) -> None:
     """Forget weight entries that no quantized node reads any more."""
-    by_name = {n.name: n for n in model.graph}
-    used = set()
-    for name, decision in plan.nodes.items():
-        if decision.quantized and name in by_name:
-            node = by_name[name]
-            used.update(
-                weight_source(node.inputs[i]).initializer.name
-                for i, kind in decision.inputs.items()
-                if kind == "weight" and weight_source(node.inputs[i]) is not None
-            )
-    for w in [w for w in plan.weights if w not in used]:
+    used = {
+        plan.weight_key(name, i)
+        for name, decision in plan.nodes.items() if decision.quantized
+        for i, kind in decision.inputs.items() if kind == "weight"
+    }
+    # only node-keyed entries: an old plan's entries are keyed by initializer name
+    for w in [w for w in plan.weights if w not in used and w.rpartition(":")[0] in plan.nodes]:
         del plan.weights[w]
 
 
@@ -217,26 +235,3 @@ def producer_op(value: ir.Value | None) -> str | None:
 def nodes(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
     ops = set(op_types)
     return [n for n in model.graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
-
-
-def refresh_weights(model: ir.Model, plan: QuantPlan) -> None:
-    """Weight entries for the initializers quantized nodes read now (after a rewrite gave a node
-    a new weight initializer, e.g. SmoothQuant's scaled copy of a shared weight), on each node's
-    output-channel axis; entries no node reads any more are dropped."""
-    by_name = {n.name: n for n in model.graph}
-    for name, decision in plan.nodes.items():
-        node = by_name.get(name)
-        if node is None or not decision.quantized:
-            continue
-        for index, kind in decision.inputs.items():
-            if kind != "weight":
-                continue
-            source = weight_source(node.inputs[index])
-            if source is None or source.initializer.name in plan.weights:
-                continue
-            spec = weight_axis(node)
-            rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
-            dtype = WEIGHT_DTYPE[decision.precision]
-            axis = source.initializer_axis(spec[1], rank) if spec is not None and rank else None
-            plan.weights[source.initializer.name] = WeightQuant(dtype=dtype, axis=axis)
-    _drop_unused_weights(model, plan)

@@ -1,0 +1,68 @@
+"""Execute a QuantPlan on the preprocessed float model: the one emit pipeline.
+
+Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
+
+1. ``fold``: SmoothQuant scales and split-off outlier channels (``plan.smoothquant``);
+2. ``quantize``: the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
+   weights);
+3. ``finish``: FP16 casts for the high-precision regions (``plan.high_precision``,
+   ``plan.fp32_nodes``), unused nodes removed, topological order.
+
+``onnxq quantize`` makes its decisions between the stages (ranges of smoothed tensors after
+``fold``, the FP16 regions after ``quantize``) and then runs the next stage, so the model it
+writes is exactly what :func:`emit` builds from the same plan on a fresh copy of the model: a
+saved plan replays byte for byte. The sweep's candidates and the solver's model are built here
+too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+import onnx_ir as ir
+
+from onnxq import modelio
+from onnxq.errors import PlanError, UnsupportedModelError
+from onnxq.passes.cast_fp16 import CastFloat16Pass
+from onnxq.passes.opset import RequireOpsetPass
+from onnxq.passes.qdq import InsertQDQPass
+from onnxq.passes.smoothquant import SmoothQuantPass
+from onnxq.plan import QuantPlan
+
+STAGES = ("fold", "quantize", "finish")
+
+
+def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
+    """The passes of one emit stage for ``plan``."""
+    if stage == "fold":
+        return [SmoothQuantPass(plan.smoothquant)] if plan.smoothquant is not None and plan.smoothquant.active() else []
+    if stage == "quantize":
+        return [*([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), InsertQDQPass(plan)]
+    if stage == "finish":
+        cast = []
+        if plan.high_precision == "fp16":
+            if plan.fp32_nodes is None:
+                raise PlanError("the plan asks for FP16 high precision but has no FP32 decisions (fp32_nodes); make it with onnxq quantize --high-precision fp16")
+            cast = [CastFloat16Pass(plan.fp32_nodes)]
+        return [*cast, ir.passes.common.RemoveUnusedNodesPass(), ir.passes.common.TopologicalSortPass()]
+    raise ValueError(f"unknown emit stage {stage!r}; stages are {STAGES}")
+
+
+def emit(model: ir.Model, plan: QuantPlan, stages: Sequence[str] = STAGES) -> ir.Model:
+    """Run ``stages`` of the emit pipeline on ``model`` in place; returns it."""
+    for stage in stages:
+        passes = stage_passes(plan, stage)
+        if passes:
+            ir.passes.PassManager(passes)(model)
+    return model
+
+
+def checked_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version)."""
+    proto = modelio.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
+    return proto

@@ -1,0 +1,204 @@
+"""The user's request: what to quantize, how, and at which precision, validated in one place.
+
+A :class:`Recipe` comes from keywords (the Python API), from command-line flags, or from a YAML or
+JSON file (``--recipe FILE``) whose keys are spelled like the long options::
+
+    target: ort
+    precision: int8
+    calib-method: minmax
+    smoothquant: auto
+    split-outliers: 16
+    exclude: ["/lm_head/.*"]
+
+Flags given on the command line override the file (:meth:`Recipe.merged`). Decisions are not
+made here: placement, SmoothQuant, the FP16 regions and the solver read the recipe and write their
+decisions into the :class:`~onnxq.plan.QuantPlan`.
+
+A new option is one field here (with its check in :meth:`Recipe.validated`), one flag in the
+CLI's option group, and the code that reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxq.calibrators.methods import check_method, check_percentile
+from onnxq.errors import OnnxqError
+
+TARGETS = ("tensorrt", "ort")
+PRECISIONS = ("int8", "fp8")
+HIGH_PRECISIONS = ("fp32", "fp16")
+
+
+class RecipeError(OnnxqError):
+    """A recipe file or option is unusable."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    target: str = "tensorrt"
+    precision: str = "int8"
+    high_precision: str = "fp32"
+    # a method name, or {op type (lower case) or "default": method}; None: the default (mse)
+    calib_method: str | dict[str, str] | None = None
+    percentile: float | None = None
+    calib_samples: int | None = None
+    smoothquant: float | str | None = None
+    split_outliers: int = 0
+    exclude: tuple[str, ...] = ()  # node names or regular expressions (whole-name match)
+    exclude_op: tuple[str, ...] = ()  # op types kept in float
+    include: tuple[str, ...] = ()  # only these nodes (names or regexes) may be quantized
+    include_op: tuple[str, ...] = ()  # only these op types may be quantized
+    _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: Mapping[str, object], source: str = "options") -> Recipe:
+        """A recipe from ``{field or option name: value}`` (``calib-method`` or ``calib_method``)."""
+        return cls().merged(options, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """A recipe from a YAML or JSON file (a mapping of option names to values)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such recipe file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read the recipe {path} ({exc})") from None
+        data = _parse(text, path)
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{path}: a recipe is a mapping of option names to values (e.g. 'target: ort'), got {type(data).__name__}")
+        return cls.from_options(data, source=str(path))
+
+    def merged(self, overrides: Mapping[str, object], source: str = "command line") -> Recipe:
+        """This recipe with ``overrides`` (options given on the command line, keywords, a file's
+        keys: ``calib-method`` or ``calib_method``) replacing its values."""
+        known = {f.name for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        values = {}
+        for key, value in overrides.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise RecipeError(f"{_at(source)}unknown recipe key {key!r}; known keys: {', '.join(sorted(k.replace('_', '-') for k in known))}")
+            values[name] = value
+        return dataclasses.replace(self, **values, _given=self._given | frozenset(values)).validated(source)
+
+    def given(self, name: str) -> bool:
+        """Whether ``name`` was set explicitly (by the file, a flag or a keyword)."""
+        return name in self._given
+
+    # --- validation --------------------------------------------------------------------------
+    def validated(self, source: str = "recipe") -> Recipe:
+        """The recipe with normalised values; a bad value is a RecipeError naming the option."""
+        values = {
+            "target": _choice(self.target, TARGETS, "target", source),
+            "precision": _choice(self.precision, PRECISIONS, "precision", source),
+            "high_precision": _choice(self.high_precision, HIGH_PRECISIONS, "high-precision", source),
+            "calib_method": _calib_method(self.calib_method, source),
+            "percentile": _percentile(self.percentile, source),
+            "calib_samples": _count(self.calib_samples, "calib-samples", source, minimum=1),
+            "smoothquant": _alpha(self.smoothquant, source),
+            "split_outliers": _count(self.split_outliers, "split-outliers", source, minimum=0) or 0,
+            "exclude": _strings(self.exclude, "exclude", source),
+            "exclude_op": _strings(self.exclude_op, "exclude-op", source),
+            "include": _strings(self.include, "include", source),
+            "include_op": _strings(self.include_op, "include-op", source),
+        }
+        if values["split_outliers"] and values["smoothquant"] is None:
+            raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
+        return dataclasses.replace(self, **values)
+
+    # --- JSON --------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """Every option, spelled like the long flags (what sweep/solve/plan files record)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _at(source: str) -> str:
+    """Where a bad value came from, for files (flags and keywords name themselves)."""
+    return "" if source in ("options", "command line") else f"{source}: "
+
+
+def _parse(text: str, path: Path):
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path} is not valid JSON ({exc})") from None
+    import yaml  # JSON is YAML too; PyYAML is a core dependency
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"{path} is not valid YAML ({first})") from None
+
+
+def _choice(value, choices: tuple[str, ...], option: str, source: str) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise RecipeError(f"{_at(source)}--{option} {value!r} is not one of {list(choices)}")
+    return value.lower()
+
+
+def _calib_method(value, source: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return check_method(value.lower())
+    if isinstance(value, Mapping):
+        return {str(k).lower(): check_method(str(v).lower()) for k, v in value.items()}
+    raise RecipeError(f"{_at(source)}--calib-method takes one of {list(CALIB_METHODS)} or a mapping by op type, got {value!r}")
+
+
+def _percentile(value, source: str) -> float | None:
+    return None if value is None else check_percentile(value)
+
+
+def _count(value, option: str, source: str, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or isinstance(value, bool) or n < minimum or (isinstance(value, float) and value != n):
+        raise RecipeError(f"{_at(source)}--{option} takes a whole number >= {minimum}, got {value!r}")
+    return n
+
+
+def _alpha(value, source: str) -> float | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RecipeError(f"{_at(source)}--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
+    return float(value)
+
+
+def _strings(value, option: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RecipeError(f"{_at(source)}--{option} takes a list of strings, got {value!r}")
+    return tuple(value)
