@@ -1,0 +1,84 @@
+"""The plan is the whole contract: a saved plan rebuilds its model byte for byte, and a recipe
+file gives the same model as the same options as flags (fast tier: synthetic models)."""
+
+import json
+
+import numpy as np
+import pytest
+import synthetic
+
+from onnxq.cli import main
+from onnxq.plan import QuantPlan
+
+
+def _quantize(argv):
+    assert main(["quantize", *argv, "-q"]) == 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--smoothquant", "auto", "--split-outliers", "4", "--high-precision", "fp16"], ["--precision", "fp8", "--target", "ort"]])
+def test_saved_plan_replays_byte_for_byte_without_calibration(decoder_case, tmp_path, extra):
+    model, calib, _ = decoder_case
+    _quantize([str(model), "-o", str(tmp_path / "a.onnx"), "--calib", str(calib), "--calib-method", "minmax", "--save-plan", str(tmp_path / "plan.json"), *extra])
+    plan = QuantPlan.load(tmp_path / "plan.json")
+    if "--smoothquant" in extra:
+        assert plan.smoothquant.active() and any(g.split for g in plan.smoothquant.active())
+        assert plan.high_precision == "fp16" and plan.fp32_nodes
+    # no --calib: a complete plan needs no calibration data
+    _quantize([str(model), "-o", str(tmp_path / "b.onnx"), "--plan", str(tmp_path / "plan.json"), "--no-eval"])
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_recipe_file_and_flags_give_the_same_model(decoder_case, tmp_path):
+    model, calib, _ = decoder_case
+    flags = ["--target", "ort", "--calib-method", "percentile", "--percentile", "99.9", "--smoothquant", "0.6", "--exclude", "down_proj"]
+    _quantize([str(model), "-o", str(tmp_path / "flags.onnx"), "--calib", str(calib), "--no-eval", *flags])
+    (tmp_path / "r.yaml").write_text("target: ort\ncalib-method: percentile\npercentile: 99.9\nsmoothquant: 0.6\nexclude: [down_proj]\n")
+    _quantize([str(model), "-o", str(tmp_path / "yaml.onnx"), "--calib", str(calib), "--no-eval", "--recipe", str(tmp_path / "r.yaml")])
+    (tmp_path / "r.json").write_text(json.dumps({"target": "tensorrt", "calib-method": "percentile", "percentile": 99.9, "smoothquant": 0.6, "exclude": ["down_proj"]}))
+    # a flag overrides the file
+    _quantize([str(model), "-o", str(tmp_path / "json.onnx"), "--calib", str(calib), "--no-eval", "--recipe", str(tmp_path / "r.json"), "--target", "ort"])
+    flags_bytes = (tmp_path / "flags.onnx").read_bytes()
+    assert (tmp_path / "yaml.onnx").read_bytes() == flags_bytes
+    assert (tmp_path / "json.onnx").read_bytes() == flags_bytes
+    _quantize([str(model), "-o", str(tmp_path / "trt.onnx"), "--calib", str(calib), "--no-eval", "--recipe", str(tmp_path / "r.json")])
+    assert (tmp_path / "trt.onnx").read_bytes() != flags_bytes  # the file's own target
+
+
+@pytest.mark.parametrize("text, message", [
+    ("target: gpu\n", "--target 'gpu' is not one of"),
+    ("calib_method: median\n", "unknown calibration method 'median'"),
+    ("split-outliers: 4\n", "--split-outliers is part of SmoothQuant"),
+    ("smoothquant: 2\n", "migration strength"),
+    ("colour: red\n", "unknown recipe key 'colour'"),
+    ("- a\n- b\n", "a recipe is a mapping"),
+    ("target: [\n", "is not valid YAML"),
+])
+def test_bad_recipe_is_one_line_error(decoder_case, tmp_path, capsys, text, message):
+    model, calib, _ = decoder_case
+    (tmp_path / "r.yaml").write_text(text)
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib), "--recipe", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxq: error:") and message in err[0], err
+    assert not out.exists()
+
+
+def test_edited_plan_calibrates_only_what_it_lacks(decoder_case, tmp_path):
+    """A node set back to int8 in a saved plan gets its ranges from --calib; every other
+    parameter stays as saved."""
+    model, calib, _ = decoder_case
+    _quantize([str(model), "-o", str(tmp_path / "a.onnx"), "--calib", str(calib), "--calib-method", "minmax", "--exclude", "down_proj", "--save-plan", str(tmp_path / "plan.json")])
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["nodes"]["down_proj"]["precision"] == "float"
+    saved_scales = {k: v["scale"] for k, v in data["activations"].items()}
+    data["nodes"]["down_proj"].update(precision="int8", inputs={"0": "activation", "1": "weight"})
+    data["weights"]["down_proj:1"] = {"dtype": "int8", "axis": 1}
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    assert main(["quantize", str(model), "-o", str(tmp_path / "b.onnx"), "--plan", str(tmp_path / "plan.json"), "--no-eval", "-q"]) == 2  # needs data now
+    _quantize([str(model), "-o", str(tmp_path / "b.onnx"), "--plan", str(tmp_path / "plan.json"), "--calib", str(calib), "--calib-method", "minmax", "--no-eval", "--save-plan", str(tmp_path / "b.json")])
+    replayed = json.loads((tmp_path / "b.json").read_text())["activations"]
+    assert {k: replayed[k]["scale"] for k in saved_scales} == saved_scales
+    new = set(replayed) - set(saved_scales)
+    assert len(new) == 1
+    x = np.load(calib)["x"]
+    assert replayed[new.pop()]["scale"] > 0 and x.size
