@@ -1,5 +1,5 @@
 """The docs stay true to the code: docs/cli.md against the argument parser, README.md short, every
-relative link pointing at a file, and every `onnxq ...` command in the docs naming real options."""
+relative link pointing at a file (and heading), every `onnxq ...` command naming real options."""
 
 import argparse
 import re
@@ -16,6 +16,7 @@ README_LIMIT = 12 * 1024
 HEADING = re.compile(r"^(#{1,6}) (.*)$")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 LONG_OPTION = re.compile(r"(?<![\w-])--[A-Za-z0-9][\w-]*")
+FENCED = re.compile(r"```[a-z]*\n(.*?)```", flags=re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -73,8 +74,9 @@ def _option_spans(text: str):
 def _commands_in(text: str):
     """Every `onnxq <subcommand> ...` written in the text, in code spans or code blocks
     (continuation lines of a block belong to the command above them)."""
-    spans = [s for s in CODE_SPAN.findall(text) if s.startswith("onnxq ")]
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+    prose = re.sub(FENCED, "", text)
+    spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose) if s.startswith("onnxq ")]
+    for block in re.findall(FENCED, text):
         current = None
         for line in block.splitlines():
             if line.startswith("onnxq "):
@@ -152,14 +154,25 @@ def test_readme_is_short():
     assert size < README_LIMIT, f"README.md is {size} bytes; move reference text into docs/"
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a page: lower case, punctuation dropped, spaces to '-'."""
+    seen, anchors = {}, set()
+    for title in re.findall(r"^#{1,6} (.*)$", re.sub(FENCED, "", page.read_text(encoding="utf-8")), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
 @pytest.mark.parametrize("doc", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
 def test_relative_links_point_to_files(doc):
     source = ROOT / doc
     broken = []
     for target in LINK.findall(source.read_text(encoding="utf-8")):
-        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-            continue  # a URL or an anchor in the same page
-        path = target.split("#", 1)[0]
-        if not (source.parent / path).exists():
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        page = source.parent / path if path else source
+        if not page.exists() or (anchor and page.suffix == ".md" and anchor not in _anchors(page)):
             broken.append(target)
-    assert not broken, f"{doc} links to missing files: {broken}"
+    assert not broken, f"{doc} links to missing files or headings: {broken}"
