@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 
 from onnxq.errors import OnnxqError
@@ -27,6 +29,11 @@ def _quantize(args: argparse.Namespace) -> int:
         args.model, args.output, args.calib, recipe=_recipe(args), eval=args.eval, plan=args.plan,
         save_plan=args.save_plan, table=args.table, evaluate=not args.no_eval, quiet=args.quiet,
     )
+    if not args.quiet and result.accuracy:
+        from onnxq.check import format_table
+
+        plan = result.plan
+        print(format_table(result.accuracy, f"ORT FP32 vs ORT {plan.precision} ({plan.target}) on {result.eval_source}:"))
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
 
@@ -447,11 +454,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which a test harness may have replaced)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(quiet: bool):
+    """The library's status lines (the ``onnxq`` logger) on stderr while a command runs; ``-q``
+    keeps warnings only. The logger is left as it was found."""
+    logger = logging.getLogger("onnxq")
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _logging_to_stderr(getattr(args, "quiet", False)):
+            return args.func(args)
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -33,7 +33,7 @@ from onnxq.calibration import (
     with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
-from onnxq.check import OutputAccuracy, compare, format_table
+from onnxq.check import OutputAccuracy, compare
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
 from onnxq.passes.preprocess import load_and_preprocess
@@ -146,8 +146,6 @@ def quantize(
     timings["total"] = time.perf_counter() - t0
     result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant)
     _write_outputs(float_model, result, paths)
-    if not quiet and accuracy:
-        print(format_table(accuracy, f"ORT FP32 vs ORT {the_plan.precision} ({the_plan.target}) on {eval_source}:"))
     return result
 
 

@@ -1,20 +1,28 @@
-"""Progress bars for long work (on a terminal only, unless ONNXQ_NO_PROGRESS=1 turns them off) and
-status lines on stderr."""
+"""Status lines and progress bars of long work, through ``logging`` (library code never prints).
+
+Status lines go to the ``onnxq`` logger at INFO; the CLI shows them on stderr (``-q`` hides them),
+a program using the API sees them once it configures logging (e.g. ``logging.basicConfig(
+level=logging.INFO)``). Progress bars show on a terminal only, while the ``onnxq`` logger is
+enabled for INFO, unless ``ONNXQ_NO_PROGRESS=1``.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from tqdm.auto import tqdm
 
+logger = logging.getLogger("onnxq")
+
 
 def progress_bar(total: int | None, desc: str, unit: str = "sample", enabled: bool = True) -> tqdm:
-    show = enabled and os.environ.get("ONNXQ_NO_PROGRESS") != "1" and sys.stderr.isatty()
+    show = enabled and logger.isEnabledFor(logging.INFO) and os.environ.get("ONNXQ_NO_PROGRESS") != "1" and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, mininterval=0.5)
 
 
 def log(msg: str, quiet: bool = False) -> None:
-    """A status line on stderr (stdout is kept for results)."""
+    """A status line (INFO on the ``onnxq`` logger); ``quiet`` drops it."""
     if not quiet:
-        print(msg, file=sys.stderr, flush=True)
+        logger.info(msg)

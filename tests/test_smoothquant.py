@@ -1,6 +1,7 @@
 """SmoothQuant: groups, exact folding into producers, α search, derived ranges, report, CLI."""
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -92,10 +93,11 @@ def test_minmax_ranges_of_smoothed_tensors_need_no_second_pass(decoder_case, tmp
         np.testing.assert_allclose([params.min, params.max], [lo, hi], rtol=1e-5)
 
 
-def test_histogram_method_recomputes_and_says_so(decoder_case, tmp_path, capsys):
+def test_histogram_method_recomputes_and_says_so(decoder_case, tmp_path, caplog):
     model, calib, _ = decoder_case
-    onnxq.quantize(model, tmp_path / "q.onnx", str(calib), smoothquant=0.5, method="mse", evaluate=False)
-    assert "second calibration pass for the histograms of" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="onnxq"):
+        onnxq.quantize(model, tmp_path / "q.onnx", str(calib), smoothquant=0.5, method="mse", evaluate=False)
+    assert "second calibration pass for the histograms of" in caplog.text
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "ort"])
@@ -110,10 +112,11 @@ def test_smoothquant_improves_w8a8_on_outlier_channels(decoder_case, tmp_path, t
     assert runs["auto"]["logits"] > runs[None]["logits"], runs
 
 
-def test_report_lists_every_group(decoder_case, tmp_path, capsys):
+def test_report_lists_every_group(decoder_case, tmp_path, caplog):
     model, calib, _ = decoder_case
-    result = onnxq.quantize(model, tmp_path / "q.onnx", str(calib), smoothquant="auto", method="minmax")
-    printed = capsys.readouterr().err  # the SmoothQuant summary is a log (stderr)
+    with caplog.at_level(logging.INFO, logger="onnxq"):
+        result = onnxq.quantize(model, tmp_path / "q.onnx", str(calib), smoothquant="auto", method="minmax")
+    printed = caplog.text  # the SmoothQuant summary is a status line of the onnxq logger
     report = json.loads(result.report_path.read_text())["smoothquant"]
     assert report["alpha"] == "auto"
     assert {g["activation"] for g in report["groups"]} == {"h_norm", "ctx", "h_ln", "mlp", "y2"}
