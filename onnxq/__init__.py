@@ -5,8 +5,8 @@ from onnxq.calibration import calibrate
 from onnxq.export import export  # the function; the module stays importable as onnxq.export's names
 from onnxq.pipeline import QuantizeResult, quantize
 from onnxq.plan import QuantPlan
-from onnxq.sensitivity import sweep
-from onnxq.solver import solve
+from onnxq.mixed_precision.sweep import sweep
+from onnxq.mixed_precision.solver import solve
 
 __version__ = "0.1.0"
 __all__ = ["OnnxqError", "QuantPlan", "QuantizeResult", "__version__", "calibrate", "export", "quantize", "solve", "sweep"]

@@ -52,8 +52,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_spec(args: argparse.Namespace) -> str | None:
+    """--metric MODULE:FUNCTION, or the zoo model's metric for --zoo NAME (the CLI may import the zoo; the core does not)."""
+    if args.metric and args.zoo:
+        raise OnnxqError("give --metric or --zoo, not both (--zoo NAME stands for its zoo model's --metric)")
+    if args.zoo:
+        from onnxq.zoo.metrics import metric_spec
+
+        return metric_spec(args.zoo)
+    return args.metric
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    from onnxq.sensitivity import sweep
+    from onnxq.mixed_precision.sweep import sweep
 
     result = sweep(
         args.model,
@@ -63,7 +74,7 @@ def _sweep(args: argparse.Namespace) -> int:
         mode=args.mode,
         precisions=args.precisions,
         target=args.target,
-        zoo=args.zoo,
+        metric=_metric_spec(args),
         calib_samples=args.calib_samples,
         eval_samples=args.eval_samples,
         method=args.calib_method,
@@ -79,7 +90,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
-    from onnxq.solver import solve
+    from onnxq.mixed_precision.solver import solve
 
     result = solve(
         args.sweep,
@@ -90,7 +101,7 @@ def _solve(args: argparse.Namespace) -> int:
         target_cosine=args.target_cosine,
         target_metric=args.target_metric,
         max_high_precision_layers=args.max_high_precision_layers,
-        zoo=args.zoo,
+        metric=_metric_spec(args),
         latency_json=args.latency_json,
         min_8bit_macs=args.min_8bit_macs,
         precisions=args.precisions,
@@ -219,8 +230,8 @@ def _check(args: argparse.Namespace) -> int:
         latency=not args.no_latency,
         threads=args.threads,
         thresholds=Thresholds(args.min_cosine, args.min_snr, args.max_latency_ratio),
-        zoo=args.zoo,
-        zoo_samples=args.zoo_samples,
+        metric=_metric_spec(args),
+        metric_samples=args.zoo_samples,
         layers=args.layers,
         layer_samples=args.layer_samples,
         progress=not args.quiet,
@@ -329,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--min-snr", type=float, metavar="DB", help="fail (exit 1) if any output's SNR is below DB")
     k.add_argument("--max-latency-ratio", type=float, metavar="R", help="fail (exit 1) if a candidate's median latency exceeds R x the reference's")
     k.add_argument("--zoo", metavar="NAME", help="also report the zoo model's task metric (onnxq zoo list) for ONNX candidates")
-    k.add_argument("--zoo-samples", type=int, metavar="N", help="evaluation samples for --zoo")
+    k.add_argument("--metric", metavar="MODULE:FUNCTION", help="also report this task metric (FUNCTION(candidate, reference, samples) -> {name: value}) for ONNX candidates")
+    k.add_argument("--zoo-samples", type=int, metavar="N", help="evaluation samples for --zoo or --metric")
     k.add_argument("--layers", action="store_true", help="per-layer SNR through the Q/DQ pairs, lowest first")
     k.add_argument("--layer-samples", type=int, metavar="N", help="samples for --layers (default: --samples)")
     k.add_argument("--layer-top", type=int, default=10, metavar="N", help="layers printed (all are in the reports; default 10)")
@@ -347,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", choices=["tensorrt", "ort"], default="tensorrt", help="placement policy whose plan defines the layers (default: tensorrt)")
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     s.add_argument("--zoo", metavar="NAME", help="e2e mode: also compute this zoo model's task metric per layer")
+    s.add_argument("--metric", metavar="MODULE:FUNCTION", help="e2e mode: also compute this task metric per layer (FUNCTION(candidate, reference, samples) -> {name: value})")
     s.add_argument("--calib-samples", type=int, metavar="N", help="use at most N calibration samples")
     s.add_argument("--eval-samples", type=int, metavar="N", help="use at most N evaluation samples")
     s.add_argument("--calib-method", choices=list(METHODS), help="activation range method (default per target: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_METHOD.items()) + ")")
@@ -363,9 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="QuantPlan to write (replay with onnxq quantize --plan); PLAN.solve.json and PLAN.curve.png beside it")
     target = v.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-cosine", type=float, metavar="C", help="smallest mean output cosine vs FP32 on --eval")
-    target.add_argument("--target-metric", metavar="NAME>=VALUE", help="zoo task metric bound, e.g. top1_agreement>=0.97 (needs --zoo)")
+    target.add_argument("--target-metric", metavar="NAME>=VALUE", help="task metric bound, e.g. top1_agreement>=0.97 (needs --metric or --zoo, or a sweep that has one)")
     target.add_argument("--max-high-precision-layers", type=int, metavar="N", help="keep the N layers the sweep ranks first in high precision")
-    v.add_argument("--zoo", metavar="NAME", help="zoo model whose task metric --target-metric names (default: the sweep's)")
+    v.add_argument("--zoo", metavar="NAME", help="zoo model whose task metric --target-metric names (default: the sweep's metric)")
+    v.add_argument("--metric", metavar="MODULE:FUNCTION", help="task metric --target-metric names (default: the sweep's)")
     v.add_argument("--latency-json", metavar="FILE", help="per-layer costs {layer or node: {precision: cost}} instead of the nominal roofline")
     v.add_argument("--min-8bit-macs", type=float, metavar="FRACTION", help="never promote a layer if that leaves less than FRACTION of MatMul/Gemm MACs in 8 bits")
     v.add_argument("--order", choices=["sensitivity", "per-cost"], default="sensitivity", help="promotion order: most sensitive first, or sensitivity per added cost (default: sensitivity)")
