@@ -344,14 +344,11 @@ def solve(
     """Choose every layer's precision (see the module docstring); write the plan to ``output``
     with ``<stem>.solve.json`` and ``<stem>.curve.png`` beside it.
 
-    ``metric``: a task metric spec (:mod:`onnxq.task_metric`; default: the sweep's), which
-    ``target_metric`` names. ``min_8bit_macs``: a floor on the fraction of MatMul/Gemm MACs left in
-    8 bits; a layer whose promotion would break it is never promoted (the promotion order skips
-    it). ``precisions``: the 8-bit candidates to use, a subset of the sweep's (default: all of
-    them). ``order_by``: "sensitivity" (most sensitive first) or "per-cost" (sensitivity per unit
-    of added cost). A sweep made with ``smoothquant``/``split_outliers`` is solved on the model
-    smoothed the same way; MACs of split-off channels count as high precision. ``save_model``:
-    also write the chosen candidate's Q/DQ model, the very model whose accuracy the report gives.
+    ``metric``: the task metric spec ``target_metric`` names (default: the sweep's).
+    ``min_8bit_macs``: never promote a layer if that leaves less than this fraction of MatMul/Gemm
+    MACs in 8 bits. ``precisions``: a subset of the sweep's 8-bit candidates. ``order_by``:
+    "sensitivity" or "per-cost" (sensitivity per unit of added cost). ``save_model``: also write
+    the chosen candidate's Q/DQ model, the very model whose accuracy the report gives.
     """
     t0 = time.perf_counter()
     _check_request(target_cosine, target_metric, max_high_precision_layers, order_by, min_8bit_macs)
