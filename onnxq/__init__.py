@@ -21,8 +21,8 @@ _LAZY = {
     "QuantizeResult": "onnxq.pipeline",
     "quantize": "onnxq.pipeline",
     "calibrate": "onnxq.calibration",
-    "sweep": "onnxq.sensitivity",
-    "solve": "onnxq.solver",
+    "sweep": "onnxq.mixed_precision.sweep",
+    "solve": "onnxq.mixed_precision.solver",
 }
 __all__ = ["__version__", "export", *_LAZY]
 

@@ -50,8 +50,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_spec(args: argparse.Namespace) -> str | None:
+    """--metric MODULE:FUNCTION, or the zoo model's metric for --zoo NAME (the CLI may import the zoo; the core does not)."""
+    if args.metric and args.zoo:
+        raise OnnxqError("give --metric or --zoo, not both (--zoo NAME stands for its zoo model's --metric)")
+    if args.zoo:
+        from onnxq.zoo.metrics import metric_spec
+
+        return metric_spec(args.zoo)
+    return args.metric
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    from onnxq.sensitivity import sweep
+    from onnxq.mixed_precision.sweep import sweep
 
     recipe = _recipe(args)
     result = sweep(
@@ -62,7 +73,7 @@ def _sweep(args: argparse.Namespace) -> int:
         mode=args.mode,
         precisions=args.precisions,
         target=recipe.target,
-        zoo=args.zoo,
+        metric=_metric_spec(args),
         calib_samples=recipe.calib_samples,
         eval_samples=args.eval_samples,
         method=recipe.calib_method,
@@ -79,7 +90,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
-    from onnxq.solver import solve
+    from onnxq.mixed_precision.solver import solve
 
     recipe = _recipe(args)
     result = solve(
@@ -91,7 +102,7 @@ def _solve(args: argparse.Namespace) -> int:
         target_cosine=args.target_cosine,
         target_metric=args.target_metric,
         max_high_precision_layers=args.max_high_precision_layers,
-        zoo=args.zoo,
+        metric=_metric_spec(args),
         latency_json=args.latency_json,
         min_8bit_macs=args.min_8bit_macs,
         precisions=args.precisions,
@@ -221,8 +232,8 @@ def _check(args: argparse.Namespace) -> int:
         latency=not args.no_latency,
         threads=args.threads,
         thresholds=Thresholds(args.min_cosine, args.min_snr, args.max_latency_ratio),
-        zoo=args.zoo,
-        zoo_samples=args.zoo_samples,
+        metric=_metric_spec(args),
+        metric_samples=args.zoo_samples,
         layers=args.layers,
         layer_samples=args.layer_samples,
         progress=not args.quiet,
@@ -289,6 +300,12 @@ def _add_data(p: argparse.ArgumentParser, *, calib_required: bool, eval_help: st
     p.add_argument("--calib", required=calib_required, help="calibration data: .npz (one array per input, leading axis = samples), a directory of .npz, or module:function")
     if eval_help is not None:
         p.add_argument("--eval", required=eval_required, help=eval_help)
+
+
+def _add_metric(p: argparse.ArgumentParser, purpose: str) -> None:
+    g = p.add_argument_group("task metric")
+    g.add_argument("--metric", metavar="MODULE:FUNCTION", help=f"{purpose}: FUNCTION(candidate, reference, samples) -> {{name: value}}")
+    g.add_argument("--zoo", metavar="NAME", help="shorthand for --metric with this zoo model's metric (onnxq zoo list)")
 
 
 def _add_eval_samples(p: argparse.ArgumentParser) -> None:
@@ -386,8 +403,8 @@ def _check_parser(sub) -> None:
     k.add_argument("--min-cosine", type=float, metavar="C", help="fail (exit 1) if any output's mean cosine is below C")
     k.add_argument("--min-snr", type=float, metavar="DB", help="fail (exit 1) if any output's SNR is below DB")
     k.add_argument("--max-latency-ratio", type=float, metavar="R", help="fail (exit 1) if a candidate's median latency exceeds R x the reference's")
-    k.add_argument("--zoo", metavar="NAME", help="also report the zoo model's task metric (onnxq zoo list) for ONNX candidates")
-    k.add_argument("--zoo-samples", type=int, metavar="N", help="evaluation samples for --zoo")
+    _add_metric(k, "also report this task metric for ONNX candidates")
+    k.add_argument("--zoo-samples", type=int, metavar="N", help="evaluation samples for --zoo or --metric")
     k.add_argument("--layers", action="store_true", help="per-layer SNR through the Q/DQ pairs, lowest first")
     k.add_argument("--layer-samples", type=int, metavar="N", help="samples for --layers (default: --samples)")
     k.add_argument("--layer-top", type=int, default=10, metavar="N", help="layers printed (all are in the reports; default 10)")
@@ -403,7 +420,7 @@ def _mixed_precision_parsers(sub) -> None:
     s.add_argument("--mode", choices=["local", "e2e", "both"], default="local", help="local: every layer in one pass (quantized twins); e2e: one quantized model per layer; both: and their rank correlation (default: local)")
     s.add_argument("--precisions", default="int8,fp8", help="comma-separated candidate precisions (default: %(default)s)")
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
-    s.add_argument("--zoo", metavar="NAME", help="e2e mode: also compute this zoo model's task metric per layer")
+    _add_metric(s, "e2e mode: also compute this task metric per layer; solve repeats it")
     _add_eval_samples(s)
     _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING))
     _add_quiet(s, "no progress or table")
@@ -416,9 +433,9 @@ def _mixed_precision_parsers(sub) -> None:
     _add_output(v, "QuantPlan to write (replay with onnxq quantize --plan); PLAN.solve.json and PLAN.curve.png beside it", metavar="PLAN.json")
     target = v.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-cosine", type=float, metavar="C", help="smallest mean output cosine vs FP32 on --eval")
-    target.add_argument("--target-metric", metavar="NAME>=VALUE", help="zoo task metric bound, e.g. top1_agreement>=0.97 (needs --zoo)")
+    target.add_argument("--target-metric", metavar="NAME>=VALUE", help="task metric bound, e.g. top1_agreement>=0.97 (needs --metric or --zoo, or a sweep that has one)")
     target.add_argument("--max-high-precision-layers", type=int, metavar="N", help="keep the N layers the sweep ranks first in high precision")
-    v.add_argument("--zoo", metavar="NAME", help="zoo model whose task metric --target-metric names (default: the sweep's)")
+    _add_metric(v, "the task metric --target-metric names (default: the sweep's)")
     v.add_argument("--latency-json", metavar="FILE", help="per-layer costs {layer or node: {precision: cost}} instead of the nominal roofline")
     v.add_argument("--min-8bit-macs", type=float, metavar="FRACTION", help="never promote a layer if that leaves less than FRACTION of MatMul/Gemm MACs in 8 bits")
     v.add_argument("--order", choices=["sensitivity", "per-cost"], default="sensitivity", help="promotion order: most sensitive first, or sensitivity per added cost (default: sensitivity)")

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxq.calibrators.methods import check_method, check_percentile
+from onnxq.calibrators.methods import METHODS, check_method, check_percentile
 from onnxq.errors import OnnxqError
 
 TARGETS = ("tensorrt", "ort")
@@ -160,7 +160,7 @@ def _calib_method(value, source: str):
         return check_method(value.lower())
     if isinstance(value, Mapping):
         return {str(k).lower(): check_method(str(v).lower()) for k, v in value.items()}
-    raise RecipeError(f"{_at(source)}--calib-method takes one of {list(CALIB_METHODS)} or a mapping by op type, got {value!r}")
+    raise RecipeError(f"{_at(source)}--calib-method takes one of {list(METHODS)} or a mapping by op type, got {value!r}")
 
 
 def _percentile(value, source: str) -> float | None:

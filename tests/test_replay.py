@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import synthetic
 
 from onnxq.cli import main
 from onnxq.plan import QuantPlan

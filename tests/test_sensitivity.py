@@ -10,13 +10,16 @@ import pytest
 import synthetic
 from onnxq import modelio
 from onnxq.cli import main
-from onnxq.layer_groups import layer_groups
+from onnxq.mixed_precision.candidates import assemble_plan, qdq_proto
+from onnxq.mixed_precision.groups import layer_groups
+from onnxq.mixed_precision.options import SolverError, SweepError
+from onnxq.mixed_precision.ranges import calibrate_ranges
+from onnxq.mixed_precision.solver import solve
+from onnxq.mixed_precision.sweep import SweepResult, spearman, sweep
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import place
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
 from onnxq.runtime import ort as ort_rt
-from onnxq.sensitivity import SweepError, SweepResult, assemble_plan, calibrate_ranges, qdq_proto, spearman, sweep
-from onnxq.solver import SolverError, solve
 
 
 def _feeds(path, model):
@@ -152,7 +155,7 @@ def test_bad_inputs_are_clear_errors(attention_case, tmp_path, capsys):
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(SweepError, match="not an onnxq sweep"):
         solve(tmp_path / "junk.json", model, calib, None, eval=evald, target_cosine=0.99)
-    with pytest.raises(SolverError, match="needs --zoo"):
+    with pytest.raises(SolverError, match="needs a task metric: pass --metric MODULE:FUNCTION or --zoo NAME"):
         solve(tmp_path / "s.json", model, calib, None, eval=evald, target_metric="top1_agreement>=0.9")
     with pytest.raises(SolverError, match="exactly one target"):
         solve(tmp_path / "s.json", model, calib, None, eval=evald)

@@ -9,6 +9,7 @@ pytestmark = pytest.mark.zoo
 pytest.importorskip("torch", reason="the zoo exports PyTorch models: install the zoo extra")
 
 from onnxq import zoo  # noqa: E402
+from onnxq.zoo.metrics import metric_spec  # noqa: E402
 
 TARGET = 0.99
 
@@ -43,7 +44,7 @@ def test_solver_meets_smollm2s_agreement_target_with_most_macs_in_8_bits(tmp_pat
     calib, evald = _feeds(entry.calib_data()), _feeds(entry.eval_data())
     onnxq.sweep(model, calib, tmp_path / "sweep.json", eval=evald, smoothquant="auto", split_outliers=16, method="minmax", quiet=True, plot=False)
     result = onnxq.solve(
-        tmp_path / "sweep.json", model, calib, tmp_path / "plan.json", eval=evald, zoo="smollm2-6l",
+        tmp_path / "sweep.json", model, calib, tmp_path / "plan.json", eval=evald, metric=metric_spec("smollm2-6l"),
         target_metric="top1_agreement>=0.97", min_8bit_macs=0.8, save_model=tmp_path / "mixed.onnx", quiet=True, plot=False,
     )
     assert result.candidates[0]["accuracy"] < 0.97  # all layers in 8 bits do not meet it

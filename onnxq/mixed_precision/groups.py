@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from onnxq.placement.rules import LINEAR_OPS, gemm_dims, linear_macs
+from onnxq.placement.rules import LINEAR_OPS
 from onnxq.plan import QuantPlan
 from onnxq.weights import weight_source
 
@@ -29,7 +29,7 @@ class Layer:
     name: str
     nodes: list[str]
     op_types: list[str]
-    # Costs per sample, from the shapes the model runs with (filled by :func:`fill_shapes`):
+    # Costs per sample, from the shapes the model runs with (filled by :func:`onnxq.mixed_precision.costs.fill_costs`):
     macs: int = 0
     matmul_macs: int = 0  # the part of ``macs`` in MatMul/Gemm
     split_macs: int = 0  # MatMul MACs of float side products for split outlier channels (always float)
@@ -106,13 +106,3 @@ def layer_groups(model: ir.Model, plan: QuantPlan) -> list[Layer]:
     layers.sort(key=lambda layer: order[layer.name])
     return layers
 
-
-def static_macs(node: ir.Node, shapes: dict[str, list[int]]) -> int:
-    """Multiply-accumulates of a linear node for one sample, from the shapes it ran with (a
-    MatMul/Gemm without them: from its static dims)."""
-    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    sa, so = shapes.get(a.name), shapes.get(out.name)
-    if node.op_type in ("MatMul", "Gemm") and not (so and sa):
-        m, k, n = gemm_dims(node)
-        return int(m * k * n) if None not in (m, k, n) else 0
-    return linear_macs(node, sa, shapes.get(b.name) or list(b.shape or []), so)

@@ -1,0 +1,134 @@
+"""Polygraphy runners over onnxq's ORT sessions and TensorRT engines, and latency measurement.
+
+Candidates of ``onnxq check`` run through polygraphy's runners (``OnnxrtRunner``, ``TrtRunner``);
+:func:`infer` turns a runner's failure into one :class:`~onnxq.errors.OnnxqError` line, and
+:func:`measure_latency` times a runner with its own timer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxq.errors import DataError, OnnxqError
+from onnxq.runtime import ort as ort_rt
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def available_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """ORT execution providers to run ONNX candidates on: the requested ones (short names), or
+    CPU plus CUDA/TensorRT where this onnxruntime has them."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if requested is None:
+        return [p for p in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider") if p in have]
+    out = []
+    for short in requested:
+        full = PROVIDER_ALIASES.get(short.lower())
+        if full is None:
+            raise OnnxqError(f"unknown provider {short!r}; choose from {list(PROVIDER_ALIASES)}")
+        if full not in have:
+            raise OnnxqError(f"this onnxruntime has no {full} (it has {have}); install the onnxruntime build that provides it or drop {short!r}")
+        out.append(full)
+    return out
+
+
+@dataclass
+class Candidate:
+    """One thing to compare with the reference: an ONNX model on an ORT provider, or a TensorRT engine."""
+
+    path: Path
+    kind: str  # "onnx" | "engine"
+    provider: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "engine":
+            return f"{self.path.name} [TensorRT]"
+        short = {v: k for k, v in PROVIDER_ALIASES.items()}.get(self.provider or "", self.provider)
+        return f"{self.path.name} [ORT {short}]"
+
+    def runner(self, threads: int | None):
+        if self.kind == "engine":
+            from onnxq.runtime.tensorrt import engine_runner
+
+            return engine_runner(self.path, name=self.label)
+        return ort_runner(self.path, providers=[self.provider, "CPUExecutionProvider"], threads=threads, name=self.label)
+
+
+def ort_runner(model, *, providers: Sequence[str] | None = None, threads: int | None = None, name: str | None = None):
+    """A polygraphy ``OnnxrtRunner`` over onnxq's session (FP8-safe optimization level, clear errors)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    if hasattr(model, "run"):
+        session = model
+    else:
+        session = ort_rt.create_session(model, providers=list(dict.fromkeys(providers or ["CPUExecutionProvider"])), threads=threads)
+    return OnnxrtRunner(session, name=name or "onnxrt")
+
+
+def infer(runner, feed: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    try:
+        return runner.infer(feed, check_inputs=False)
+    except OnnxqError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxqError(f"{runner.name} failed to run: {reason}") from None
+
+
+def output_names(runner) -> list[str] | None:
+    sess = getattr(runner, "sess", None)
+    return [o.name for o in sess.get_outputs()] if sess is not None else None
+
+
+@dataclass
+class Latency:
+    batch: int
+    warmup: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def batched(feed: Mapping[str, np.ndarray], batch: int, input_shapes: Mapping[str, Sequence] | None = None) -> dict[str, np.ndarray]:
+    """``feed`` (batch 1) repeated ``batch`` times along axis 0."""
+    if batch == 1:
+        return dict(feed)
+    out = {}
+    for name, arr in feed.items():
+        dims = list((input_shapes or {}).get(name) or [])
+        if dims and isinstance(dims[0], int):
+            raise DataError(f"input {name!r} has a fixed batch dimension {dims[0]}; drop --batch {batch} or export with a dynamic batch axis")
+        if arr.ndim == 0 or arr.shape[0] != 1:
+            raise DataError(f"input {name!r} has shape {list(arr.shape)}; batched latency needs samples of batch 1")
+        out[name] = np.repeat(arr, batch, axis=0)
+    return out
+
+
+def measure_latency(runner, feed: Mapping[str, np.ndarray], *, batch: int = 1, warmup: int = 5, runs: int = 50) -> Latency:
+    """Warm up, then time ``runs`` inferences with the runner's own timer (polygraphy's inference_time)."""
+    if runs < 1 or warmup < 0:
+        raise OnnxqError("latency needs --runs >= 1 and --warmup >= 0")
+    for _ in range(warmup):
+        infer(runner, feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        infer(runner, feed)
+        elapsed = time.perf_counter() - start
+        inner = runner.last_inference_time()
+        times[i] = inner if inner else elapsed
+    ms = times * 1e3
+    return Latency(batch, warmup, runs, float(np.median(ms)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)), float(ms.mean()))
