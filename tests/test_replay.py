@@ -81,3 +81,22 @@ def test_edited_plan_calibrates_only_what_it_lacks(decoder_case, tmp_path):
     assert len(new) == 1
     x = np.load(calib)["x"]
     assert replayed[new.pop()]["scale"] > 0 and x.size
+
+
+@pytest.mark.parametrize("precisions", ["int8", "int8,fp8"])
+def test_solver_plan_replays_its_saved_model(decoder_case, tmp_path, precisions):
+    """onnxq solve --save-model writes the model the solver measured; its plan, replayed with
+    quantize --plan, rebuilds that model byte for byte (SmoothQuant with split channels; with
+    FP8 candidates the opset the sweep raised to is part of the plan)."""
+    model, calib, evald = decoder_case
+    sweep_args = ["sweep", str(model), "--calib", str(calib), "--eval", str(evald), "-o", str(tmp_path / "s.json"),
+                  "--precisions", precisions, "--smoothquant", "auto", "--split-outliers", "4", "--calib-method", "minmax", "-q"]
+    assert main(sweep_args) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["recipe"]["split-outliers"] == 4
+    assert main(["solve", str(tmp_path / "s.json"), str(model), "--calib", str(calib), "--eval", str(evald), "-o", str(tmp_path / "plan.json"),
+                 "--max-high-precision-layers", "1", "--save-model", str(tmp_path / "solved.onnx"), "-q"]) == 0
+    plan = QuantPlan.load(tmp_path / "plan.json")
+    assert plan.smoothquant is not None and plan.recipe["smoothquant"] == "auto"
+    assert sum(d.precision == "float" for d in plan.nodes.values() if d.inputs) >= 1
+    _quantize([str(model), "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "plan.json"), "--no-eval"])
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "solved.onnx").read_bytes()

@@ -52,3 +52,7 @@ def test_solver_meets_smollm2s_agreement_target_with_most_macs_in_8_bits(tmp_pat
     assert "node_linear_42" not in result.chosen["promoted"]  # the LM head stays in 8 bits
     # the saved model is the one measured
     assert entry.evaluate(tmp_path / "mixed.onnx")["top1_agreement"] == pytest.approx(result.chosen["accuracy"], abs=1e-9)
+    # and its plan rebuilds that model byte for byte (SmoothQuant, split channels, FP8 opset)
+    replay = tmp_path / "replay.onnx"
+    onnxq.quantize(model, replay, plan=tmp_path / "plan.json", evaluate=False, report=False, quiet=True)
+    assert replay.read_bytes() == (tmp_path / "mixed.onnx").read_bytes()
