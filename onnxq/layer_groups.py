@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from onnxq.placement.rules import LINEAR_OPS, gemm_dims, linear_macs
+from onnxq.ops import LINEAR_OPS
 from onnxq.plan import QuantPlan
 from onnxq.weights import weight_source
 
@@ -105,14 +105,3 @@ def layer_groups(model: ir.Model, plan: QuantPlan) -> list[Layer]:
         layers.append(Layer(name=linear[0], nodes=members, op_types=[by_name[m].op_type for m in members]))
     layers.sort(key=lambda layer: order[layer.name])
     return layers
-
-
-def static_macs(node: ir.Node, shapes: dict[str, list[int]]) -> int:
-    """Multiply-accumulates of a linear node for one sample, from the shapes it ran with (a
-    MatMul/Gemm without them: from its static dims)."""
-    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    sa, so = shapes.get(a.name), shapes.get(out.name)
-    if node.op_type in ("MatMul", "Gemm") and not (so and sa):
-        m, k, n = gemm_dims(node)
-        return int(m * k * n) if None not in (m, k, n) else 0
-    return linear_macs(node, sa, shapes.get(b.name) or list(b.shape or []), so)

@@ -36,12 +36,12 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibration import DataArg, MethodArg, activation_tensors, fill_activation_params, resolve_methods, tensor_methods
-from onnxq.check import OutputAccuracy, snr_db
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
-from onnxq.layer_groups import Layer, layer_groups, static_macs
+from onnxq.layer_groups import Layer, layer_groups
+from onnxq.metrics import OutputAccuracy, snr_db, spearman
+from onnxq.ops import LINEAR_OPS, MATMUL_OPS, static_macs
 from onnxq.placement import TARGETS, place
-from onnxq.placement.rules import LINEAR_OPS
 from onnxq.plan import FLOAT, QUANTIZED_PRECISIONS, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
 from onnxq.progress import log, progress_bar
 from onnxq.runtime import ort as ort_rt
@@ -388,7 +388,7 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
             shapes = {v.name: s for v, s in zip((node.inputs[0], node.inputs[1], node.outputs[0]), (sa, sb, so)) if s is not None}
             macs = static_macs(node, shapes)
             layer.macs += macs
-            if node.op_type in ("MatMul", "Gemm"):
+            if node.op_type in MATMUL_OPS:
                 layer.matmul_macs += macs
                 layer.split_macs += round(macs * (split or {}).get(name, 0.0))
             for index, kind in base.nodes[name].inputs.items():
@@ -491,33 +491,6 @@ def e2e_sweep(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], ranges:
                 results[layer.name][p] = r
                 bar.update(1)
     return results, time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------------------------
-# Rank correlation
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for v in np.unique(x):  # ties share their mean rank
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (ties get mean ranks); None for fewer than 3 pairs."""
-    a = np.clip(np.asarray(x, dtype=np.float64), -1e9, 1e9)
-    b = np.clip(np.asarray(y, dtype=np.float64), -1e9, 1e9)
-    if len(a) < 3:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ import synthetic
 from onnxq import modelio
 from onnxq.cli import main
 from onnxq.layer_groups import layer_groups
+from onnxq.metrics import spearman
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import place
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
 from onnxq.runtime import ort as ort_rt
-from onnxq.sensitivity import SweepError, SweepResult, assemble_plan, calibrate_ranges, qdq_proto, spearman, sweep
+from onnxq.sensitivity import SweepError, SweepResult, assemble_plan, calibrate_ranges, qdq_proto, sweep
 from onnxq.solver import SolverError, solve
 
 
