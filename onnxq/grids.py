@@ -73,8 +73,8 @@ def zero_point(rmin, scale, g: Grid):
 
 
 def scale_zero_point(lo: float, hi: float, g: Grid) -> tuple[float, int]:
-    """(scale, zero point) of the range ``[lo, hi]`` on grid ``g``; the scale unrounded (the Q/DQ
-    pass stores it as float32)."""
+    """(scale, zero point) of the range ``[lo, hi]`` on grid ``g``; the scale unrounded (a plan
+    stores it as float32, the simulations use it as it is)."""
     if g.symmetric:
         amax = max(abs(lo), abs(hi))
         return (amax / g.steps if amax > 0 else 1.0), 0

@@ -2,16 +2,14 @@
 MatMul): which input is the weight, where the weight's output and input channels are, which axis
 of an activation operand the product reduces over, and how many multiply-accumulates it does.
 
-Without transposition attributes (:data:`LINEAR`):
+Without transposition attributes (:data:`LINEAR`); the weight is input 1 of each:
 
-=============  ======  ==============  ==================  =====================================
-op             weight  weight out axis  weight in axis      reduction axis of an activation input
-=============  ======  ==============  ==================  =====================================
-Conv           1       0 ([Cout, Cin/g, k…])  1            input 0: 1 (NCHW channels)
-ConvTranspose  1       1 ([Cin, Cout/g, k…])  0            input 0: 1
-Gemm           1       1 ([K, N])      0                   input 0: -1 (A is [M, K])
-MatMul         1       -1 ([…, K, N])  -2                  input 0: -1; input 1: -2 (Q·Kᵀ, P·V)
-=============  ======  ==============  ==================  =====================================
+- Conv: weight ``[C_out, C_in/g, k…]``, output channels on axis 0, input channels on axis 1;
+  the activation (NCHW) reduces over axis 1.
+- ConvTranspose: weight ``[C_in, C_out/g, k…]``, output axis 1, input axis 0; activation axis 1.
+- Gemm: B ``[K, N]``, output axis 1, input axis 0; A ``[M, K]`` reduces over axis -1.
+- MatMul: weight ``[…, K, N]``, output axis -1, input axis -2; input 0 reduces over axis -1 and,
+  when input 1 is an activation too (attention's Q·Kᵀ and P·V), input 1 over axis -2.
 
 Gemm's ``transA=1`` / ``transB=1`` swap the two axes of A / B. Per-channel weight quantization runs
 along the output-channel axis when that axis holds every output channel: not for a grouped
