@@ -18,9 +18,11 @@ from onnxq.calibrators.table import TensorStats
 from onnxq.calibrators.methods import DEFAULT_METHOD, HISTOGRAM_METHODS
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError, PlanError
+from onnxq.grids import GRIDS, scale_zero_point
+from onnxq.ops import activation_channel_axis
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
-from onnxq.plan import FP8_DTYPE, NodeDecision, QuantPlan
+from onnxq.plan import FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
 from onnxq.progress import log
 from onnxq.runtime import ort as ort_rt
 
@@ -116,8 +118,6 @@ def tensor_methods(model: ir.Model, plan: QuantPlan, tensors: Sequence[str], met
 
 def channel_axes(model: ir.Model, plans: Iterable[QuantPlan]) -> dict[str, int]:
     """Per-channel statistics axis of every activation read by a MatMul/Gemm/Conv in ``plans``."""
-    from onnxq.calibrators.collector import channel_axis
-
     by_name = {n.name: n for n in model.graph}
     axes: dict[str, int] = {}
     for plan in plans:
@@ -128,10 +128,20 @@ def channel_axes(model: ir.Model, plans: Iterable[QuantPlan]) -> dict[str, int]:
             for index, kind in decision.inputs.items():
                 if kind != "activation" or index >= len(node.inputs) or node.inputs[index] is None:
                     continue
-                axis = channel_axis(node.op_type, index, node.attributes)
+                axis = activation_channel_axis(node.op_type, index, node.attributes)
                 if axis is not None:
                     axes.setdefault(node.inputs[index].name, axis)
     return axes
+
+
+def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:
+    """The plan entry of an activation range on the ``dtype`` grid (int8 symmetric, uint8
+    asymmetric, float8e4m3fn symmetric), its scale stored as float32."""
+    if dtype not in GRIDS:
+        raise PlanError(f"activation dtype {dtype!r} is not supported; use int8, uint8 or {FP8_DTYPE}")
+    grid = GRIDS[dtype]
+    scale, zero = scale_zero_point(lo, hi, grid)
+    return ActivationQuant(dtype=dtype, symmetric=grid.symmetric, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=zero)
 
 
 def fill_activation_params(
@@ -149,7 +159,6 @@ def fill_activation_params(
     A sweep that tries every tensor at both precisions passes ``{t: ("int8", "fp8") ...}``.
     """
     from onnxq.calibrators.methods import DEFAULT_PERCENTILE, compute_range
-    from onnxq.passes.qdq import activation_params
 
     methods = methods or {}
     p = DEFAULT_PERCENTILE if percentile is None else percentile

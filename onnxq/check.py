@@ -19,9 +19,7 @@ last axis.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,121 +28,16 @@ import numpy as np
 
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
+from onnxq.localize import layer_snr
+from onnxq.metrics import OutputAccuracy
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 from onnxq.runtime.runners import Candidate, Latency, available_providers, batched, infer, measure_latency, ort_runner, output_names
 from onnxq.task_metric import TaskMetric, load_metric
 
-# log10 |error| histogram: fixed edges, so it merges across samples in any order
-ERROR_HIST_EDGES = np.arange(-8.0, 3.01, 0.25)
-_CLASSIFIER_NAME = re.compile(r"logit|prob|score|class", re.IGNORECASE)
-_REL_FLOOR = 1e-3
-
 EXIT_FAILED = 1  # a threshold was not met (errors exit 2, like every onnxq command)
 
 
-def snr_db(signal: float, noise: float) -> float:
-    """10·log10(signal / noise) from sums of squares: +inf without noise, -inf without signal."""
-    if noise <= 0:
-        return math.inf
-    if signal <= 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
-def is_classifier_output(name: str, array: np.ndarray) -> bool:
-    return (
-        array.dtype.kind == "f" and array.ndim >= 1 and array.shape[-1] >= 10
-        and bool(_CLASSIFIER_NAME.search(name))
-    )
-
-
-@dataclass
-class OutputAccuracy:
-    name: str
-    samples: int = 0
-    cosine_mean: float = 0.0
-    cosine_min: float = 1.0
-    snr_db: float = math.inf
-    max_abs_error: float = 0.0
-    max_rel_error: float = 0.0
-    top1_agreement: float | None = None
-    top5_agreement: float | None = None
-    _signal: float = 0.0
-    _noise: float = 0.0
-    _cos_sum: float = 0.0
-    _rows: int = 0
-    _top1: int = 0
-    _top5: int = 0
-    # counts per ERROR_HIST_EDGES bin, plus [exact zero, below the first edge, above the last]
-    _hist: np.ndarray = field(default_factory=lambda: np.zeros(len(ERROR_HIST_EDGES) + 2, np.int64))
-
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        ref = np.asarray(ref)
-        cand = np.asarray(cand)
-        if ref.shape != cand.shape:
-            raise OnnxqError(f"output {self.name!r}: the candidate's shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
-        r = ref.astype(np.float64).ravel()
-        c = cand.astype(np.float64).ravel()
-        diff = r - c
-        self._signal += float(r @ r)
-        self._noise += float(diff @ diff)
-        denom = float(np.linalg.norm(r) * np.linalg.norm(c))
-        cos = float(r @ c) / denom if denom > 0 else (1.0 if not diff.any() else 0.0)
-        self._cos_sum += cos
-        self.samples += 1
-        self.cosine_min = min(self.cosine_min, cos)
-        self.cosine_mean = self._cos_sum / self.samples
-        abs_err = np.abs(diff)
-        if abs_err.size:
-            self.max_abs_error = max(self.max_abs_error, float(abs_err.max()))
-            mag = np.abs(r)
-            keep = mag >= _REL_FLOOR * float(mag.max()) if mag.max() > 0 else np.zeros_like(mag, bool)
-            if keep.any():
-                self.max_rel_error = max(self.max_rel_error, float((abs_err[keep] / mag[keep]).max()))
-            self._add_histogram(abs_err)
-        self.snr_db = snr_db(self._signal, self._noise)
-        if is_classifier_output(self.name, ref):
-            self._update_topk(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))
-
-    def _add_histogram(self, abs_err: np.ndarray) -> None:
-        nz = abs_err[abs_err > 0]
-        self._hist[-3] += abs_err.size - nz.size
-        logs = np.log10(nz)
-        self._hist[-2] += int((logs < ERROR_HIST_EDGES[0]).sum())
-        self._hist[-1] += int((logs >= ERROR_HIST_EDGES[-1]).sum())
-        counts, _ = np.histogram(logs, bins=ERROR_HIST_EDGES)
-        self._hist[: len(counts)] += counts
-
-    def _update_topk(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        ref_top = ref.argmax(-1)
-        k = min(5, cand.shape[-1])
-        cand_top5 = np.argpartition(-cand, k - 1, axis=-1)[:, :k]
-        self._rows += ref.shape[0]
-        self._top1 += int((cand.argmax(-1) == ref_top).sum())
-        self._top5 += int((cand_top5 == ref_top[:, None]).any(-1).sum())
-        self.top1_agreement = self._top1 / self._rows
-        self.top5_agreement = self._top5 / self._rows
-
-    def error_histogram(self) -> dict:
-        """Counts of log10 |cand−ref| per bin (``edges`` has one more entry than ``counts``)."""
-        h = self._hist
-        return {
-            "log10_edges": [round(float(e), 3) for e in ERROR_HIST_EDGES],
-            "counts": [int(x) for x in h[: len(ERROR_HIST_EDGES) - 1]],
-            "exact": int(h[-3]),
-            "below": int(h[-2]),
-            "above": int(h[-1]),
-        }
-
-    def to_json(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        for k, v in d.items():
-            if isinstance(v, float) and math.isinf(v):
-                d[k] = "inf" if v > 0 else "-inf"
-        if d["top1_agreement"] is None:
-            del d["top1_agreement"], d["top5_agreement"]
-        return d
 
 
 def accumulate(reference_runner, candidate_runners: Sequence, data: Iterable[Mapping[str, np.ndarray]], *, progress: bool = True) -> list[list[OutputAccuracy]]:
@@ -347,9 +240,6 @@ def _add_task_metric(metric: TaskMetric, reference: Path, cands, results, sample
 
 def _add_layers(reference: Path, cands, results, open_data, progress: bool) -> None:
     """Per-layer SNR of every ONNX candidate through its Q/DQ pairs."""
-    # imported here only until snr_db leaves onnxq.check (onnxq.metrics): localize imports it from here
-    from onnxq.localize import layer_snr
-
     for res, stats in _onnx_once(cands, results, lambda path: layer_snr(reference, path, open_data(), progress=progress)):
         res.layers = stats
 

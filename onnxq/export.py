@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from onnxq.errors import OnnxqError
+from onnxq.metrics import cosine
 
 # Opset of the exported graphs. 18 is what torch's dynamo exporter (torchlib) is written for; the
 # TorchScript fallback uses it too so both exporters give the same ops (ReduceMean with axes input).
@@ -294,15 +295,6 @@ class Verification:
         return (f"output {c.output!r} on the {c.feed} inputs: max abs error {c.max_abs_error:.3g} "
                 f"(allowed {self.atol:g} x max(1, {c.max_abs_reference:.3g})), cosine {c.cosine:.6f} "
                 f"(needed {self.min_cosine})")
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    if den == 0.0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(np.dot(a, b) / den)
 
 
 def random_feeds(example: Mapping[str, np.ndarray], dynamic: Sequence[DynamicDim], count: int,

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.ops import LINEAR_OPS, linear_macs
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 LOOK_THROUGH = (*QDQ_OPS, "Cast")
-MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 PRECISIONS = ("INT4", "INT8", "FP8", "FP16", "BF16", "FP32")
 
 _QUANT_PRECISION = {
@@ -103,7 +104,7 @@ class GraphLayers:
                 out[layer.precision] = out.get(layer.precision, 0) + layer.macs
         return dict(sorted(out.items(), key=lambda kv: precision_order(kv[0])))
 
-    def layers_by_precision(self, ops=MAC_OPS) -> dict[str, int]:
+    def layers_by_precision(self, ops=LINEAR_OPS) -> dict[str, int]:
         out: dict[str, int] = {}
         for layer in self.layers.values():
             if layer.op_type in ops:
@@ -236,9 +237,7 @@ def _shape(value: ir.Value | None, dims) -> list[int] | None:
 
 
 def _macs(node: ir.Node, dims: Mapping[str, int]) -> int:
-    from onnxq.placement.rules import linear_macs
-
-    if node.op_type not in MAC_OPS or not node.outputs:
+    if node.op_type not in LINEAR_OPS or not node.outputs:
         return 0
     a = _shape(node.inputs[0], dims) if node.inputs else None
     w = _shape(node.inputs[1], dims) if len(node.inputs) > 1 else None

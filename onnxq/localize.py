@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.check import snr_db
+from onnxq.metrics import snr_db
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 

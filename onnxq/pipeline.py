@@ -33,9 +33,10 @@ from onnxq.calibration import (
     with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
-from onnxq.check import OutputAccuracy, compare
+from onnxq.check import compare
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
+from onnxq.metrics import OutputAccuracy
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import plan_for
 from onnxq.placement.fp16 import float_tensor_names, fp32_nodes

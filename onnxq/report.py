@@ -136,7 +136,7 @@ def _error_plots(report) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from onnxq.check import ERROR_HIST_EDGES
+    from onnxq.metrics import ERROR_HIST_EDGES
 
     names = [a.name for a in report.candidates[0].outputs] if report.candidates else []
     plots = []

@@ -48,9 +48,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxq import ops
 from onnxq.errors import OnnxqError
+from onnxq.grids import GRIDS, fake_quant_range, fake_quant_weight
 from onnxq.plan import FP8_DTYPE, Fold, QuantPlan, SmoothGroup, SmoothPlan
-from onnxq.weights import FLOAT_TYPES, FP8_MAX, to_fp8, weight_source
+from onnxq.weights import FLOAT_TYPES, weight_source
 
 ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
@@ -88,15 +90,13 @@ def _member(node: ir.Node, value: ir.Value) -> tuple[int, int] | None:
     wrank = len(node.inputs[1].shape)
     if rank is None:
         return None
-    if node.op_type == "MatMul" and wrank == 2 and rank >= 2:
-        return rank - 1, rank
-    if node.op_type == "Gemm" and not node.attributes.get_int("transA", 0) and rank == 2:
-        return 1, rank
-    if node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and wrank >= 3 and rank == wrank:
-        dims = list(node.inputs[1].shape)[2:]
-        if all(d == 1 for d in dims):
-            return 1, rank
-    return None
+    smoothable = (
+        (node.op_type == "MatMul" and wrank == 2 and rank >= 2)
+        or (node.op_type == "Gemm" and not node.attributes.get_int("transA", 0) and rank == 2)
+        or (node.op_type == "Conv" and node.attributes.get_int("group", 1) == 1 and wrank >= 3 and rank == wrank
+            and all(d == 1 for d in list(node.inputs[1].shape)[2:]))
+    )
+    return (ops.activation_channel_axis(node.op_type, 0, node.attributes) % rank, rank) if smoothable else None
 
 
 def find_groups(model: ir.Model, plan: QuantPlan) -> list[SmoothGroup]:
@@ -187,11 +187,11 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
         if op == "MatMul":
             if trailing != 0 or wrank != 2:
                 return None
-            folds = [Fold(node.name, 1, 0, "div")]
+            folds = [Fold(node.name, 1, wrank - 1 - ops.weight_output_axis(node), "div")]
         elif op == "Gemm":
             if trailing != 0:
                 return None
-            folds = [Fold(node.name, 1, 1 if node.attributes.get_int("transB", 0) else 0, "div")]
+            folds = [Fold(node.name, 1, wrank - 1 - ops.weight_output_axis(node), "div")]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = _const(node.inputs[2])
                 if c is None or not _per_channel(c, rank, 0):
@@ -200,7 +200,7 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
         else:
             if trailing != rank - 2:
                 return None
-            folds = [Fold(node.name, 1, wrank - 1, "div")]
+            folds = [Fold(node.name, 1, wrank - 1 - ops.weight_output_axis(node), "div")]
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 if _const(node.inputs[2]) is None:
                     return None
@@ -251,11 +251,7 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
 def _weight_fold(node: ir.Node) -> Fold:
     """diag(s) on the consumer's input-channel axis (in the weight as the node reads it)."""
     wrank = len(node.inputs[1].shape)
-    if node.op_type == "MatMul":
-        return Fold(node.name, 1, 1, "mul")
-    if node.op_type == "Gemm":
-        return Fold(node.name, 1, 0 if node.attributes.get_int("transB", 0) else 1, "mul")
-    return Fold(node.name, 1, wrank - 2, "mul")  # Conv [Cout, Cin, 1, 1]: axis 1
+    return Fold(node.name, 1, wrank - 1 - ops.weight_input_axis(node), "mul")
 
 
 # --- scales and α -------------------------------------------------------------------------------
@@ -268,11 +264,7 @@ def weight_matrix(node: ir.Node) -> np.ndarray:
     if w.transpose is not None:
         perm = w.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
         array = np.transpose(array, perm)
-    if node.op_type == "MatMul":
-        return array
-    if node.op_type == "Gemm":
-        return array.T if node.attributes.get_int("transB", 0) else array
-    return array.reshape(array.shape[0], array.shape[1]).T
+    return ops.weight_matrix(node, array)
 
 
 def scales(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -283,31 +275,6 @@ def scales(x_amax: np.ndarray, w_amax: np.ndarray, alpha: float) -> np.ndarray:
     s = np.ones_like(x)
     s[ok] = x[ok] ** alpha / w[ok] ** (1.0 - alpha)
     return np.clip(s, *SCALE_RANGE).astype(np.float32)
-
-
-def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, dtype: str) -> np.ndarray:
-    if dtype == FP8_DTYPE:
-        amax = max(abs(lo), abs(hi))
-        scale = amax / FP8_MAX if amax > 0 else 1.0
-        return to_fp8(x / scale).astype(np.float32) * scale
-    if dtype == "int8":
-        amax = max(abs(lo), abs(hi))
-        scale = amax / 127.0 if amax > 0 else 1.0
-        return np.clip(np.rint(x / scale), -128, 127) * scale
-    rmin, rmax = min(lo, 0.0), max(hi, 0.0)
-    scale = (rmax - rmin) / 255.0 if rmax > rmin else 1.0
-    zero = np.clip(np.rint(-rmin / scale), 0, 255)
-    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
-
-
-def _fake_quant_weight(w: np.ndarray, dtype: str = "int8") -> np.ndarray:
-    """Per output channel (columns of a [K, N] weight), on the FP8 grid for FP8, else INT8."""
-    amax = np.abs(w).max(axis=0, keepdims=True)
-    if dtype == FP8_DTYPE:
-        scale = np.where(amax > 0, amax / FP8_MAX, 1.0)
-        return to_fp8(w / scale).astype(np.float32) * scale
-    scale = np.where(amax > 0, amax / 127.0, 1.0)
-    return np.clip(np.rint(w / scale), -127, 127) * scale
 
 
 def simulated_error(
@@ -328,8 +295,8 @@ def simulated_error(
     if split is not None and len(split):
         keep[split] = False
     x = rows[:, keep] / s[keep]
-    xq = _fake_quant_activation(x, float(np.min(lo[keep] / s[keep])), float(np.max(hi[keep] / s[keep])), dtype).astype(np.float32)
-    wq = _fake_quant_weight(weight[keep] * s[keep, None], dtype).astype(np.float32)
+    xq = fake_quant_range(x, float(np.min(lo[keep] / s[keep])), float(np.max(hi[keep] / s[keep])), GRIDS[dtype]).astype(np.float32)
+    wq = fake_quant_weight(weight[keep] * s[keep, None], 1, dtype if dtype == FP8_DTYPE else "int8").astype(np.float32)
     out = xq @ wq
     if not keep.all():
         out += rows[:, ~keep] @ weight[~keep]

@@ -21,8 +21,7 @@ from onnxq.calibrators.histogram import BINS
 from onnxq.calibrators.methods import CalibrationMethodError, entropy_window
 from onnxq.errors import OnnxqError
 from onnxq.passes import preprocess
-from onnxq.passes.qdq import activation_params
-from onnxq.calibration import calibrate
+from onnxq.calibration import activation_params, calibrate
 from onnxq.pipeline import quantize
 
 HIST_METHODS = ("percentile", "entropy", "mse")

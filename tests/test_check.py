@@ -10,7 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import synthetic
-from onnxq.check import OutputAccuracy, check
+from onnxq.check import check
+from onnxq.metrics import OutputAccuracy
 from onnxq.cli import main
 from onnxq.data import open_source
 from onnxq.localize import layer_snr, match_pairs

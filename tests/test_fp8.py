@@ -18,7 +18,7 @@ from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import place
 from onnxq.plan import QuantPlan
 from onnxq.runtime.ort import create_session
-from onnxq.weights import FP8_MAX, quantize_weight, to_fp8
+from onnxq.grids import FP8_MAX, quantize_weight, to_fp8
 
 FP8 = ml_dtypes.float8_e4m3fn
 

@@ -10,12 +10,13 @@ import pytest
 import synthetic
 from onnxq import modelio
 from onnxq.cli import main
+from onnxq.metrics import spearman
 from onnxq.mixed_precision.candidates import assemble_plan, qdq_proto
 from onnxq.mixed_precision.groups import layer_groups
 from onnxq.mixed_precision.options import SolverError, SweepError
 from onnxq.mixed_precision.ranges import calibrate_ranges
 from onnxq.mixed_precision.solver import solve
-from onnxq.mixed_precision.sweep import SweepResult, spearman, sweep
+from onnxq.mixed_precision.sweep import SweepResult, sweep
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import place
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan

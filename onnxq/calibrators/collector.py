@@ -131,22 +131,6 @@ def augment_with_reductions(
     return proto, observed
 
 
-def channel_axis(op_type: str, input_index: int, attributes: Mapping | None = None) -> int | None:
-    """The channel (reduction) axis of an activation input of a MatMul/Gemm/Conv, else None.
-
-    MatMul: the last axis of input 0, the second-to-last of input 1 (the K dimension); Gemm: the
-    last axis of A (the first with transA=1); Conv/ConvTranspose (NCHW): axis 1 of input 0.
-    """
-    if op_type == "MatMul":
-        return {0: -1, 1: -2}.get(input_index)
-    if op_type == "Gemm" and input_index == 0:
-        trans = attributes.get("transA") if attributes is not None else None
-        return 0 if trans is not None and trans.as_int() else -1
-    if op_type in ("Conv", "ConvTranspose") and input_index == 0:
-        return 1
-    return None
-
-
 def collect(
     model: ir.Model,
     tensors: Sequence[str],

@@ -1,7 +1,7 @@
 """Range methods: turn one tensor's statistics (min, max, histogram) into a quantization range.
 
 Every method returns ``(lo, hi)`` with ``min <= lo <= hi <= max`` (clipping never widens a range);
-Q/DQ parameters follow from it (:func:`onnxq.passes.qdq.activation_params`): the symmetric INT8
+Q/DQ parameters follow from it (:func:`onnxq.grids.scale_zero_point`): the symmetric INT8
 grid of the ``tensorrt`` target uses ``max(|lo|, |hi|)``, the asymmetric UINT8 grid of the ``ort``
 target uses ``[min(lo, 0), max(hi, 0)]``.
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxq import grids
 from onnxq.calibrators.histogram import BINS, HALF, Histogram
 from onnxq.errors import OnnxqError
 
@@ -51,8 +52,7 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_METHOD = {"tensorrt": "mse", "ort": "mse"}
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
-# INT8 grid levels per side for the symmetric search; quantized bins for the entropy search.
-LEVELS = 127
+# Quantized bins for the entropy search.
 ENTROPY_QUANTIZED_BINS = 256
 MSE_START_BIN = 128
 ENTROPY_ORT_EXACT = False
@@ -268,13 +268,8 @@ def _entropy(h: Histogram, lo: float, hi: float) -> tuple[float, float]:
 
 def _fake_quant(centres: np.ndarray, thresholds: np.ndarray, grid: str) -> np.ndarray:
     """``centres`` fake-quantized at each clip value (rows) on the symmetric INT8 or FP8 grid."""
-    if grid == "fp8":
-        from onnxq.weights import FP8_MAX, to_fp8
-
-        s = thresholds[:, None] / FP8_MAX
-        return to_fp8(centres[None, :] / s).astype(np.float64) * s
-    s = thresholds[:, None] / LEVELS
-    return np.minimum(np.rint(centres[None, :] / s), LEVELS) * s
+    g = grids.FP8 if grid == "fp8" else grids.INT8
+    return grids.fake_quant(centres[None, :], thresholds[:, None] / g.steps, 0, g, restricted=True)
 
 
 def _mse(h: Histogram, lo: float, hi: float, symmetric: bool, grid: str = "int8") -> tuple[float, float]:
@@ -315,9 +310,9 @@ def _mse(h: Histogram, lo: float, hi: float, symmetric: bool, grid: str = "int8"
     alphas = np.arange(64, 513) / 512.0
     best_a, best_err = 1.0, np.inf
     for chunk in np.array_split(alphas, 4):
-        s = (chunk * (rmax - rmin) / 255.0)[:, None]
-        zp = np.clip(np.rint(-chunk[:, None] * rmin / s), 0, 255)
-        fq = (np.clip(np.rint(centres[None, :] / s) + zp, 0, 255) - zp) * s
+        s = (chunk * (rmax - rmin) / grids.UINT8.steps)[:, None]
+        zp = grids.zero_point(chunk[:, None] * rmin, s, grids.UINT8)
+        fq = grids.fake_quant(centres[None, :], s, zp, grids.UINT8)
         err = ((centres[None, :] - fq) ** 2 * counts[None, :]).sum(axis=1)
         k = int(np.argmin(err))
         if err[k] < best_err:

@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.placement.rules import LINEAR_OPS, gemm_dims, linear_macs
+from onnxq.ops import LINEAR_OPS, MATMUL_OPS, static_macs
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.runtime import ort as ort_rt
 
@@ -30,17 +30,6 @@ from .options import SolverError, read_json
 PEAK_MACS = {"float": 156e12, "int8": 312e12, "fp8": 312e12}
 BANDWIDTH = 2.0e12
 ELEMENT_BYTES = {"float": 2, "int8": 1, "fp8": 1}
-
-
-def static_macs(node: ir.Node, shapes: dict[str, list[int]]) -> int:
-    """Multiply-accumulates of a linear node for one sample, from the shapes it ran with (a
-    MatMul/Gemm without them: from its static dims)."""
-    a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    sa, so = shapes.get(a.name), shapes.get(out.name)
-    if node.op_type in ("MatMul", "Gemm") and not (so and sa):
-        m, k, n = gemm_dims(node)
-        return int(m * k * n) if None not in (m, k, n) else 0
-    return linear_macs(node, sa, shapes.get(b.name) or list(b.shape or []), so)
 
 
 def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: Mapping[str, np.ndarray] | None = None, split: Mapping[str, float] | None = None) -> None:
@@ -64,7 +53,7 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
             shapes = {v.name: s for v, s in zip((node.inputs[0], node.inputs[1], node.outputs[0]), (sa, sb, so)) if s is not None}
             macs = static_macs(node, shapes)
             layer.macs += macs
-            if node.op_type in ("MatMul", "Gemm"):
+            if node.op_type in MATMUL_OPS:
                 layer.matmul_macs += macs
                 layer.split_macs += round(macs * (split or {}).get(name, 0.0))
             for index, kind in base.nodes[name].inputs.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxq.check import OutputAccuracy
+from onnxq.metrics import OutputAccuracy
 from onnxq.plan import QuantPlan
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt

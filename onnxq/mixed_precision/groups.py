@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 
-from onnxq.placement.rules import LINEAR_OPS
+from onnxq.ops import LINEAR_OPS
 from onnxq.plan import QuantPlan
 from onnxq.weights import weight_source
 
@@ -105,4 +105,3 @@ def layer_groups(model: ir.Model, plan: QuantPlan) -> list[Layer]:
         layers.append(Layer(name=linear[0], nodes=members, op_types=[by_name[m].op_type for m in members]))
     layers.sort(key=lambda layer: order[layer.name])
     return layers
-

@@ -21,8 +21,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.check import snr_db
-from onnxq.placement.rules import LINEAR_OPS
+from onnxq.metrics import snr_db
+from onnxq.ops import LINEAR_OPS
 from onnxq.plan import WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibration import DataArg, MethodArg
 from onnxq.calibrators import model_hash
 from onnxq.data import DataSource, open_source
+from onnxq.metrics import spearman
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.pipeline import make_recipe
 from onnxq.placement import plan_for
@@ -53,33 +53,6 @@ MODES = ("local", "e2e", "both")
 # Sweep files written before the metric plug-in name a zoo model instead of a metric spec; the
 # zoo's metric functions are named after its models (a string: the core does not import the zoo).
 _ZOO_METRICS = "onnxq.zoo.metrics"
-
-
-# --------------------------------------------------------------------------------------------
-# Rank correlation
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for v in np.unique(x):  # ties share their mean rank
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (ties get mean ranks); None for fewer than 3 pairs."""
-    a = np.clip(np.asarray(x, dtype=np.float64), -1e9, 1e9)
-    b = np.clip(np.asarray(y, dtype=np.float64), -1e9, 1e9)
-    if len(a) < 3:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # --------------------------------------------------------------------------------------------

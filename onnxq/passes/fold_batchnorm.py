@@ -37,6 +37,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import RewritePass, RewriteRuleSet
 from onnxscript.rewriter.rules.common import _fuse_batchnorm as _lib
 
+from onnxq.ops import weight_output_axis
+
 
 def _inference_mode_failure(batchnorm: ir.Node) -> str | None:
     """Why ``batchnorm`` cannot be folded as a per-channel affine map, or None if it can."""
@@ -73,13 +75,6 @@ def _shape_failure(inbound: ir.Node, batchnorm: ir.Node, channel_axis: int) -> s
 class _InferenceOnlyMixin:
     """Adds the inference-mode and parameter-shape checks to a library fusion rule."""
 
-    def _channel_axis(self, inbound: ir.Node) -> int:
-        if inbound.op_type == "Conv":
-            return 0
-        if inbound.op_type == "ConvTranspose":
-            return 1
-        return 0 if inbound.attributes.get_int("transB", 0) else 1
-
     def check(self, context, x, inbound_out: ir.Value, batchnorm_out: ir.Value):
         result = super().check(context, x, inbound_out, batchnorm_out)  # type: ignore[misc]
         if not result:
@@ -88,7 +83,7 @@ class _InferenceOnlyMixin:
         batchnorm = batchnorm_out.producer()
         assert inbound is not None and batchnorm is not None
         reason = _inference_mode_failure(batchnorm) or _shape_failure(
-            inbound, batchnorm, self._channel_axis(inbound)
+            inbound, batchnorm, weight_output_axis(inbound)
         )
         if reason is not None:
             return result.fail(reason)

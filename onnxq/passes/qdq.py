@@ -18,21 +18,15 @@ The pass executes the plan only: it makes no placement decision of its own.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
+from onnxq.grids import GRIDS, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, ActivationQuant, QuantPlan, WeightQuant
-from onnxq.weights import FP8_MAX, quantize_weight, weight_source
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, QuantPlan, WeightQuant
+from onnxq.weights import weight_source
 
-# Quantized dtype name -> (IR type, numpy type of its zero point)
-_Q_TYPES = {
-    "int8": (ir.DataType.INT8, np.int8),
-    "uint8": (ir.DataType.UINT8, np.uint8),
-    FP8_DTYPE: (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn),
-}
 # FP8 QuantizeLinear/DequantizeLinear arrive in opset 19.
 FP8_MIN_OPSET = 19
 _NP_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -116,7 +110,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         expected = (FP8_DTYPE,) if precision == "fp8" else ("int8", "uint8")
         if params.dtype not in expected:
             raise PlanError(f"tensor {value.name!r}: a {precision} reader needs a {' or '.join(expected)} scale, the plan has {params.dtype}")
-        ir_q, np_zero = _Q_TYPES[params.dtype]
+        ir_q, np_zero = GRIDS[params.dtype].ir_type, GRIDS[params.dtype].numpy_type
         np_float = _NP_FLOAT.get(value.dtype, np.float32)
         # The first precision keeps the plain names (INT8-only plans look as before).
         base = value.name if not any(k[0] == value.name for k in self._activation_dq) else f"{value.name}_{precision}"
@@ -169,7 +163,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         np_float = _NP_FLOAT.get(init.dtype, np.float32)
         q_value = self._constant(f"{name}_quantized", q)
         scale_value = self._constant(f"{name}_scale", scale.astype(np_float))
-        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=_Q_TYPES[dtype][1]))
+        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=GRIDS[dtype].numpy_type))
         attrs = {"axis": axis} if axis is not None else {}
         dq = ir.node(
             "DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{name}_DequantizeLinear"
@@ -180,22 +174,3 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._insert(q_value, [dq])
         self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]
-
-
-def activation_params(lo: float, hi: float, dtype: str) -> ActivationQuant:
-    """Scale and zero point for an activation range: int8 symmetric, uint8 asymmetric,
-    float8e4m3fn symmetric (scale = amax/448: the range is the FP8 grid's own)."""
-    if dtype == FP8_DTYPE:
-        amax = max(abs(lo), abs(hi))
-        scale = amax / FP8_MAX if amax > 0 else 1.0
-        return ActivationQuant(dtype=FP8_DTYPE, symmetric=True, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=0)
-    if dtype == "int8":
-        amax = max(abs(lo), abs(hi))
-        scale = amax / 127.0 if amax > 0 else 1.0
-        return ActivationQuant(dtype="int8", symmetric=True, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=0)
-    if dtype == "uint8":
-        rmin, rmax = min(lo, 0.0), max(hi, 0.0)
-        scale = (rmax - rmin) / 255.0 if rmax > rmin else 1.0
-        zero = int(np.clip(np.rint(-rmin / scale), 0, 255))
-        return ActivationQuant(dtype="uint8", symmetric=False, min=lo, max=hi, scale=float(np.float32(scale)), zero_point=zero)
-    raise PlanError(f"activation dtype {dtype!r} is not supported; use int8, uint8 or {FP8_DTYPE}")

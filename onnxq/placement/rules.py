@@ -9,10 +9,9 @@ from collections.abc import Iterable, Sequence
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.ops import LINEAR_OPS, gemm_dims, static_dims, weight_axis
 from onnxq.plan import FLOAT, WEIGHT_DTYPE, NodeDecision, QuantPlan, WeightQuant
 from onnxq.weights import FLOAT_TYPES, weight_source
-
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # TensorRT gains nothing from INT8 on GEMV-like products and on convs with very few channels.
 MIN_GEMM_DIM = 16
@@ -21,65 +20,6 @@ MIN_CONV_CHANNELS = 16
 
 def is_activation(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is None and value.dtype in FLOAT_TYPES
-
-
-def _static_dims(shape: ir.Shape | None) -> list[int | None] | None:
-    if shape is None:
-        return None
-    return [d if isinstance(d, int) else None for d in shape]
-
-
-def weight_axis(node: ir.Node) -> tuple[int, int | None] | None:
-    """(input index of the weight, its per-channel output axis) for a linear node, or None."""
-    if node.op_type in ("Conv",):
-        return 1, 0
-    if node.op_type == "ConvTranspose":
-        group = node.attributes.get_int("group", 1)
-        # Output channels sit on axis 1 only when there is one group.
-        return 1, 1 if group == 1 else None
-    if node.op_type == "Gemm":
-        return 1, 0 if node.attributes.get_int("transB", 0) else 1
-    if node.op_type == "MatMul":
-        w = node.inputs[1]
-        if w is not None and w.shape is not None and len(w.shape) >= 2:
-            return 1, len(w.shape) - 1
-        return 1, None
-    return None
-
-
-def gemm_dims(node: ir.Node) -> tuple[int | None, int | None, int | None]:
-    """(M, K, N) of a MatMul/Gemm where statically known; M is the product of A's row dims."""
-    a, b = node.inputs[0], node.inputs[1]
-    da, db = _static_dims(a.shape if a else None), _static_dims(b.shape if b else None)
-    m = k = n = None
-    if da:
-        rows = da[:-1]
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-            rows, k = da[1:], da[0]
-        else:
-            k = da[-1]
-        m = math.prod(rows) if rows and all(d is not None for d in rows) else (1 if not rows else None)
-    if db:
-        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-            n = db[0]
-        else:
-            n = db[-1] if len(db) >= 2 else 1
-    return m, k, n
-
-
-def linear_macs(node: ir.Node, a: Sequence[int] | None, w: Sequence[int] | None, out: Sequence[int] | None) -> int:
-    """Multiply-accumulates of a Conv/ConvTranspose/Gemm/MatMul given the shapes of its first
-    input, its second input and its output (0 when a shape it needs is unknown)."""
-    if node.op_type in ("MatMul", "Gemm"):
-        if not out or not a:
-            return 0
-        k = a[0] if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else a[-1]
-        return math.prod(out) * k
-    if node.op_type == "Conv":
-        return math.prod(out) * math.prod(w[1:]) if out and w else 0  # each output: C_in/group × kernel
-    if node.op_type == "ConvTranspose":
-        return math.prod(a) * math.prod(w[1:]) if a and w else 0  # each input feeds C_out/group × kernel
-    return 0
 
 
 def gemv_reason(node: ir.Node) -> str | None:
@@ -93,7 +33,7 @@ def gemv_reason(node: ir.Node) -> str | None:
 
 def conv_channels_reason(node: ir.Node) -> str | None:
     w = node.inputs[1]
-    dims = _static_dims(w.shape if w else None)
+    dims = static_dims(w.shape if w else None)
     if not dims or len(dims) < 2:
         return None
     group = node.attributes.get_int("group", 1)
@@ -116,7 +56,7 @@ def fp8_conv_reason(node: ir.Node) -> str | None:
     """Why a Conv stays out of FP8, or None."""
     if node.op_type != "Conv":
         return None
-    dims = _static_dims(node.inputs[1].shape if node.inputs[1] is not None else None)
+    dims = static_dims(node.inputs[1].shape if node.inputs[1] is not None else None)
     if not dims or len(dims) < 3 or any(d is None for d in dims[1:]):
         return None
     per_group, taps = dims[1], math.prod(dims[2:])

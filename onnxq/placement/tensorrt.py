@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from onnxq.ops import LINEAR_OPS
 from onnxq.placement import rules
 from onnxq.plan import NodeDecision, QuantPlan
 
@@ -39,7 +40,7 @@ def _zero_pad_source(value: ir.Value | None) -> ir.Node | None:
 
 def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int8") -> QuantPlan:
     plan = QuantPlan(target="tensorrt", precision=precision)
-    for node in rules.nodes(model, rules.LINEAR_OPS):
+    for node in rules.nodes(model, LINEAR_OPS):
         decision = rules.linear_decision(node, plan)
         plan.nodes[node.name] = decision
         if decision.quantized and node.op_type.startswith("Conv"):
