@@ -49,7 +49,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import ops
-from onnxq.errors import OnnxqError
 from onnxq.grids import GRIDS, fake_quant_range, fake_quant_weight
 from onnxq.plan import FP8_DTYPE, Fold, QuantPlan, SmoothGroup, SmoothPlan
 from onnxq.weights import FLOAT_TYPES, weight_source
@@ -58,20 +57,6 @@ ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
 SCALE_RANGE = (1e-5, 1e5)  # s outside this only comes from degenerate channels
 MAX_SIM_COLUMNS = 1024  # output columns the α search simulates per group (sampled when more)
 SPLIT_TOLERANCE = 1.25  # fewest split channels whose simulated error is within this of the best count's
-
-
-def check_alpha(value: float | str) -> float | str:
-    """``value`` as a float in [0, 1] or ``"auto"``; anything else is an error that says so."""
-    if isinstance(value, str):
-        if value.strip().lower() == "auto":
-            return "auto"
-        try:
-            value = float(value)
-        except ValueError:
-            raise OnnxqError(f"--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise OnnxqError(f"--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
-    return float(value)
 
 
 # --- groups ---------------------------------------------------------------------------------
@@ -467,17 +452,6 @@ def simulated_dtype(plan: QuantPlan) -> str:
     from onnxq.calibration import ACTIVATION_DTYPE
 
     return FP8_DTYPE if plan.precision == "fp8" else ACTIVATION_DTYPE[plan.target]
-
-
-def check_split(value: int | str | None) -> int:
-    """``--split-outliers``: a channel count >= 0."""
-    try:
-        n = int(value or 0)
-    except (TypeError, ValueError):
-        raise OnnxqError(f"--split-outliers takes a channel count >= 0, got {value!r}") from None
-    if n < 0 or isinstance(value, bool) or (isinstance(value, float) and value != n):
-        raise OnnxqError(f"--split-outliers takes a channel count >= 0, got {value!r}")
-    return n
 
 
 def split_fractions(smooth_plan: SmoothPlan | None) -> dict[str, float]:

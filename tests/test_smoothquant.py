@@ -16,7 +16,8 @@ from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.runtime import ort as ort_rt
 from onnxq.pipeline import smooth_model
-from onnxq.smoothquant import weight_matrix, check_alpha, scales
+from onnxq.recipe import Recipe
+from onnxq.smoothquant import weight_matrix, scales
 
 
 def _run(model, feeds):
@@ -151,7 +152,13 @@ def test_reservoir_is_bounded_and_keeps_real_rows():
 @pytest.mark.parametrize("bad", ["1.5", "-0.1", "strong", True])
 def test_bad_alpha_is_an_error(bad):
     with pytest.raises(OnnxqError, match="migration strength"):
-        check_alpha(bad)
+        Recipe.from_options({"smoothquant": bad})
+
+
+@pytest.mark.parametrize("bad", [-1, "x", 2.5, True])
+def test_bad_split_is_an_error(bad):
+    with pytest.raises(OnnxqError, match="--split-outliers takes a whole number"):
+        Recipe.from_options({"smoothquant": "auto", "split_outliers": bad})
 
 
 def test_cli_smoothquant(decoder_case, tmp_path, capsys):
