@@ -23,7 +23,7 @@ from onnxq.ops import activation_channel_axis
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
 from onnxq.plan import FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
-from onnxq.progress import log
+from onnxq.progress import log, quiet_option
 from onnxq.runtime import ort as ort_rt
 
 DataArg = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
@@ -189,6 +189,7 @@ def all_calibration_tensors(model: ir.Model) -> tuple[list[str], dict[str, int]]
     return list(names), channel_axes(model, plans)
 
 
+@quiet_option
 def calibrate(
     model: str | os.PathLike,
     calib: DataArg,
@@ -197,7 +198,6 @@ def calibrate(
     method: MethodArg = None,
     percentile: float | None = None,
     calib_samples: int | None = None,
-    quiet: bool = False,
 ) -> CalibrationTable:
     """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
     every tensor either target may quantize, in one pass; write it as JSON to ``output``.
@@ -220,13 +220,13 @@ def calibrate(
     spec = ort_rt.model_input_spec(float_model)
     data = open_source(calib, spec, limit=calib_samples)
     tensors, axes = all_calibration_tensors(float_model)
-    table = collect(float_model, tensors, data, progress=not quiet, histograms=True, channel_axes=axes)
+    table = collect(float_model, tensors, data, progress=True, histograms=True, channel_axes=axes)
     table.method = dict(method) if isinstance(method, Mapping) else method
     table.percentile = percentile
     table.model_sha256 = model_hash(float_model)
     if output is not None:
         table.save(output)
-    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
+    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples")
     return table
 
 
@@ -239,7 +239,6 @@ def plan_ranges(
     method: MethodArg = None,
     percentile: float | None = None,
     table_source: str = "the calibration table",
-    quiet: bool = False,
     extra_tensors: Sequence[str] = (),
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Iterable[str] = (),
@@ -271,11 +270,11 @@ def plan_ranges(
         observed = float_tensors(model, tensors)
         table.require(observed, histograms=needs_hist & set(observed), source=table_source)
         fill_activation_params(plan, table, methods, percentile, tensors=observed, precisions=tensor_precisions(model, plan))
-        log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)", quiet)
+        log(f"onnxq: {len(observed)} tensor ranges from {table_source} ({table.num_samples} samples)")
         return table
     extra = list(dict.fromkeys(t for t in [*extra_tensors, *(channel_axes or {})] if t not in set(tensors)))
     table = collect(
-        model, [*tensors, *extra], data, progress=not quiet, histograms=needs_hist,
+        model, [*tensors, *extra], data, progress=True, histograms=needs_hist,
         channel_axes=channel_axes, channel_ranges=set(channel_ranges), reservoirs=reservoirs,
     )
     table.method = method if method is None or isinstance(method, str) else dict(method)
@@ -283,7 +282,7 @@ def plan_ranges(
     fill_activation_params(
         plan, table, methods, percentile, tensors=[t for t in tensors if t in table.tensors], precisions=tensor_precisions(model, plan)
     )
-    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples", quiet)
+    log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples")
     return table
 
 
@@ -302,7 +301,6 @@ def derived_stats(
     *,
     method: MethodArg = None,
     percentile: float | None = None,
-    quiet: bool = False,
 ) -> dict[str, TensorStats]:
     """Statistics of tensors a rewrite of ``model`` changed (SmoothQuant), as an overlay on
     ``table`` (which is not modified), without a full recalibration.
@@ -324,9 +322,8 @@ def derived_stats(
         log(
             f"onnxq: SmoothQuant: second calibration pass for the histograms of {len(hist)} smoothed tensors "
             f"({', '.join(sorted({methods[t] for t in hist}))}); min/max come from per-channel statistics",
-            quiet,
         )
-        second = collect(model, hist, data, progress=not quiet, histograms=True)
+        second = collect(model, hist, data, progress=True, histograms=True)
         for t in hist:
             overlay[t].histogram = second.tensors[t].histogram
     return overlay

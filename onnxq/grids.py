@@ -33,12 +33,17 @@ class Grid:
     symmetric: bool
     numpy_type: type
     ir_type: ir.DataType
+    # the grid value amax maps to (default qmax); values still saturate at qmin/qmax. A benchmark
+    # emulating another tool's scale rule (ModelOpt's FP8: amax/36) swaps in a grid with it set.
+    scale_max: float | None = None
 
     @property
     def steps(self) -> int | float:
         """What a range's span is divided by for the scale: amax/qmax (symmetric) or
         (max − min)/(qmax − qmin) (asymmetric)."""
-        return self.qmax if self.symmetric else self.qmax - self.qmin
+        if self.symmetric:
+            return self.qmax if self.scale_max is None else self.scale_max
+        return self.qmax - self.qmin
 
     @property
     def is_float(self) -> bool:

@@ -42,7 +42,7 @@ from onnxq.placement import plan_for
 from onnxq.placement.fp16 import float_tensor_names, fp32_nodes
 from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan, SmoothPlan
-from onnxq.progress import log
+from onnxq.progress import log, quiet_option
 from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
 
@@ -87,6 +87,7 @@ def make_recipe(recipe: Recipe | str | os.PathLike | None, options: Mapping[str,
     return base.merged(options, source="options") if options else base.validated()
 
 
+@quiet_option
 def quantize(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -99,7 +100,6 @@ def quantize(
     table: str | os.PathLike | CalibrationTable | None = None,
     report: bool = True,
     evaluate: bool = True,
-    quiet: bool = False,
     **options,
 ) -> QuantizeResult:
     """Quantize ``model`` to Q/DQ ONNX at ``output`` and compare it with the float model in ORT.
@@ -133,7 +133,7 @@ def quantize(
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, quiet=quiet, timings=timings)
+    the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
     proto = emit.checked_proto(float_model)
     quant_session = ort_rt.create_session(proto)
     del proto
@@ -142,7 +142,7 @@ def quantize(
     t = time.perf_counter()
     eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
     # The float reference is the user's own file, as they would run it.
-    accuracy = compare(model, quant_session, eval_data, progress=not quiet) if eval_data is not None else []
+    accuracy = compare(model, quant_session, eval_data, progress=True) if eval_data is not None else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant)
@@ -198,13 +198,12 @@ def build(
     plan: QuantPlan | None = None,
     table: CalibrationTable | None = None,
     table_source: str = "the calibration table",
-    quiet: bool = False,
     timings: dict | None = None,
 ) -> tuple[QuantPlan, CalibrationTable | None]:
     """Make every decision ``plan`` lacks and execute it on ``model`` (in place), stage by stage
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
-    plan = _placement(model, recipe, plan, quiet)
+    plan = _placement(model, recipe, plan)
     t = time.perf_counter()
     decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
     request = {}
@@ -212,62 +211,61 @@ def build(
         groups = sq.find_groups(model, plan)
         request = sq.calibration_request(groups, recipe.smoothquant, split_outliers=recipe.split_outliers)
         if table is not None:
-            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)", quiet)
+            log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)")
         table = None
     fp16_extra = float_tensor_names(model.graph) if plan.high_precision == "fp16" and plan.fp32_nodes is None else []
     missing = missing_tensors(model, plan) if plan.smoothquant is None else []
     if missing or decide_sq:
-        table = _calibrate(model, plan, recipe, data, table, table_source, quiet, missing, fp16_extra, request)
+        table = _calibrate(model, plan, recipe, data, table, table_source, missing, fp16_extra, request)
     timings["calibrate"] = time.perf_counter() - t
     if decide_sq:
         t = time.perf_counter()
         plan.smoothquant = sq.plan_smoothing(model, plan, groups, table, recipe.smoothquant, request.get("reservoirs"), sq.simulated_dtype(plan), recipe.split_outliers)
         request.clear()  # the sampled rows are no longer needed
         timings["smoothquant"] = time.perf_counter() - t
-        _log_smoothquant(plan.smoothquant, quiet)
+        _log_smoothquant(plan.smoothquant)
     emit.emit(model, plan, ["fold"])
-    table = _fill_ranges(model, plan, recipe, data, table, quiet, decided_sq=decide_sq, fp16_extra=fp16_extra)
+    table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
     emit.emit(model, plan, ["quantize"])
     if plan.high_precision == "fp16" and plan.fp32_nodes is None:
         ranges = {n: s.amax for n, s in table.tensors.items()} if table is not None else {}
         plan.fp32_nodes = fp32_nodes(model.graph, ranges)
-        log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32", quiet)
+        log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32")
     emit.emit(model, plan, ["finish"])
     return plan, table
 
 
-def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None, quiet: bool) -> QuantPlan:
+def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:
     if plan is None:
         plan = plan_for(model, recipe)
     else:
         if recipe.given("target") and plan.target != recipe.target:
-            log(f"onnxq: using the plan's target {plan.target!r}", quiet)
+            log(f"onnxq: using the plan's target {plan.target!r}")
         apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
         if plan.recipe is None:
             plan.recipe = recipe.to_json()
         if plan.fp32_nodes is None:
             plan.high_precision = recipe.high_precision
-    log(f"onnxq: plan for {plan.target}: {len(plan.quantized_nodes())} of {len(plan.nodes)} candidate nodes quantized", quiet)
+    log(f"onnxq: plan for {plan.target}: {len(plan.quantized_nodes())} of {len(plan.nodes)} candidate nodes quantized")
     return plan
 
 
-def _calibrate(model, plan, recipe, data, table, table_source, quiet, tensors, fp16_extra, request) -> CalibrationTable:
+def _calibrate(model, plan, recipe, data, table, table_source, tensors, fp16_extra, request) -> CalibrationTable:
     """Ranges for ``tensors`` (the plan's tensors without parameters) from ``table`` or one pass
     over ``data``, plus what SmoothQuant (``request``) and the FP16 overflow check need."""
     if data is None and table is None:
         raise OnnxqError(f"the plan has no ranges for {len(tensors)} tensors (e.g. {tensors[0]!r}); pass --calib DATA to calibrate them" if tensors else "pass --calib DATA")
     return plan_ranges(
-        model, plan, data, table, method=recipe.calib_method, percentile=recipe.percentile, table_source=table_source,
-        quiet=quiet, extra_tensors=fp16_extra, only=tensors, **request,
+        model, plan, data, table, method=recipe.calib_method, percentile=recipe.percentile, table_source=table_source, extra_tensors=fp16_extra, only=tensors, **request,
     )
 
 
-def _fill_ranges(model, plan, recipe, data, table, quiet, *, decided_sq: bool, fp16_extra) -> CalibrationTable | None:
+def _fill_ranges(model, plan, recipe, data, table, *, decided_sq: bool, fp16_extra) -> CalibrationTable | None:
     """After the fold: ranges of the tensors SmoothQuant changed (an overlay on the table), and of
     any tensor the plan still lacks (a plan that arrived with its SmoothQuant decisions)."""
     if decided_sq:
         derived = {g.output: sq.smoothed_range(table.tensors[g.activation], np.asarray(g.scale), g.split) for g in plan.smoothquant.active()}
-        overlay = derived_stats(model, plan, table, derived, data, method=recipe.calib_method, percentile=recipe.percentile, quiet=quiet)
+        overlay = derived_stats(model, plan, table, derived, data, method=recipe.calib_method, percentile=recipe.percentile)
         view = with_overlay(table, overlay)
         method = recipe.calib_method if recipe.calib_method is not None else table.method
         percentile = recipe.percentile if recipe.percentile is not None else table.percentile
@@ -275,41 +273,40 @@ def _fill_ranges(model, plan, recipe, data, table, quiet, *, decided_sq: bool, f
         fill_activation_params(plan, view, methods, percentile, tensors=list(overlay), precisions=tensor_precisions(model, plan))
         return view
     if missing := missing_tensors(model, plan):
-        return _calibrate(model, plan, recipe, data, None, "", quiet, missing, fp16_extra, {})
+        return _calibrate(model, plan, recipe, data, None, "", missing, fp16_extra, {})
     return table
 
 
-def _log_smoothquant(smooth_plan: SmoothPlan, quiet: bool) -> None:
+def _log_smoothquant(smooth_plan: SmoothPlan) -> None:
     summary = smooth_plan.summary()
     log(
         f"onnxq: SmoothQuant: {summary['smoothed']} of {summary['groups']} groups smoothed; scales folded into "
         + ", ".join(f"{k}: {v}" for k, v in summary["absorbed_by"].items())
         + (f"; {summary['split_channels']} outlier channels in float side products" if smooth_plan.split_outliers else ""),
-        quiet,
     )
-    log(smooth_plan.format(), quiet)
+    log(smooth_plan.format())
 
 
 # --- SmoothQuant folded into a float model (the sweep, the solver, inspection) -----------------
 
 
-def fold_smoothquant(model: ir.Model, plan: QuantPlan, data, alpha: float | str, *, split_outliers: int = 0, quiet: bool = True) -> SmoothPlan:
+def fold_smoothquant(model: ir.Model, plan: QuantPlan, data, alpha: float | str, *, split_outliers: int = 0) -> SmoothPlan:
     """Decide SmoothQuant for ``plan`` from one statistics pass over ``data``, record it in
     ``plan.smoothquant`` and fold it into the float ``model`` in place (no ranges: the sweep and
     the solver calibrate the smoothed model themselves)."""
     groups = sq.find_groups(model, plan)
     request = sq.calibration_request(groups, alpha, split_outliers=split_outliers)
-    table = collect(model, [g.activation for g in groups], data, progress=not quiet, **request)
+    table = collect(model, [g.activation for g in groups], data, progress=True, **request)
     plan.smoothquant = sq.plan_smoothing(model, plan, groups, table, alpha, request.get("reservoirs"), sq.simulated_dtype(plan), split_outliers)
     emit.emit(model, plan, ["fold"])
     return plan.smoothquant
 
 
-def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, quiet: bool = True, split_outliers: int = 0) -> tuple[ir.Model, SmoothPlan]:
+def smooth_model(model, calib, alpha: float | str = 0.5, *, target: str = "tensorrt", exclude=(), calib_samples: int | None = None, split_outliers: int = 0) -> tuple[ir.Model, SmoothPlan]:
     """The float model with SmoothQuant folded in and no Q/DQ (what :func:`quantize` does before
     inserting Q/DQ), and the SmoothQuant decisions: to inspect or test the rewrite."""
     recipe = Recipe.from_options({"target": target, "exclude": list(exclude), "smoothquant": alpha, "split_outliers": split_outliers, "calib_samples": calib_samples})
     float_model = load_and_preprocess(model)
     data = open_source(calib, ort_rt.model_input_spec(float_model), limit=recipe.calib_samples)
     quant_plan = plan_for(float_model, recipe)
-    return float_model, fold_smoothquant(float_model, quant_plan, data, recipe.smoothquant, split_outliers=recipe.split_outliers, quiet=quiet)
+    return float_model, fold_smoothquant(float_model, quant_plan, data, recipe.smoothquant, split_outliers=recipe.split_outliers)

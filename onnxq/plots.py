@@ -12,14 +12,14 @@ from onnxq import modelio
 from onnxq.progress import log
 
 
-def _pyplot(quiet: bool):
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("onnxq: matplotlib is not installed, no chart written; pip install 'onnxq[plot]'", quiet)
+        log("onnxq: matplotlib is not installed, no chart written; pip install 'onnxq[plot]'")
         return None
     return plt
 
@@ -31,9 +31,9 @@ def _save(fig, plt, path: Path) -> Path:
     return path
 
 
-def sweep_chart(result, path: str | os.PathLike, *, quiet: bool = False) -> Path | None:
+def sweep_chart(result, path: str | os.PathLike) -> Path | None:
     """Bar chart of each layer's SNR (dB, lower = more sensitive) per precision and mode."""
-    plt = _pyplot(quiet)
+    plt = _pyplot()
     if plt is None:
         return None
     names = [layer.name for layer in result.layers]
@@ -61,9 +61,9 @@ def sweep_chart(result, path: str | os.PathLike, *, quiet: bool = False) -> Path
     return _save(fig, plt, Path(path))
 
 
-def solver_curve(candidates: list[dict], path: str | os.PathLike, *, accuracy_label: str, target: float | None, quiet: bool = False) -> Path | None:
+def solver_curve(candidates: list[dict], path: str | os.PathLike, *, accuracy_label: str, target: float | None) -> Path | None:
     """Accuracy against cost of every candidate the solver evaluated; the chosen one circled."""
-    plt = _pyplot(quiet)
+    plt = _pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))

@@ -8,6 +8,8 @@ enabled for INFO, unless ``ONNXQ_NO_PROGRESS=1``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -26,3 +28,28 @@ def log(msg: str, quiet: bool = False) -> None:
     """A status line (INFO on the ``onnxq`` logger); ``quiet`` drops it."""
     if not quiet:
         logger.info(msg)
+
+
+@contextlib.contextmanager
+def silenced():
+    """No status lines or progress bars (the ``onnxq`` logger at WARNING) for the duration."""
+    saved = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def quiet_option(func):
+    """Gives a public entry point a ``quiet=False`` keyword: ``quiet=True`` runs it
+    :func:`silenced`. Library functions below the entry points take no such flag: they log."""
+
+    @functools.wraps(func)
+    def wrapper(*args, quiet: bool = False, **kwargs):
+        if not quiet:
+            return func(*args, **kwargs)
+        with silenced():
+            return func(*args, **kwargs)
+
+    return wrapper

@@ -35,7 +35,7 @@ def _direct_errors(model_path, calib, evald, target="tensorrt"):
     model = load_and_preprocess(model_path)
     base = place(model, target)
     layers = layer_groups(model, base)
-    ranges = calibrate_ranges(model, base, _feeds(calib, model), QUANTIZED_PRECISIONS, quiet=True)
+    ranges = calibrate_ranges(model, base, _feeds(calib, model), QUANTIZED_PRECISIONS)
     by_name = {n.name: n for n in model.graph}
     float_proto = modelio.to_proto(model)
     out = {}

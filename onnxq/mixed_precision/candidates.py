@@ -26,16 +26,16 @@ from onnxq.progress import log
 from .ranges import Ranges
 
 
-def apply_smoothing(model: ir.Model, base: QuantPlan, data, smoothquant, split_outliers: int, timings: dict, quiet: bool):
+def apply_smoothing(model: ir.Model, base: QuantPlan, data, smoothquant, split_outliers: int, timings: dict):
     """SmoothQuant decided for ``base`` (every quantizable layer), recorded in it and folded into
     the float ``model``; the decisions, or None."""
     if smoothquant is None:
         return None
     t = time.perf_counter()
-    smooth_plan = fold_smoothquant(model, base, data, smoothquant, split_outliers=split_outliers, quiet=quiet)
+    smooth_plan = fold_smoothquant(model, base, data, smoothquant, split_outliers=split_outliers)
     timings["smoothquant"] = time.perf_counter() - t
     summary = smooth_plan.summary()
-    log(f"onnxq: SmoothQuant ({smoothquant}) folded in: {summary['smoothed']} of {summary['groups']} groups, {summary['split_channels']} channels split off", quiet)
+    log(f"onnxq: SmoothQuant ({smoothquant}) folded in: {summary['smoothed']} of {summary['groups']} groups, {summary['split_channels']} channels split off")
     return smooth_plan
 
 

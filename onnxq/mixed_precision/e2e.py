@@ -35,14 +35,13 @@ class Evaluator:
     written to a temporary file, against the float model at ``model_path``). ``outputs=False``
     skips the output comparison when only the task metric is wanted."""
 
-    def __init__(self, float_proto: onnx.ModelProto, model_path: str | os.PathLike, data, metric: TaskMetric | None = None, quiet: bool = False, outputs: bool = True):
+    def __init__(self, float_proto: onnx.ModelProto, model_path: str | os.PathLike, data, metric: TaskMetric | None = None, outputs: bool = True):
         self.float_proto = float_proto
         self.model_path = Path(model_path)
         self.feeds = list(data) if outputs else []
         if outputs and not self.feeds:
             raise SweepError("the evaluation data has no samples; pass --eval DATA with at least one sample")
         self.metric = metric
-        self.quiet = quiet
         self.evaluations = 0
         self.seconds = 0.0
         if self.feeds:
@@ -78,11 +77,11 @@ class Evaluator:
             return self.metric.evaluate(path, self.model_path)
 
 
-def e2e_sweep(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], ranges: Ranges, evaluator: Evaluator, precisions: Sequence[str], *, quiet: bool = False) -> tuple[dict, float]:
+def e2e_sweep(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], ranges: Ranges, evaluator: Evaluator, precisions: Sequence[str]) -> tuple[dict, float]:
     """{layer: {precision: {cosine, snr_db, [metric]}}} with only that layer quantized."""
     t0 = time.perf_counter()
     results: dict[str, dict[str, dict]] = {}
-    with progress_bar(len(layers) * len(precisions), "e2e sweep", unit="model", enabled=not quiet) as bar:
+    with progress_bar(len(layers) * len(precisions), "e2e sweep", unit="model") as bar:
         for layer in layers:
             results[layer.name] = {}
             for p in precisions:

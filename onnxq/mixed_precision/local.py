@@ -136,7 +136,7 @@ def _is_shape(name: str) -> bool:
     return name.split("/")[-1].startswith("shape_")
 
 
-def _run_sums(session, names: Sequence[str], data: Iterable[Mapping[str, np.ndarray]], quiet: bool) -> tuple[dict[str, float], dict[str, list[int]], int]:
+def _run_sums(session, names: Sequence[str], data: Iterable[Mapping[str, np.ndarray]]) -> tuple[dict[str, float], dict[str, list[int]], int]:
     """Each scalar output summed over ``data`` (float64), the shape outputs of the first sample,
     and the number of samples."""
     fetch = [n for n in names if not _is_shape(n)]
@@ -145,7 +145,7 @@ def _run_sums(session, names: Sequence[str], data: Iterable[Mapping[str, np.ndar
     shapes: dict[str, list[int]] = {}
     samples = 0
     total = len(data) if hasattr(data, "__len__") else None
-    with progress_bar(total, "local sweep", enabled=not quiet) as bar:
+    with progress_bar(total, "local sweep") as bar:
         for feed in data:
             wanted = fetch + (shape_fetch if samples == 0 else [])
             for n, v in zip(wanted, ort_rt.run(session, feed, wanted)):
@@ -176,8 +176,6 @@ def local_sweep(
     ranges: Ranges,
     data: Iterable[Mapping[str, np.ndarray]],
     precisions: Sequence[str],
-    *,
-    quiet: bool = False,
 ) -> tuple[dict[str, dict[str, dict]], float, int]:
     """{layer: {precision: {snr_db, mse, noise, signal}}}, the seconds of the pass, samples.
 
@@ -192,7 +190,7 @@ def local_sweep(
     session = ort_rt.create_session(proto)
     del proto
     t0 = time.perf_counter()
-    sums, shapes, samples = _run_sums(session, names, data, quiet)
+    sums, shapes, samples = _run_sums(session, names, data)
     seconds = time.perf_counter() - t0
     if samples == 0:
         raise SweepError("the sweep data has no samples; pass --eval DATA with at least one sample")

@@ -42,14 +42,13 @@ def calibrate_ranges(
     *,
     method: MethodArg = None,
     percentile: float | None = None,
-    quiet: bool = False,
 ) -> Ranges:
     """One streaming pass over ``data``; scales for every tensor ``base`` quantizes, per precision."""
     t0 = time.perf_counter()
     tensors = activation_tensors(model, base)
     methods = tensor_methods(model, base, tensors, resolve_methods(method, base.target))
     needs_hist = {t for t, m in methods.items() if m in HISTOGRAM_METHODS}
-    table = collect(model, tensors, data, progress=not quiet, histograms=needs_hist)
+    table = collect(model, tensors, data, progress=True, histograms=needs_hist)
     plan = uniform_plan(base, precisions[0])
     fill_activation_params(plan, table, methods, percentile, precisions=dict.fromkeys(table.tensors, tuple(precisions)))
     params = {p: {t: plan.activation(t, p) for t in table.tensors} for p in precisions}

@@ -47,7 +47,7 @@ from onnxq.data import DataSource, open_source
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import plan_for
 from onnxq.plan import FLOAT, QuantPlan
-from onnxq.progress import log
+from onnxq.progress import log, quiet_option
 from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
 from onnxq.task_metric import TaskMetric, load_metric
@@ -189,7 +189,7 @@ class _Problem:
     timings: dict
 
 
-def _load_problem(swept: SweepResult, recipe: Recipe, model, calib, eval, eval_samples: int | None, quiet: bool) -> _Problem:
+def _load_problem(swept: SweepResult, recipe: Recipe, model, calib, eval, eval_samples: int | None) -> _Problem:
     float_model = load_and_preprocess(model)
     if model_hash(float_model) != swept.model_sha256:
         raise SweepError(f"the sweep was made for another model (its model hash differs from {model}'s); run onnxq sweep on this model")
@@ -200,7 +200,7 @@ def _load_problem(swept: SweepResult, recipe: Recipe, model, calib, eval, eval_s
     eval_data = open_source(eval, spec, limit=eval_samples, require_finite=False)
     base = plan_for(float_model, recipe)
     timings: dict[str, float] = {}
-    apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings, quiet)
+    apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings)
     prepare_opset(float_model, base, swept.precisions)
     return _Problem(float_model, base, _sweep_layers(float_model, base, swept), calib_data, eval_data, timings)
 
@@ -230,9 +230,9 @@ class _Candidates:
     """The candidates by how many layers of the promotion order they promote; each is built and
     evaluated once."""
 
-    def __init__(self, problem: _Problem, ranges: Ranges, evaluator: Evaluator, costs: dict, promotion: _Promotion, target: _Target, quiet: bool):
+    def __init__(self, problem: _Problem, ranges: Ranges, evaluator: Evaluator, costs: dict, promotion: _Promotion, target: _Target):
         self.problem, self.ranges, self.evaluator, self.costs = problem, ranges, evaluator, costs
-        self.promotion, self.target, self.quiet = promotion, target, quiet
+        self.promotion, self.target = promotion, target
         self.by_count: dict[int, dict] = {}
         layers = problem.layers
         self.all8 = sum(costs[la.name][promotion.best8[la.name]] for la in layers)
@@ -274,7 +274,7 @@ class _Candidates:
             "metric": r.get("metric"),
             "matmul_macs_8bit_fraction": mm8 / self.total_macs if self.total_macs else 1.0,
         }
-        log(f"onnxq: {k} layers in high precision: accuracy {acc:.4f}, cost x{c['cost']:.3f}, 8-bit MatMul/Gemm MACs {c['matmul_macs_8bit_fraction']:.1%}", self.quiet)
+        log(f"onnxq: {k} layers in high precision: accuracy {acc:.4f}, cost x{c['cost']:.3f}, 8-bit MatMul/Gemm MACs {c['matmul_macs_8bit_fraction']:.1%}")
         return c
 
 
@@ -313,12 +313,13 @@ def _unmet(cands: _Candidates, n_layers: int) -> str:
     return f"the target is not met even with every layer{floor} in high precision (accuracy {cands.by_count[n]['accuracy']:.4f}); lower the target" + (" or the floor" if floor else "")
 
 
-def _save_model(float_proto: onnx.ModelProto, plan: QuantPlan, path: Path, quiet: bool) -> Path:
+def _save_model(float_proto: onnx.ModelProto, plan: QuantPlan, path: Path) -> Path:
     modelio.save(ir.serde.deserialize_model(qdq_proto(float_proto, plan)), path)
-    log(f"onnxq: wrote {path} (the chosen candidate)", quiet)
+    log(f"onnxq: wrote {path} (the chosen candidate)")
     return path
 
 
+@quiet_option
 def solve(
     sweep: str | os.PathLike | SweepResult,
     model: str | os.PathLike,
@@ -340,7 +341,6 @@ def solve(
     percentile: float | None = None,
     save_model: str | os.PathLike | None = None,
     plot: bool = True,
-    quiet: bool = False,
 ) -> SolveResult:
     """Choose every layer's precision (see the module docstring); write the plan to ``output``
     with ``<stem>.solve.json`` and ``<stem>.curve.png`` beside it.
@@ -359,17 +359,17 @@ def solve(
     output = modelio.check_output_path(output, model) if output is not None else None
     save_model = modelio.check_output_path(save_model, model) if save_model is not None else None
     recipe = swept.the_recipe().merged({k: v for k, v in {"calib_method": method, "percentile": percentile, "calib_samples": calib_samples}.items() if v is not None})
-    problem = _load_problem(swept, recipe, model, calib, eval, eval_samples, quiet)
+    problem = _load_problem(swept, recipe, model, calib, eval, eval_samples)
     precisions = _solver_precisions(swept, precisions)
     costs = layer_costs(problem.layers, precisions, latency_json)
-    ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile, quiet=quiet)
+    ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
     float_proto = modelio.to_proto(problem.model)
-    evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, quiet=quiet, outputs=target.metric is None)
+    evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, outputs=target.metric is None)
     promotion = _promotion(swept, problem.layers, precisions, costs, order_by, min_8bit_macs)
-    cands = _Candidates(problem, ranges, evaluator, costs, promotion, target, quiet)
+    cands = _Candidates(problem, ranges, evaluator, costs, promotion, target)
     chosen_k = _choose_count(cands, swept, max_high_precision_layers)
     if chosen_k is None:
-        report = _write_outputs(SolveResult(None, None, cands.listed(), promotion.order), output, target, plot, quiet)
+        report = _write_outputs(SolveResult(None, None, cands.listed(), promotion.order), output, target, plot)
         raise SolverError(_unmet(cands, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
     plan = cands.plan(chosen_k, _reasons(problem.layers, promotion, chosen_k))
     chosen = dict(cands.by_count[chosen_k])
@@ -378,13 +378,13 @@ def solve(
     if swept.smoothquant is not None:
         result.smoothquant = {"alpha": swept.smoothquant, "split_outliers": swept.split_outliers}
     if save_model is not None:
-        result.model_path = _save_model(float_proto, plan, save_model, quiet)
+        result.model_path = _save_model(float_proto, plan, save_model)
     result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds, **problem.timings}
-    _write_outputs(result, output, target, plot, quiet)
+    _write_outputs(result, output, target, plot)
     return result
 
 
-def _write_outputs(result: SolveResult, output: Path | None, target: _Target, plot: bool, quiet: bool) -> Path | None:
+def _write_outputs(result: SolveResult, output: Path | None, target: _Target, plot: bool) -> Path | None:
     """The plan (when there is one), ``<stem>.solve.json`` and ``<stem>.curve.png``."""
     if output is None:
         return None
@@ -398,5 +398,5 @@ def _write_outputs(result: SolveResult, output: Path | None, target: _Target, pl
     if plot:
         from onnxq.plots import solver_curve
 
-        result.curve_path = solver_curve(result.candidates, stem.with_name(stem.name + ".curve.png"), accuracy_label=target.label, target=target.value, quiet=quiet)
+        result.curve_path = solver_curve(result.candidates, stem.with_name(stem.name + ".curve.png"), accuracy_label=target.label, target=target.value)
     return result.report_path

@@ -34,7 +34,7 @@ from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.pipeline import make_recipe
 from onnxq.placement import plan_for
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
-from onnxq.progress import log
+from onnxq.progress import log, quiet_option
 from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
 from onnxq.smoothquant import split_fractions
@@ -205,7 +205,7 @@ def _select_layers(layers: list[Layer], names: Sequence[str] | None, target: str
     return [la for la in layers if la.name in names]
 
 
-def _prepare(model, calib, eval, recipe: Recipe, eval_samples: int | None, layers_only, timings: dict, quiet: bool) -> _Prepared:
+def _prepare(model, calib, eval, recipe: Recipe, eval_samples: int | None, layers_only, timings: dict) -> _Prepared:
     float_model = load_and_preprocess(model)
     spec = ort_rt.model_input_spec(float_model)
     calib_data = open_source(calib, spec, limit=recipe.calib_samples)
@@ -213,27 +213,27 @@ def _prepare(model, calib, eval, recipe: Recipe, eval_samples: int | None, layer
     eval_data = open_source(eval if eval is not None else calib, spec, limit=eval_limit, require_finite=False)
     base = plan_for(float_model, recipe)
     sha = model_hash(float_model)
-    smooth_plan = apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings, quiet)
+    smooth_plan = apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings)
     layers = _select_layers(layer_groups(float_model, base), list(layers_only or []), recipe.target)
     return _Prepared(float_model, base, layers, calib_data, eval_data, sha, smooth_plan)
 
 
-def _run_local(result: SweepResult, prep: _Prepared, ranges: Ranges, float_proto, timings: dict, quiet: bool) -> None:
-    log(f"onnxq: local sweep of {len(prep.layers)} layers x {len(result.precisions)} precisions in one pass", quiet)
+def _run_local(result: SweepResult, prep: _Prepared, ranges: Ranges, float_proto, timings: dict) -> None:
+    log(f"onnxq: local sweep of {len(prep.layers)} layers x {len(result.precisions)} precisions in one pass")
     t = time.perf_counter()
     twin_model = ir.serde.deserialize_model(float_proto)
-    result.local, timings["local_pass"], result.samples["local"] = local_sweep(twin_model, prep.base, prep.layers, ranges, prep.eval, result.precisions, quiet=quiet)
+    result.local, timings["local_pass"], result.samples["local"] = local_sweep(twin_model, prep.base, prep.layers, ranges, prep.eval, result.precisions)
     timings["local"] = time.perf_counter() - t
     timings["local_build"] = timings["local"] - timings["local_pass"]
 
 
-def _run_e2e(result: SweepResult, prep: _Prepared, ranges: Ranges, float_proto, model_path, timings: dict, quiet: bool) -> None:
-    log(f"onnxq: end-to-end sweep: {len(prep.layers) * len(result.precisions)} quantized models", quiet)
+def _run_e2e(result: SweepResult, prep: _Prepared, ranges: Ranges, float_proto, model_path, timings: dict) -> None:
+    log(f"onnxq: end-to-end sweep: {len(prep.layers) * len(result.precisions)} quantized models")
     t = time.perf_counter()
     metric = load_metric(result.metric) if result.metric else None
-    evaluator = Evaluator(float_proto, model_path, prep.eval, metric=metric, quiet=quiet)
+    evaluator = Evaluator(float_proto, model_path, prep.eval, metric=metric)
     result.samples["e2e"] = len(evaluator.feeds)
-    result.e2e, _ = e2e_sweep(prep.model, prep.base, prep.layers, ranges, evaluator, result.precisions, quiet=quiet)
+    result.e2e, _ = e2e_sweep(prep.model, prep.base, prep.layers, ranges, evaluator, result.precisions)
     timings["e2e"] = time.perf_counter() - t
 
 
@@ -259,6 +259,7 @@ def _recorded_metric(data: dict) -> str | None:
     return f"{_ZOO_METRICS}:{zoo.replace('-', '_')}" if zoo else None
 
 
+@quiet_option
 def sweep(
     model: str | os.PathLike,
     calib: DataArg,
@@ -278,7 +279,6 @@ def sweep(
     smoothquant: float | str | None = None,
     split_outliers: int | None = None,
     plot: bool = True,
-    quiet: bool = False,
 ) -> SweepResult:
     """Measure every layer's sensitivity to quantization; write JSON, Markdown and a PNG chart.
 
@@ -300,10 +300,10 @@ def sweep(
         output = modelio.check_output_path(output, model)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    prep = _prepare(model, calib, eval, recipe, eval_samples, layers_only, timings, quiet)
+    prep = _prepare(model, calib, eval, recipe, eval_samples, layers_only, timings)
     prepare_opset(prep.model, prep.base, precisions)
     timings["load"] = time.perf_counter() - t0
-    ranges = calibrate_ranges(prep.model, prep.base, prep.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile, quiet=quiet)
+    ranges = calibrate_ranges(prep.model, prep.base, prep.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
     timings["calibrate"] = ranges.seconds
     result = SweepResult(
         prep.sha256, recipe.target, list(precisions), mode, prep.layers, metric=metric, samples={"calibration": ranges.num_samples},
@@ -311,19 +311,19 @@ def sweep(
     )
     float_proto = modelio.to_proto(prep.model)
     if mode in ("local", "both"):
-        _run_local(result, prep, ranges, float_proto, timings, quiet)
+        _run_local(result, prep, ranges, float_proto, timings)
     fill_costs(prep.model, prep.base, prep.layers, next(iter(prep.eval)), split_fractions(prep.smooth_plan))
     if mode in ("e2e", "both"):
-        _run_e2e(result, prep, ranges, float_proto, model, timings, quiet)
+        _run_e2e(result, prep, ranges, float_proto, model, timings)
     result.spearman = rank_correlations(result)
     timings["total"] = time.perf_counter() - t0
     result.timings = timings
     if output is not None:
-        write_sweep(result, output, plot=plot, quiet=quiet)
+        write_sweep(result, output, plot=plot)
     return result
 
 
-def write_sweep(result: SweepResult, output: str | os.PathLike, *, plot: bool = True, quiet: bool = False) -> list[Path]:
+def write_sweep(result: SweepResult, output: str | os.PathLike, *, plot: bool = True) -> list[Path]:
     output = Path(output)
     stem = output.with_suffix("") if output.suffix == ".json" else output
     written = []
@@ -337,7 +337,7 @@ def write_sweep(result: SweepResult, output: str | os.PathLike, *, plot: bool = 
     if plot:
         from onnxq.plots import sweep_chart
 
-        png = sweep_chart(result, stem.with_suffix(".png"), quiet=quiet)
+        png = sweep_chart(result, stem.with_suffix(".png"))
         if png is not None:
             written.append(png)
     return written

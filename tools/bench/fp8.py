@@ -56,15 +56,17 @@ COLUMNS = {
 def modelopt_scale_rule():
     """onnxq's FP8 scales computed as ModelOpt's: amax/36.0 instead of amax/448 (saturation
     still at ±448, as real E4M3FN)."""
-    from onnxq import weights
-    from onnxq.passes import qdq
+    import dataclasses
 
-    saved = qdq.FP8_MAX, weights.GRID_MAX["float8e4m3fn"]
-    qdq.FP8_MAX = weights.GRID_MAX["float8e4m3fn"] = MODELOPT_FP8_GRID_MAX
+    from onnxq import grids
+
+    name = grids.FP8.name
+    saved = grids.GRIDS[name], grids.WEIGHT_GRIDS[name]
+    grids.GRIDS[name] = grids.WEIGHT_GRIDS[name] = dataclasses.replace(grids.FP8, scale_max=MODELOPT_FP8_GRID_MAX)
     try:
         yield
     finally:
-        qdq.FP8_MAX, weights.GRID_MAX["float8e4m3fn"] = saved
+        grids.GRIDS[name], grids.WEIGHT_GRIDS[name] = saved
 
 
 def run_modelopt(model, calib_npz, out, high_precision):
