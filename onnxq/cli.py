@@ -265,13 +265,14 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "exclude_op": (("--exclude-op",), {"action": "append", "metavar": "OP", "help": "keep every node of this op type in float (repeatable), e.g. ConvTranspose"}),
     "include": (("--include",), {"action": "append", "metavar": "NAME|REGEX", "help": "quantize only the matching Conv/Gemm/MatMul nodes (repeatable)"}),
     "include_op": (("--include-op",), {"action": "append", "metavar": "OP", "help": "quantize only Conv/Gemm/MatMul nodes of these op types (repeatable)"}),
+    "per_tensor_weights": (("--per-tensor-weights",), {"action": "store_true", "help": "one weight scale per tensor instead of per output channel (for runtimes without per-channel weights)"}),
     "calib_samples": (("--calib-samples",), {"type": int, "metavar": "N", "help": "use at most N calibration samples"}),
     "calib_method": (("--calib-method",), {"choices": ["minmax", "percentile", "entropy", "mse"], "help": "activation range method (default: mse; with --table: the table's)"}),
     "percentile": (("--percentile",), {"type": float, "metavar": "P", "help": "percentile for --calib-method percentile (default 99.99)"}),
     "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
     "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 

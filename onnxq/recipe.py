@@ -53,6 +53,7 @@ class Recipe:
     exclude_op: tuple[str, ...] = ()  # op types kept in float
     include: tuple[str, ...] = ()  # only these nodes (names or regexes) may be quantized
     include_op: tuple[str, ...] = ()  # only these op types may be quantized
+    per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -110,6 +111,7 @@ class Recipe:
             "exclude_op": _strings(self.exclude_op, "exclude-op", source),
             "include": _strings(self.include, "include", source),
             "include_op": _strings(self.include_op, "include-op", source),
+            "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
         }
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
@@ -192,6 +194,12 @@ def _alpha(value, source: str) -> float | str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise RecipeError(f"{_at(source)}--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
     return float(value)
+
+
+def _flag(value, option: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{_at(source)}--{option} is true or false, got {value!r}")
+    return value
 
 
 def _strings(value, option: str, source: str) -> tuple[str, ...]:

@@ -100,3 +100,24 @@ def test_solver_plan_replays_its_saved_model(decoder_case, tmp_path, precisions)
     assert sum(d.precision == "float" for d in plan.nodes.values() if d.inputs) >= 1
     _quantize([str(model), "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "plan.json"), "--no-eval"])
     assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "solved.onnx").read_bytes()
+
+
+def test_per_tensor_weights_from_flag_and_recipe(decoder_case, tmp_path):
+    """--per-tensor-weights (the option added after the recipe/plan restructuring): every weight
+    DequantizeLinear has one scalar scale and no axis; the recipe key gives the same model."""
+    import onnx
+
+    model, calib, _ = decoder_case
+    _quantize([str(model), "-o", str(tmp_path / "flag.onnx"), "--calib", str(calib), "--no-eval", "--per-tensor-weights", "--save-plan", str(tmp_path / "p.json")])
+    q = onnx.load(str(tmp_path / "flag.onnx"))
+    inits = {i.name: i for i in q.graph.initializer}
+    weight_dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weight_dqs and all(not n.attribute and list(inits[n.input[1]].dims) == [] for n in weight_dqs)
+    assert all(w["axis"] is None for w in json.loads((tmp_path / "p.json").read_text())["weights"].values())
+    (tmp_path / "r.yaml").write_text("per-tensor-weights: true\n")
+    _quantize([str(model), "-o", str(tmp_path / "recipe.onnx"), "--calib", str(calib), "--no-eval", "--recipe", str(tmp_path / "r.yaml")])
+    assert (tmp_path / "recipe.onnx").read_bytes() == (tmp_path / "flag.onnx").read_bytes()
+    _quantize([str(model), "-o", str(tmp_path / "channel.onnx"), "--calib", str(calib), "--no-eval"])
+    assert (tmp_path / "channel.onnx").read_bytes() != (tmp_path / "flag.onnx").read_bytes()
+    (tmp_path / "bad.yaml").write_text("per-tensor-weights: maybe\n")
+    assert main(["quantize", str(model), "-o", str(tmp_path / "x.onnx"), "--calib", str(calib), "--recipe", str(tmp_path / "bad.yaml")]) == 2

@@ -31,9 +31,12 @@ def place(model: ir.Model, target: str, *, exclude: Sequence[str] = (), precisio
 
 def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
     """The placement decisions for ``recipe``: the target's policy at its precision, then its
-    node filters (exclude/include by name, regex and op type)."""
+    node filters (exclude/include by name, regex and op type) and weight granularity."""
     plan = place(model, recipe.target, precision=recipe.precision)
     apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
+    if recipe.per_tensor_weights:
+        for entry in plan.weights.values():
+            entry.axis = None
     plan.high_precision = recipe.high_precision
     plan.recipe = recipe.to_json()
     return plan
