@@ -23,9 +23,9 @@ This module only decides (``plan.smoothquant``, a :class:`~onnxq.plan.SmoothPlan
   ``1/s`` is inserted in front of the group and reported.
 
   The walk matches the one op at the tail of a norm that carries a per-channel constant rather
-  than whole norm patterns (onnxscript's rewriter patterns would have to enumerate every
-  exporter's spelling of RMSNorm/LayerNorm: Pow vs Mul, Div vs Reciprocal, Sqrt vs Rsqrt...);
-  what is scaled is the same either way.
+  than whole norm patterns: what is scaled is the same for every exporter's spelling. Whether
+  that op is a norm's weight (the report's ``norm`` kind) comes from the declared pattern of
+  :mod:`onnxq.patterns`.
 - **α**: fixed, or ``"auto"``: per group, from :data:`ALPHA_GRID`, the α whose simulated W8A8
   product (per-tensor activation on the target's grid after smoothing, per-channel INT8 weights;
   both on the E4M3FN grid for an FP8 plan)
@@ -50,6 +50,7 @@ import onnx_ir as ir
 
 from onnxq import ops
 from onnxq.grids import GRIDS, fake_quant_range, fake_quant_weight
+from onnxq.patterns import NormStatistic, norm_statistics, normalized_by
 from onnxq.plan import FP8_DTYPE, Fold, QuantPlan, SmoothGroup, SmoothPlan
 from onnxq.weights import FLOAT_TYPES, weight_source
 
@@ -125,28 +126,9 @@ def _private(value: ir.Value, protected: set[str]) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output() and value.name not in protected
 
 
-def _looks_like_norm(value: ir.Value, depth: int = 5) -> bool:
-    """``value`` is a normalized tensor: a Div/Mul with a mean, a square root or a norm op within
-    ``depth`` ops upstream (the weight Mul of a decomposed RMSNorm/LayerNorm reads one)."""
-    producer = value.producer()
-    if producer is None or producer.op_type not in ("Div", "Mul"):
-        return False
-    frontier, seen = [value], set()
-    for _ in range(depth):
-        nodes = [v.producer() for v in frontier if v is not None and v.producer() is not None]
-        frontier = []
-        for node in nodes:
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in ("ReduceMean", "Sqrt", "Reciprocal", "Pow") or node.op_type.endswith("Normalization"):
-                return True
-            frontier += [i for i in node.inputs if i is not None and i.const_value is None]
-    return False
-
-
-def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]) -> tuple[dict, list[Fold]] | None:
-    """Where ``value``'s channels can be divided by s exactly: (description, folds), or None."""
+def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str], norms: list[NormStatistic] = ()) -> tuple[dict, list[Fold]] | None:
+    """Where ``value``'s channels can be divided by s exactly: (description, folds), or None.
+    ``norms``: the model's norm statistics (a per-channel Mul after one is a norm's weight)."""
     node = value.producer()
     if node is None or node.domain not in ("", "ai.onnx") or value.is_graph_output():
         return None
@@ -195,7 +177,7 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
         src = node.inputs[0]
         if src is None or not _private(src, protected):
             return None
-        return find_absorber(src, rank, trailing, protected)
+        return find_absorber(src, rank, trailing, protected, norms)
     if op in ("Mul", "Add") and len(node.inputs) == 2:
         a, b = node.inputs
         consts = [_const(a), _const(b)]
@@ -205,12 +187,12 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
             if not _per_channel(c, rank, trailing) or other is None:
                 return None
             if op == "Mul":
-                kind = "norm" if _looks_like_norm(other) else "mul"
+                kind = "norm" if normalized_by(other, norms) else "mul"
                 return {"kind": kind, **here}, [Fold(node.name, ci, trailing, "div")]
             # a bias: the producer of the other operand takes s too
             if not _private(other, protected):
                 return None
-            inner = find_absorber(other, rank, trailing, protected)
+            inner = find_absorber(other, rank, trailing, protected, norms)
             if inner is None:
                 return None
             return inner[0], [*inner[1], Fold(node.name, ci, trailing, "div")]
@@ -219,14 +201,14 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
         if op == "Mul":  # a product of two activations: one branch takes s
             for branch in (b, a):
                 if _private(branch, protected):
-                    inner = find_absorber(branch, rank, trailing, protected)
+                    inner = find_absorber(branch, rank, trailing, protected, norms)
                     if inner is not None:
                         return {**inner[0], "through": node.name}, inner[1]
             return None
         # a sum of two activations: both branches take s
         if not (_private(a, protected) and _private(b, protected)):
             return None
-        left, right = find_absorber(a, rank, trailing, protected), find_absorber(b, rank, trailing, protected)
+        left, right = find_absorber(a, rank, trailing, protected, norms), find_absorber(b, rank, trailing, protected, norms)
         if left is None or right is None:
             return None
         return left[0], [*left[1], *right[1]]
@@ -333,6 +315,7 @@ def plan_smoothing(
         if node is not None and d.quantized:
             protected.update(node.inputs[i].name for i, k in d.inputs.items() if k == "activation" and i < len(node.inputs) and node.inputs[i] is not None)
     rng = np.random.default_rng(0)
+    norms = norm_statistics(model)
     out = SmoothPlan(alpha=alpha, split_outliers=split_outliers)
     split_consumers: set[str] = set()  # their outputs gain a side product: no fold into them
     for group in groups:
@@ -373,7 +356,7 @@ def plan_smoothing(
         value = values[group.activation]
         feeds_only_group = {u.node.name for u in value.uses()} <= set(group.consumers)
         # a split needs the unscaled activation for its float side product: scale with a Mul
-        found = find_absorber(value, group.rank, group.trailing, protected - {group.activation}) if feeds_only_group and not group.split else None
+        found = find_absorber(value, group.rank, group.trailing, protected - {group.activation}, norms) if feeds_only_group and not group.split else None
         if found is not None and {f.node for f in found[1]} & split_consumers:
             found = None
         if group.split:

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.patterns import norm_statistics
+
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_TINY = float(np.finfo(np.float16).tiny)  # smallest normal
 _DEFAULT = ("", "ai.onnx")
@@ -49,8 +51,6 @@ _SOFTMAX_OPS = {"Softmax", "LogSoftmax"}
 _TRIG_OPS = {"Sin", "Cos"}
 # Element-wise ops between an attention MatMul and its Softmax (scaling, masking).
 _SCORE_CHAIN = {"Add", "Sub", "Mul", "Div", "Where", "Neg", "Max", "Min", "Clip", "Tanh"}
-# After the RMSNorm's ReduceMean, up to the multiplication with the normalised input.
-_RMS_CHAIN = {"Add", "Sqrt", "Reciprocal"}
 
 
 def _default(node: ir.Node) -> bool:
@@ -68,11 +68,6 @@ def convertible(node: ir.Node) -> bool:
         return False
     floats = _float_values(node)
     return bool(floats) and all(v.dtype == ir.DataType.FLOAT for v in floats)
-
-
-def _only_consumer(value: ir.Value) -> ir.Node | None:
-    uses = value.uses()
-    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
 
 
 def _overflowing_constant(node: ir.Node) -> bool:
@@ -120,20 +115,17 @@ def fp32_nodes(graph: ir.Graph, ranges: Mapping[str, float] | None = None) -> di
                 for use in out.uses():
                     add(use.node, reason)
 
+    for stat in norm_statistics(graph):
+        for node, reason in zip(stat.nodes, ("RMSNorm: square", "RMSNorm: mean of squares", "RMSNorm: after the mean of squares", "RMSNorm: after the mean of squares")):
+            add(node, reason)
+        if stat.reciprocal is not None:
+            add(stat.reciprocal, "RMSNorm: after the mean of squares")
     for node in graph:
         op = node.op_type
         if not _default(node):
             continue
         if op in _NORM_OPS:
             add(node, "normalisation reduction")
-        elif op == "ReduceMean" and node.inputs[0] is not None and node.inputs[0].producer() is not None \
-                and node.inputs[0].producer().op_type == "Pow":
-            add(node.inputs[0].producer(), "RMSNorm: square")
-            add(node, "RMSNorm: mean of squares")
-            nxt = _only_consumer(node.outputs[0])
-            while nxt is not None and nxt.op_type in _RMS_CHAIN:
-                add(nxt, "RMSNorm: after the mean of squares")
-                nxt = _only_consumer(nxt.outputs[0])
         elif op in _SOFTMAX_OPS:
             add(node, "softmax")
             todo, seen = [node.inputs[0]], set()
