@@ -121,3 +121,22 @@ def test_per_tensor_weights_from_flag_and_recipe(decoder_case, tmp_path):
     assert (tmp_path / "channel.onnx").read_bytes() != (tmp_path / "flag.onnx").read_bytes()
     (tmp_path / "bad.yaml").write_text("per-tensor-weights: maybe\n")
     assert main(["quantize", str(model), "-o", str(tmp_path / "x.onnx"), "--calib", str(calib), "--recipe", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_an_old_format_plan_still_replays(decoder_case, tmp_path):
+    """An onnxq.plan/1 file (weights keyed by initializer name, no SmoothQuant/FP16/opset entries)
+    loads and builds the same model as the plan it was converted from (MatMul weights: axis 1, so
+    an entry that were not found would fall back to axis 0 and change the model)."""
+    model, calib, _ = decoder_case
+    _quantize([str(model), "-o", str(tmp_path / "a.onnx"), "--calib", str(calib), "--no-eval", "--save-plan", str(tmp_path / "new.json")])
+    data = json.loads((tmp_path / "new.json").read_text())
+    proto = {n.name: n for n in __import__("onnx").load(str(model)).graph.node}
+    data["format"] = "onnxq.plan/1"
+    data["weights"] = {proto[key.rpartition(":")[0]].input[int(key.rpartition(":")[2])]: w for key, w in data["weights"].items()}
+    assert 1 in {w["axis"] for w in data["weights"].values()}
+    for key in ("smoothquant", "high_precision", "fp32_nodes", "min_opset", "recipe"):
+        del data[key]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert not any(":" in k for k in data["weights"]) and QuantPlan.load(tmp_path / "old.json").weights
+    _quantize([str(model), "-o", str(tmp_path / "b.onnx"), "--plan", str(tmp_path / "old.json"), "--no-eval"])
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
