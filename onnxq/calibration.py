@@ -6,6 +6,7 @@ scales and zero points.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -22,8 +23,8 @@ from onnxq.grids import GRIDS, scale_zero_point
 from onnxq.ops import activation_channel_axis
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
-from onnxq.plan import FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
-from onnxq.progress import log, quiet_option
+from onnxq.plan import FLOAT, FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
+from onnxq.progress import log, quiet_option, warn
 from onnxq.runtime import ort as ort_rt
 
 DataArg = str | os.PathLike | Iterable[Mapping[str, np.ndarray]]
@@ -40,7 +41,7 @@ def activation_dtype(target: str, precision: str) -> str:
 
 def _quantized_readers(model: ir.Model, plan: QuantPlan) -> dict[str, list[tuple[ir.Node, str]]]:
     """tensor -> (node, precision) of each quantized node the plan has read it as an activation."""
-    by_name = {n.name: n for n in model.graph}
+    by_name = {n.name: n for n in model.graph.all_nodes()}
     readers: dict[str, list[tuple[ir.Node, str]]] = {}
     for node_name, decision in plan.nodes.items():
         node = by_name.get(node_name)
@@ -63,7 +64,7 @@ def tensor_precisions(model: ir.Model, plan: QuantPlan) -> dict[str, set[str]]:
 
 def activation_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
     """Names of the activation tensors the plan quantizes, in graph order."""
-    by_name = {n.name: n for n in model.graph}
+    by_name = {n.name: n for n in model.graph.all_nodes()}
     names: dict[str, None] = {}
     for node_name, decision in plan.nodes.items():
         if not decision.quantized:
@@ -103,7 +104,7 @@ def tensor_methods(model: ir.Model, plan: QuantPlan, tensors: Sequence[str], met
     """The range method of each tensor: that of the first quantized reader whose op type is named."""
     readers = {t: [n.op_type.lower() for n, _ in r] for t, r in _quantized_readers(model, plan).items()}
     if len(methods) > 1:
-        values = {v.name: v for n in model.graph for v in n.outputs}
+        values = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
         values.update({v.name: v for v in model.graph.inputs})
         for tensor in plan.outputs:
             value = values.get(tensor)
@@ -118,7 +119,7 @@ def tensor_methods(model: ir.Model, plan: QuantPlan, tensors: Sequence[str], met
 
 def channel_axes(model: ir.Model, plans: Iterable[QuantPlan]) -> dict[str, int]:
     """Per-channel statistics axis of every activation read by a MatMul/Gemm/Conv in ``plans``."""
-    by_name = {n.name: n for n in model.graph}
+    by_name = {n.name: n for n in model.graph.all_nodes()}
     axes: dict[str, int] = {}
     for plan in plans:
         for node_name, decision in plan.nodes.items():
@@ -279,11 +280,33 @@ def plan_ranges(
     )
     table.method = method if method is None or isinstance(method, str) else dict(method)
     table.percentile = percentile
+    _float_unobserved(model, plan, table)
     fill_activation_params(
         plan, table, methods, percentile, tensors=[t for t in tensors if t in table.tensors], precisions=tensor_precisions(model, plan)
     )
     log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples")
     return table
+
+
+def _float_unobserved(model: ir.Model, plan: QuantPlan, table: CalibrationTable) -> None:
+    """Tensors no calibration sample reached (inside an If branch the data never takes, or a Loop
+    that ran no iteration) have no range: their readers stay in float, with the reason, and the
+    tensors leave the table."""
+    unobserved = [t for t, stats in table.tensors.items() if not math.isfinite(stats.min)]
+    if not unobserved:
+        return
+    readers = _quantized_readers(model, plan)
+    for tensor in unobserved:
+        del table.tensors[tensor]
+        for node, _ in readers.get(tensor, []):
+            decision = plan.nodes[node.name]
+            for index in [i for i, kind in decision.inputs.items() if kind == "weight"]:
+                plan.weights.pop(plan.weight_key(node.name, index), None)
+            decision.precision, decision.inputs = FLOAT, {}
+            decision.reason = f"input {tensor!r} not reached by any calibration sample (a control-flow branch the data never took)"
+        if tensor in plan.outputs:
+            plan.outputs.remove(tensor)
+    warn(f"onnxq: warning: {len(unobserved)} tensors were not reached by the calibration data (e.g. {unobserved[0]!r}, inside a branch it never took); their readers stay in float")
 
 
 def missing_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:

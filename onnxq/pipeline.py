@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from onnxq.calibration import (
     with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.subgraphs import graph_path, subgraph_owners
 from onnxq.check import compare
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
@@ -42,7 +44,7 @@ from onnxq.placement import plan_for
 from onnxq.placement.fp16 import float_tensor_names, fp32_nodes
 from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan, SmoothPlan
-from onnxq.progress import log, quiet_option
+from onnxq.progress import log, quiet_option, warn
 from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
 
@@ -58,6 +60,8 @@ class QuantizeResult:
     high_precision: str = "fp32"
     timings: dict[str, float] = field(default_factory=dict)
     smoothquant: SmoothPlan | None = None
+    warnings: list[str] = field(default_factory=list)
+    quantized_by_graph: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -68,6 +72,8 @@ class QuantizeResult:
             "recipe": self.plan.recipe,
             "plan_summary": self.plan.summary(),
             "quantized_nodes": len(self.plan.quantized_nodes()),
+            "quantized_nodes_by_graph": self.quantized_by_graph,
+            "warnings": self.warnings,
             "calibration_samples": self.table.num_samples if self.table is not None else 0,
             "calibration_method": self.table.method if self.table is not None else None,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
@@ -145,9 +151,39 @@ def quantize(
     accuracy = compare(model, quant_session, eval_data, progress=True) if eval_data is not None else []
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant)
+    result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant,
+                            warnings=plan_warnings(the_plan), quantized_by_graph=quantized_by_graph(float_model, the_plan))
     _write_outputs(float_model, result, paths)
     return result
+
+
+def plan_warnings(plan: QuantPlan) -> list[str]:
+    """What the user must hear about a plan: nothing to quantize, or candidates but none
+    quantized (the output then has no Q/DQ). Each is logged as a warning, and goes to the report."""
+    quantized = plan.quantized_nodes()
+    if quantized:
+        return []
+    if not plan.nodes:
+        found = "the model has no Conv/ConvTranspose/Gemm/MatMul node (in any graph or If/Loop/Scan body)"
+    else:
+        reasons = Counter(d.reason.split(" (")[0] for d in plan.nodes.values())
+        found = f"0 of {len(plan.nodes)} candidate nodes quantized; reasons: " + "; ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
+    warnings = [f"nothing quantized: {found}; the output has no Q/DQ (see --save-plan for each node's reason)"]
+    for w in warnings:
+        warn(f"onnxq: warning: {w}")
+    return warnings
+
+
+def quantized_by_graph(model: ir.Model, plan: QuantPlan) -> dict[str, int]:
+    """Quantized nodes per graph: ``main`` and each If/Loop/Scan body (``main/If_0.then_branch``)."""
+    owners = subgraph_owners(model.graph)
+    counts: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        decision = plan.nodes.get(node.name)
+        if decision is not None and decision.quantized:
+            scope = graph_path(node.graph, owners)
+            counts[scope] = counts.get(scope, 0) + 1
+    return counts
 
 
 def _output_paths(model, output, save_plan, report: bool) -> dict[str, Path | None]:

@@ -30,6 +30,11 @@ def log(msg: str, quiet: bool = False) -> None:
         logger.info(msg)
 
 
+def warn(msg: str) -> None:
+    """A warning (WARNING on the ``onnxq`` logger): shown even with ``-q`` / ``quiet=True``."""
+    logger.warning(msg)
+
+
 @contextlib.contextmanager
 def silenced():
     """No status lines or progress bars (the ``onnxq`` logger at WARNING) for the duration."""

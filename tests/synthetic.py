@@ -228,3 +228,68 @@ def tiny_decoder_block(seq: int = 16, hidden: int = 32, ffn: int = 48, seed: int
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def vad_like_if(seed: int = 0, chunk: int = 64, hidden: int = 32) -> onnx.ModelProto:
+    """A streaming VAD-like model whose layers sit inside ``If`` branches (as in Silero VAD).
+
+    Inputs x[1, 16, chunk] and sr (int64 scalar); ``If(sr == 16000)`` picks one of two branches,
+    each Conv(16→hidden, k=3) → Relu → Conv(hidden→hidden, k=3) → Relu → ReduceMean → Gemm(hidden→1)
+    → Sigmoid. The convolution weights live in the main graph (outer scope), as torch exports
+    them; the branch's second weight is a Constant node inside the branch.
+    """
+    rng = np.random.default_rng(seed)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        w2 = numpy_helper.from_array(rng.normal(0, 0.15, (hidden, hidden, 3)).astype(np.float32), f"w2_{tag}")
+        nodes = [
+            helper.make_node("Conv", ["x", f"w1_{tag}", f"b1_{tag}"], [f"c1_{tag}"], name=f"conv1_{tag}", pads=[1, 1]),
+            helper.make_node("Relu", [f"c1_{tag}"], [f"r1_{tag}"], name=f"relu1_{tag}"),
+            helper.make_node("Constant", [], [f"w2_{tag}"], name=f"const_w2_{tag}", value=w2),
+            helper.make_node("Conv", [f"r1_{tag}", f"w2_{tag}"], [f"c2_{tag}"], name=f"conv2_{tag}", pads=[1, 1]),
+            helper.make_node("Relu", [f"c2_{tag}"], [f"r2_{tag}"], name=f"relu2_{tag}"),
+            helper.make_node("ReduceMean", [f"r2_{tag}"], [f"m_{tag}"], name=f"mean_{tag}", axes=[2], keepdims=0),
+            helper.make_node("Gemm", [f"m_{tag}", f"wfc_{tag}"], [f"logit_{tag}"], name=f"fc_{tag}", transB=1),
+            helper.make_node("Sigmoid", [f"logit_{tag}"], [f"p_{tag}"], name=f"sigmoid_{tag}"),
+        ]
+        out = helper.make_tensor_value_info(f"p_{tag}", TensorProto.FLOAT, None)
+        return helper.make_graph(nodes, f"branch_{tag}", [], [out])
+
+    inits = [numpy_helper.from_array(np.array(16000, dtype=np.int64), "sr16k")]
+    for tag in ("16k", "8k"):
+        inits += [_init(f"w1_{tag}", rng.normal(0, 0.3, (hidden, 16, 3))), _init(f"b1_{tag}", rng.normal(0, 0.1, (hidden,))),
+                  _init(f"wfc_{tag}", rng.normal(0, 0.5, (1, hidden)))]
+    nodes = [
+        helper.make_node("Equal", ["sr", "sr16k"], ["is16k"], name="is16k"),
+        helper.make_node("If", ["is16k"], ["prob"], name="by_rate", then_branch=branch("16k"), else_branch=branch("8k")),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, chunk]), helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def loop_matmul(seed: int = 0, hidden: int = 32, steps: int = 3, rows: int = 4) -> onnx.ModelProto:
+    """h[rows, hidden] → Loop(steps) { h = Relu(MatMul(h, W)) } → h: a MatMul inside a Loop body."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+            helper.make_node("MatMul", ["h_in", "w_loop"], ["mm"], name="loop_matmul"),
+            helper.make_node("Relu", ["mm"], ["h_out"], name="loop_relu"),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [rows, hidden])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [rows, hidden])],
+    )
+    w = rng.normal(0, 1.0 / np.sqrt(hidden), (hidden, hidden)) + np.eye(hidden)
+    inits = [_init("w_loop", w), numpy_helper.from_array(np.array(steps, dtype=np.int64), "steps"),
+             numpy_helper.from_array(np.array(True), "true")]
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["steps", "true", "h0"], ["h"], name="loop", body=body)], "loop_matmul",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [rows, hidden])], [helper.make_tensor_value_info("h", TensorProto.FLOAT, [rows, hidden])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)

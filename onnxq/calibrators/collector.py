@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxq import modelio
 from onnxq.calibrators.histogram import Histogram
 from onnxq.calibrators.reservoir import RowReservoir
+from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
 from onnxq.calibrators.table import CalibrationTable, TensorStats
 from onnxq.errors import DataError
 from onnxq.progress import progress_bar
@@ -27,8 +28,12 @@ _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
+    """Every named value: graph inputs and node outputs of the graph and of its If/Loop/Scan bodies
+    (names are unique across scopes after preprocessing's NameFixPass)."""
+    values = {}
+    for g in iter_graphs(graph):
+        values.update({v.name: v for v in g.inputs})
+    for node in graph.all_nodes():
         for out in node.outputs:
             if out.name:
                 values[out.name] = out
@@ -75,8 +80,10 @@ def augment_with_reductions(
     opset = model.opset_imports.get("", 13)
     by_name = _values_by_name(graph)
     channel_axes = channel_axes or {}
-    observed, new_nodes, new_outputs = [], [], []
+    observed, new_outputs = [], []
+    promotion = Promotion(graph)
     for name in tensors:
+        new_nodes = []
         value = by_name.get(name)
         if value is None:
             raise DataError(f"tensor {name!r} is not produced by the model; it cannot be calibrated")
@@ -119,16 +126,31 @@ def augment_with_reductions(
                     out.dtype = value.dtype
                     new_nodes += reduce
                     new_outputs.append(out)
+        _place(promotion, value.graph or graph, new_nodes, new_outputs)
         observed.append(name)
     original_outputs = list(graph.outputs)
-    graph.extend(new_nodes)
     graph.outputs[:] = new_outputs
     try:
         proto = modelio.to_proto(model)
     finally:
         graph.outputs[:] = original_outputs
-        graph.remove(new_nodes, safe=True)
+        promotion.undo()
     return proto, observed
+
+
+def _place(promotion: Promotion, graph: ir.Graph, nodes: list[ir.Node], outputs: list[ir.Value]) -> None:
+    """Add one tensor's statistic ``nodes`` to the graph that defines the tensor; the tensor's
+    statistics among ``outputs`` (those produced by ``nodes``) are carried out to the main graph
+    under the same names (:mod:`onnxq.calibrators.subgraphs`)."""
+    promotion.add_nodes(graph, nodes)
+    if graph is promotion.main:
+        return
+    mine = {id(o) for n in nodes for o in n.outputs}
+    for i, out in enumerate(outputs):
+        if id(out) in mine:
+            name, out.name = out.name, f"{out.name}::inner"
+            outputs[i] = promotion.to_main(out)
+            outputs[i].name = name
 
 
 def collect(
@@ -181,12 +203,17 @@ def collect(
             stats.channel_axis = channel_axes[name]
         rng = (out_index.get(f"{name}::onnxq_channel_min"), out_index.get(f"{name}::onnxq_channel_max"))
         plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci, rng, reservoirs.get(name)))
+    inner = {name for name, v in _values_by_name(model.graph).items() if name in table.tensors and v.graph is not model.graph}
+    promoted = {id(table.tensors[name]) for name in inner}  # defined inside an If/Loop/Scan body
     total = len(data) if hasattr(data, "__len__") and len(data) else None
     bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
     with bar:
         for feed in data:
             results = ort_rt.run(session, feed)
             for stats, mi, ma, vi, ci, (cmin, cmax), reservoir in plan:
+                if id(stats) in promoted:
+                    _update_promoted(stats, results, mi, ma, vi, ci, cmin, cmax)
+                    continue
                 lo, hi = results[mi], results[ma]
                 stats.update(lo, hi)
                 if stats.histogram is not None:
@@ -204,3 +231,21 @@ def collect(
         raise DataError("the calibration data holds no samples; give at least one")
     return table
 
+
+
+def _update_promoted(stats: TensorStats, results, mi, ma, vi, ci, cmin, cmax) -> None:
+    """Statistics of a tensor inside a control-flow body: stacked over iterations, or empty
+    when its branch did not run on this sample (then nothing is updated)."""
+    lo = reduce_promoted(results[mi], "min")
+    if lo is None:
+        return
+    hi = reduce_promoted(results[ma], "max")
+    stats.update(lo, hi)
+    if stats.histogram is not None:
+        stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
+    if ci is not None:
+        channels = np.asarray(results[ci]).shape[-1]
+        stats.update_channels(reduce_promoted(results[ci], "channel_max", channels))
+    if cmin is not None:
+        channels = np.asarray(results[cmin]).shape[-1]
+        stats.update_channel_range(reduce_promoted(results[cmin], "channel_min", channels), reduce_promoted(results[cmax], "channel_max", channels))

@@ -6,7 +6,8 @@ Order, and why:
    at the opset the quantized model will have (the converter may rewrite ops, e.g. move
    ``Unsqueeze`` axes from an attribute to a ``Constant`` input).
 2. Inline model-local functions (:class:`onnx_ir.passes.common.InlinePass`): calibration, folding
-   and Q/DQ insertion see only nodes of the main graph.
+   and Q/DQ insertion see no function bodies (If/Loop/Scan bodies they do see; NameFixPass, last,
+   makes node names unique across every graph, so the plan keys body nodes by name).
 3. :class:`~onnxq.passes.lift_constants.LiftConstantsPass`: ``Constant`` nodes (including those
    the converter just emitted) become initializers, the one place later passes read constants.
 4. :class:`~onnxq.passes.fold_constants.FoldConstantsPass`: constant subgraphs (shape

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
 from onnxq.grids import GRIDS, quantize_weight
 from onnxq.passes.initializers import add_initializer
@@ -48,7 +49,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._activation_dq: dict[tuple[str, str], ir.Value] = {}
         self._weight_dq: dict[tuple[str, str], ir.Value] = {}
         self._qdq_nodes: set[int] = set()
-        by_name = {node.name: node for node in graph}
+        self._owners = subgraph_owners(graph)
+        by_name = {node.name: node for node in graph.all_nodes()}
         for name, decision in self.plan.nodes.items():
             if not decision.quantized:
                 continue
@@ -60,45 +62,57 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
                 value = node.inputs[index]
                 if kind == "activation":
-                    node.replace_input_with(index, self._activation(value, decision.precision))
+                    node.replace_input_with(index, self._activation(value, decision.precision, node.graph))
                 elif kind == "weight":
-                    node.replace_input_with(index, self._weight(value, decision.precision, name, index))
+                    node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
                 modified = True
-        values = {v.name: v for n in graph for v in n.outputs}
+        values = {v.name: v for n in graph.all_nodes() for v in n.outputs}
         values.update({v.name: v for v in graph.inputs})
         for tensor in self.plan.outputs:
             value = values.get(tensor)
             if value is None:
                 raise PlanError(f"the plan quantizes tensor {tensor!r}, which the model does not produce")
-            dq = self._activation(value, self.plan.precision)
+            dq = self._activation(value, self.plan.precision, value.graph or graph)
             for use in list(value.uses()):
                 if id(use.node) not in self._qdq_nodes:
                     use.node.replace_input_with(use.idx, dq)
             modified = True
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input()]:
-            graph.initializers.pop(name)
+        for g in iter_graphs(graph):
+            for name in [n for n, v in g.initializers.items() if not v.uses() and not v.is_graph_input()]:
+                g.initializers.pop(name)
         return ir.passes.PassResult(model, modified)
 
     # ------------------------------------------------------------------------------------------
     def _constant(self, name: str, array: np.ndarray) -> ir.Value:
         return add_initializer(self._graph, name, array)
 
-    def _insert(self, after: ir.Value, nodes: list[ir.Node]) -> None:
+    def _insert(self, after: ir.Value, nodes: list[ir.Node], graph: ir.Graph) -> None:
+        """Put ``nodes`` into ``graph`` (the reader's graph) right after ``after``'s producer, or
+        first when ``after`` comes from a graph input, an initializer or an outer scope."""
         producer = after.producer()
-        if producer is not None:
-            self._graph.insert_after(producer, nodes)
-        else:  # a graph input or initializer: put the nodes first
-            first = next(iter(self._graph), None)
+        if producer is not None and producer.graph is graph:
+            graph.insert_after(producer, nodes)
+        else:
+            first = next(iter(graph), None)
             if first is None:
-                self._graph.extend(nodes)
+                graph.extend(nodes)
             else:
-                self._graph.insert_before(first, nodes)
+                graph.insert_before(first, nodes)
         self._qdq_nodes.update(id(n) for n in nodes)
 
-    def _activation(self, value: ir.Value, precision: str) -> ir.Value:
-        key = (value.name, precision)
+    def _scope_suffix(self, graph: ir.Graph) -> str:
+        """"" for the main graph; else the owner node and attribute (names stay unique per body)."""
+        if graph is self._graph:
+            return ""
+        node, attr = self._owners[id(graph)]
+        return f"_in_{node.name}_{attr}"
+
+    def _activation(self, value: ir.Value, precision: str, graph: ir.Graph) -> ir.Value:
+        """Q→DQ of ``value`` in ``graph``: readers inside an If/Loop/Scan body read a pair of their
+        own body, so TensorRT and ORT see Q→DQ→op in one graph."""
+        key = (value.name, precision, id(graph))
         if key in self._activation_dq:
             return self._activation_dq[key]
         params = self.plan.activation(value.name, precision)
@@ -113,7 +127,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         ir_q, np_zero = GRIDS[params.dtype].ir_type, GRIDS[params.dtype].numpy_type
         np_float = _NP_FLOAT.get(value.dtype, np.float32)
         # The first precision keeps the plain names (INT8-only plans look as before).
-        base = value.name if not any(k[0] == value.name for k in self._activation_dq) else f"{value.name}_{precision}"
+        base = value.name if not any(k[0] == value.name and k[1] != precision for k in self._activation_dq) else f"{value.name}_{precision}"
+        base += self._scope_suffix(graph)
         scale = self._constant(f"{base}_scale", np.array(params.scale, dtype=np_float))
         zero = self._constant(f"{base}_zero_point", np.array(params.zero_point, dtype=np_zero))
         q = ir.node("QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear")
@@ -124,18 +139,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
-        self._insert(value, [q, dq])
+        self._insert(value, [q, dq], graph)
         self._activation_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
-    def _weight(self, value: ir.Value, precision: str, node: str, index: int) -> ir.Value:
+    def _weight(self, value: ir.Value, precision: str, node: str, index: int, graph: ir.Graph) -> ir.Value:
         """A dequantized copy of the weight behind ``value``.
 
         A weight read through a Transpose gets its transposed integer copy as an initializer, so
         no Transpose or dequantization of a large constant runs at inference time and ORT/TRT
         see the DQ→MatMul pattern they fuse; float readers of the original (a Gather) keep it.
         """
-        key = (value.name, precision)
+        key = (value.name, precision, id(graph))
         if key in self._weight_dq:
             return self._weight_dq[key]
         source = weight_source(value)
@@ -158,8 +173,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             q = np.ascontiguousarray(np.transpose(q, perm))
             axis = None if axis is None else list(perm).index(axis)
             name = value.name
-        if any(k[0] == value.name for k in self._weight_dq):
+        if any(k[0] == value.name and k[1] != precision for k in self._weight_dq):
             name = f"{name}_{precision}"
+        name += self._scope_suffix(graph)
         np_float = _NP_FLOAT.get(init.dtype, np.float32)
         q_value = self._constant(f"{name}_quantized", q)
         scale_value = self._constant(f"{name}_scale", scale.astype(np_float))
@@ -171,6 +187,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].name = f"{name}_dequantized"
         dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
-        self._insert(q_value, [dq])
+        self._insert(q_value, [dq], graph)
         self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]

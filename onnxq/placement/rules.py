@@ -130,8 +130,8 @@ def apply_filters(
     """The recipe's node filters: ``exclude`` names/regexes and ``exclude_op`` op types go to
     float; with ``include`` / ``include_op``, only matching Conv/ConvTranspose/Gemm/MatMul nodes
     stay quantized. A pattern or op type that matches nothing is an error."""
-    names = [n.name for n in model.graph if n.name]
-    ops = {n.op_type for n in model.graph}
+    names = [n.name for n in model.graph.all_nodes() if n.name]
+    ops = {n.op_type for n in model.graph.all_nodes()}
     for op in (*exclude_op, *include_op):
         if op not in ops:
             raise OnnxqError(f"--{'exclude' if op in exclude_op else 'include'}-op {op!r}: the model has no {op} node; its op types are {sorted(ops)[:12]}")
@@ -173,5 +173,7 @@ def producer_op(value: ir.Value | None) -> str | None:
 
 
 def nodes(model: ir.Model, op_types: Iterable[str]) -> list[ir.Node]:
+    """Nodes of ``op_types`` in the main graph and in every If/Loop/Scan body (node names are
+    unique across scopes after preprocessing, so the plan keys them by name)."""
     ops = set(op_types)
-    return [n for n in model.graph if n.op_type in ops and n.domain in ("", "ai.onnx")]
+    return [n for n in model.graph.all_nodes() if n.op_type in ops and n.domain in ("", "ai.onnx")]
