@@ -71,13 +71,16 @@ def compare(reference, candidate, data: Iterable[dict[str, np.ndarray]], *, prog
 
 
 def format_table(results: list[OutputAccuracy], title: str) -> str:
-    lines = [title, f"  {'output':<24} {'cosine(mean)':>12} {'cosine(min)':>12} {'SNR dB':>8} {'max|err|':>10} {'top-1':>6}"]
+    lines = [title, f"  {'output':<24} {'cosine(mean)':>12} {'cosine(min)':>12} {'SNR dB':>8} {'max|err|':>10} {'top-1':>6}  worst slice SNR dB"]
+    notes = []
     for r in results:
         top1 = f"{r.top1_agreement:>6.3f}" if r.top1_agreement is not None else f"{'-':>6}"
+        worst = f"  {r.worst_slice_snr_db:.2f} ({r.worst_slice})" if r.worst_slice_snr_db is not None else "  -"
         lines.append(
-            f"  {r.name[:24]:<24} {r.cosine_mean:>12.6f} {r.cosine_min:>12.6f} {r.snr_db:>8.2f} {r.max_abs_error:>10.4g} {top1}"
+            f"  {r.name[:24]:<24} {r.cosine_mean:>12.6f} {r.cosine_min:>12.6f} {r.snr_db:>8.2f} {r.max_abs_error:>10.4g} {top1}{worst}"
         )
-    return "\n".join(lines)
+        notes += [f"  note: {r.name}: {n}" for n in r.notes]
+    return "\n".join(lines + notes)
 
 
 # --- the check --------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ fixed-bin histogram of log10 |cand−ref|, and, for classifier-shaped outputs (a
 name says logits/probabilities/scores and whose last axis has ≥ 10 classes), top-1 agreement
 (argmax equal) and top-5 agreement (the reference's argmax among the candidate's five largest), per
 row of the last axis.
+
+Two figures keep one scale from hiding an error: ``worst_slice_snr_db``, the lowest SNR among the
+slices of each non-batch axis of at most 1024 entries (a YOLO output [1, 84, N] that concatenates
+box coordinates in pixels with class scores in 0–1 has its scores on axis 1: their SNR shows even
+when the boxes dominate the whole output's SNR), with ``worst_slice`` naming it; and a note for
+outputs of one value per sample, whose per-sample cosine is 1 whenever the signs agree (read the
+SNR and the maximum error there).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from onnxq.errors import OnnxqError
 ERROR_HIST_EDGES = np.arange(-8.0, 3.01, 0.25)
 _CLASSIFIER_NAME = re.compile(r"logit|prob|score|class", re.IGNORECASE)
 _REL_FLOOR = 1e-3
+MAX_SLICES = 1024  # axes longer than this are spatial or sequence axes, not a list of quantities
+SINGLE_VALUE_NOTE = "one value per sample: per-sample cosine is 1 whenever the signs agree; judge by SNR and max abs error"
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +75,11 @@ class OutputAccuracy:
     max_rel_error: float = 0.0
     top1_agreement: float | None = None
     top5_agreement: float | None = None
+    worst_slice_snr_db: float | None = None
+    worst_slice: str | None = None
+    notes: list[str] = field(default_factory=list)
     _signal: float = 0.0
+    _slice_sums: dict = field(default_factory=dict)  # axis -> (signal per index, noise per index)
     _noise: float = 0.0
     _cos_sum: float = 0.0
     _rows: int = 0
@@ -99,8 +112,35 @@ class OutputAccuracy:
                 self.max_rel_error = max(self.max_rel_error, float((abs_err[keep] / mag[keep]).max()))
             self._add_histogram(abs_err)
         self.snr_db = snr_db(self._signal, self._noise)
+        self._update_slices(ref.astype(np.float64), diff.reshape(ref.shape))
+        if ref.size == 1 and SINGLE_VALUE_NOTE not in self.notes:
+            self.notes.append(SINGLE_VALUE_NOTE)
         if is_classifier_output(self.name, ref):
             self._update_topk(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))
+
+    def _update_slices(self, ref: np.ndarray, diff: np.ndarray) -> None:
+        """Per-index sums of squares along every non-batch axis of 2..MAX_SLICES entries; the
+        worst slice's SNR (slices without signal are skipped)."""
+        worst = None
+        for axis in range(1, ref.ndim):
+            if not 2 <= ref.shape[axis] <= MAX_SLICES:
+                continue
+            others = tuple(a for a in range(ref.ndim) if a != axis)
+            sig, noise = (ref * ref).sum(axis=others), (diff * diff).sum(axis=others)
+            if axis in self._slice_sums and self._slice_sums[axis][0].shape == sig.shape:
+                sig, noise = sig + self._slice_sums[axis][0], noise + self._slice_sums[axis][1]
+            self._slice_sums[axis] = (sig, noise)
+            live = np.flatnonzero(sig > 0)
+            if not live.size:
+                continue
+            with np.errstate(divide="ignore"):
+                ratios = sig[live] / noise[live]  # inf without noise
+            index = int(live[np.argmin(ratios)])
+            value = snr_db(float(sig[index]), float(noise[index]))
+            if worst is None or value < worst[0]:
+                worst = (value, f"axis {axis} index {index}")
+        if worst is not None:
+            self.worst_slice_snr_db, self.worst_slice = worst
 
     def _add_histogram(self, abs_err: np.ndarray) -> None:
         nz = abs_err[abs_err > 0]
@@ -139,6 +179,10 @@ class OutputAccuracy:
                 d[k] = "inf" if v > 0 else "-inf"
         if d["top1_agreement"] is None:
             del d["top1_agreement"], d["top5_agreement"]
+        if d["worst_slice_snr_db"] is None:
+            del d["worst_slice_snr_db"], d["worst_slice"]
+        if not d["notes"]:
+            del d["notes"]
         return d
 
 

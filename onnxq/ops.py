@@ -19,6 +19,7 @@ ConvTranspose (axis 1 holds C_out/group), nor for a MatMul weight of unknown or 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -113,6 +114,35 @@ def static_dims(shape: ir.Shape | None) -> list[int | None] | None:
     if shape is None:
         return None
     return [d if isinstance(d, int) else None for d in shape]
+
+
+class ConvGemm(NamedTuple):
+    """The GEMM a Conv/ConvTranspose becomes, per group (None where the weight shape is not static)."""
+
+    groups: int
+    in_per_group: int | None
+    k: int | None  # reduction length: input channels per group × kernel taps
+    n: int | None  # output channels per group
+    c_out: int | None  # output channels in all
+
+
+def conv_gemm_dims(node: ir.Node) -> ConvGemm:
+    """The per-group GEMM of a Conv (weight [C_out, C_in/g, k...]) or ConvTranspose (weight
+    [C_in, C_out/g, k...])."""
+    dims = static_dims(node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None)
+    group = node.attributes.get_int("group", 1)
+    if not dims or len(dims) < 2:
+        return ConvGemm(group, None, None, None, None)
+    taps = math.prod(dims[2:]) if all(d is not None for d in dims[2:]) else None
+    if node.op_type == "Conv":
+        in_per_group, c_out = dims[1], dims[0]
+        n = c_out // group if c_out is not None else None
+    else:
+        in_per_group = dims[0] // group if dims[0] is not None else None
+        n = dims[1]
+        c_out = n * group if n is not None else None
+    k = in_per_group * taps if in_per_group is not None and taps is not None else None
+    return ConvGemm(group, in_per_group, k, n, c_out)
 
 
 def gemm_dims(node: ir.Node) -> tuple[int | None, int | None, int | None]:

@@ -34,6 +34,7 @@ from onnxq.calibration import (
     with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.methods import DEFAULT_METHOD
 from onnxq.calibrators.subgraphs import graph_path, subgraph_owners
 from onnxq.check import compare
 from onnxq.data import open_source
@@ -75,7 +76,8 @@ class QuantizeResult:
             "quantized_nodes_by_graph": self.quantized_by_graph,
             "warnings": self.warnings,
             "calibration_samples": self.table.num_samples if self.table is not None else 0,
-            "calibration_method": self.table.method if self.table is not None else None,
+            # the method used: the target's default when none was asked for
+            "calibration_method": (self.table.method or DEFAULT_METHOD[self.plan.target]) if self.table is not None else None,
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),

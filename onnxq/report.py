@@ -39,11 +39,13 @@ def _accuracy_rows(report) -> list[list[str]]:
             rows.append([
                 c.label, a.name, _fmt(a.cosine_mean, 6), _fmt(a.cosine_min, 6), _fmt(a.snr_db, 4),
                 _fmt(a.max_abs_error), _fmt(a.max_rel_error), _fmt(a.top1_agreement), _fmt(a.top5_agreement),
+                f"{_fmt(a.worst_slice_snr_db, 4)} ({a.worst_slice})" if a.worst_slice_snr_db is not None else "–",
+                "; ".join(a.notes) or "–",
             ])
     return rows
 
 
-ACCURACY_HEADER = ["candidate", "output", "cosine (mean)", "cosine (min)", "SNR dB", "max abs err", "max rel err", "top-1 agr.", "top-5 agr."]
+ACCURACY_HEADER = ["candidate", "output", "cosine (mean)", "cosine (min)", "SNR dB", "max abs err", "max rel err", "top-1 agr.", "top-5 agr.", "worst slice SNR dB", "notes"]
 LATENCY_HEADER = ["model", "batch", "median ms", "p90 ms", "p99 ms", "ratio to FP32 (median)"]
 LAYER_HEADER = ["local SNR (dB)", "SNR at DQ vs FP32 (dB)", "SNR of Q input vs FP32 (dB)", "tensor", "compared with", "read by"]
 

@@ -57,7 +57,7 @@ def test_convs_inside_if_branches_are_quantized_and_decisions_agree(vad_case, tm
         assert ops[branch].count("QuantizeLinear") == 2 and ops[branch].count("DequantizeLinear") == 4
     report = json.loads((tmp_path / "vad.q.report.json").read_text())
     assert report["quantized_nodes_by_graph"] == {"main/by_rate.then_branch": 2, "main/by_rate.else_branch": 2}
-    assert report["warnings"] == []
+    assert report["warnings"] == [] and report["calibration_method"] == "mse"
     feeds = dict(np.load(evaluation))
     ref, got = _run(model, feeds), _run(out, feeds)
     assert ((ref > 0.5) == (got > 0.5)).mean() >= 0.97  # streaming decisions per chunk

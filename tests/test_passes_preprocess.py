@@ -677,3 +677,29 @@ def test_preprocess_never_materialises_a_huge_weight():
     assert model.graph.initializers["W"].const_value.shape == shape
     _every_intermediate_typed(model)
     assert model.graph.outputs[0].shape == ir.Shape([1, 1, n])
+
+
+def test_folding_never_stores_a_weight_twice_when_another_node_still_reads_it():
+    """Unsqueeze(W) → MatMul and Transpose(W) → MatMul: folding the Unsqueeze would add a copy of
+    W while W stays for its other reader; the model must not grow."""
+    w = np.random.default_rng(0).normal(size=(128, 128)).astype(np.float32)
+    nodes = [
+        helper.make_node("Unsqueeze", ["w", "axes"], ["w3"], name="unsq"),
+        helper.make_node("MatMul", ["x", "w3"], ["a"], name="mm_a"),
+        helper.make_node("Transpose", ["w"], ["wt"], name="tr", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["b"], name="mm_b"),
+        helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0], np.int64), "axes")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    model, _ = _apply(FoldConstantsPass(), proto)
+    stored = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert stored <= w.nbytes + 64
+    x = np.random.default_rng(1).normal(size=(1, 4, 128)).astype(np.float32)
+    ref = create_session(proto).run(None, {"x": x})[0]
+    got = create_session(modelio.to_proto(model)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

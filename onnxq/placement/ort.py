@@ -4,12 +4,13 @@ Rules:
 - activations are asymmetric uint8 per tensor, weights symmetric int8 per channel (ORT's
   preferred form on x86 with VNNI); with ``precision="fp8"`` both are symmetric FP8 E4M3FN
   (ORT runs FP8 Q/DQ as float ops: accuracy studies only, no speed-up on CPU);
-- the inputs of Conv / Gemm / MatMul are quantized; DQ→MatMul fuses to MatMulIntegerToFloat with
-  no output Q;
+- the inputs of Conv / ConvTranspose / Gemm / MatMul are quantized; DQ→MatMul fuses to
+  MatMulIntegerToFloat with no output Q; a ConvTranspose runs DQ + float ConvTranspose on the CPU
+  provider, which still stores its weight in INT8 (a decoder's upsampling weights are most of it);
 - a Conv's output is quantized too, after its single trailing Relu/Clip when there is one (ORT
   removes a Relu/Clip whose range the Q covers), so DQ→Conv→Q fuses into QLinearConv;
-- convs with fewer than 16 channels stay in float (the first RGB conv loses the most accuracy and
-  its cost is small); GEMV-like products are kept in float as for TensorRT.
+- convs whose GEMM is tiny (reduction K = input channels per group × taps, or output channels,
+  below 16) and GEMV-like products are kept in float as for TensorRT.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _conv_output_tensor(node: ir.Node) -> ir.Value:
 def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int8") -> QuantPlan:
     plan = QuantPlan(target="ort", precision=precision)
     by_name = {}
-    for node in rules.nodes(model, ("Conv", "Gemm", "MatMul")):
+    for node in rules.nodes(model, ("Conv", "ConvTranspose", "Gemm", "MatMul")):
         plan.nodes[node.name] = rules.linear_decision(node, plan)
         by_name[node.name] = node
     rules.apply_exclusions(model, plan, exclude)

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Sequence
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ops import LINEAR_OPS, gemm_dims, static_dims, weight_axis
+from onnxq.ops import LINEAR_OPS, conv_gemm_dims, gemm_dims, static_dims, weight_axis
 from onnxq.plan import FLOAT, WEIGHT_DTYPE, NodeDecision, QuantPlan, WeightQuant
 from onnxq.weights import FLOAT_TYPES, weight_source
 
-# TensorRT gains nothing from INT8 on GEMV-like products and on convs with very few channels.
+# TensorRT gains nothing from INT8 on GEMV-like products and on convs whose GEMM is that small.
 MIN_GEMM_DIM = 16
 MIN_CONV_CHANNELS = 16
 
@@ -32,17 +32,21 @@ def gemv_reason(node: ir.Node) -> str | None:
 
 
 def conv_channels_reason(node: ir.Node) -> str | None:
-    w = node.inputs[1]
-    dims = static_dims(w.shape if w else None)
-    if not dims or len(dims) < 2:
+    """Why a Conv/ConvTranspose stays in float: judged by the GEMM it becomes (per group: reduction
+    K = input channels per group × kernel taps, N output channels), like a MatMul. A ViT patch
+    embedding (3 → 384 channels, 14×14: K = 588) is a large GEMM; a 1×1 conv from 8 channels
+    (K = 8) is not. Depthwise convs (one input channel per group) are judged by their channel
+    count, since TensorRT runs them as one batched kernel."""
+    gemm = conv_gemm_dims(node)
+    if gemm.k is None or gemm.c_out is None:
         return None
-    group = node.attributes.get_int("group", 1)
-    if node.op_type == "Conv":
-        c_out, c_in = dims[0], (dims[1] * group if dims[1] is not None else None)
-    else:
-        c_in, c_out = dims[0], (dims[1] * group if dims[1] is not None else None)
-    if (c_in is not None and c_in < MIN_CONV_CHANNELS) or (c_out is not None and c_out < MIN_CONV_CHANNELS):
-        return f"too few channels (in={c_in}, out={c_out} < {MIN_CONV_CHANNELS}): INT8 gains nothing"
+    if gemm.groups > 1 and gemm.in_per_group == 1:
+        if gemm.c_out < MIN_CONV_CHANNELS:
+            return f"depthwise conv with {gemm.c_out} channels (fewer than {MIN_CONV_CHANNELS}): INT8 gains nothing"
+        return None
+    if gemm.k < MIN_GEMM_DIM or gemm.c_out < MIN_CONV_CHANNELS:
+        return (f"GEMM too small: reduction K = {gemm.k} (input channels per group × kernel taps) and "
+                f"{gemm.c_out} output channels, where both need >= {MIN_GEMM_DIM}: INT8 gains nothing")
     return None
 
 

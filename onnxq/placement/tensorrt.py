@@ -9,8 +9,9 @@ Rules, from TensorRT's Q/DQ placement guidance:
   Conv breaks the fusion;
 - residual Add: Q/DQ on the skip branch, none on the branch that comes from a quantized Conv, so
   the Add fuses into that Conv's epilogue;
-- GEMV-like MatMul/Gemm (M or N = 1, K or N < 16) and convs with fewer than 16 channels stay in
-  float: INT8 gains nothing there.
+- GEMV-like MatMul/Gemm (M or N = 1, K or N < 16) and convs whose GEMM is tiny (reduction K =
+  input channels per group × kernel taps < 16, or < 16 output channels; depthwise convs by their
+  channel count) stay in float: INT8 gains nothing there.
 """
 
 from __future__ import annotations
