@@ -154,7 +154,7 @@ def quantize(
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant,
-                            warnings=plan_warnings(the_plan), quantized_by_graph=quantized_by_graph(float_model, the_plan))
+                            warnings=plan_warnings(the_plan) + ort_level_warnings(float_model), quantized_by_graph=quantized_by_graph(float_model, the_plan))
     _write_outputs(float_model, result, paths)
     return result
 
@@ -174,6 +174,21 @@ def plan_warnings(plan: QuantPlan) -> list[str]:
     for w in warnings:
         warn(f"onnxq: warning: {w}")
     return warnings
+
+
+def ort_level_warnings(model: ir.Model) -> list[str]:
+    """An FP8 graph that a default ONNX Runtime session computes wrong says so (warning and report).
+    onnxq's own sessions run such models at ORT_ENABLE_BASIC, so its numbers are the right ones."""
+    nodes = ort_rt.fp8_relu_quantize_nodes(model)
+    if not nodes:
+        return []
+    warning = (
+        f"ONNX Runtime at ORT_ENABLE_EXTENDED/ALL (its default) computes this model wrong: its {ort_rt.ORT_FP8_BAD_RULE} rule "
+        f"deletes the Relu before {len(nodes)} FP8 QuantizeLinear nodes (e.g. {nodes[0]!r}); run it with "
+        f"graph_optimization_level=ORT_ENABLE_BASIC or disabled_optimizers=[{ort_rt.ORT_FP8_BAD_RULE!r}] (TensorRT is not affected)"
+    )
+    warn(f"onnxq: warning: {warning}")
+    return [warning]
 
 
 def quantized_by_graph(model: ir.Model, plan: QuantPlan) -> dict[str, int]:

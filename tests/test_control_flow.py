@@ -118,3 +118,26 @@ def test_loop_body_tensors_are_calibrated_over_every_iteration_and_quantized(tmp
     report = json.loads((tmp_path / "loop.q.report.json").read_text())
     assert report["quantized_nodes_by_graph"] == {"main/loop.body": 1}
     assert report["evaluation"]["outputs"][0]["cosine_mean"] > 0.999
+
+
+def test_fp8_relu_before_quantize_is_flagged_because_a_default_ort_session_computes_it_wrong(tmp_path):
+    """ORT's ReluQuantRewrite (ORT_ENABLE_EXTENDED and above) deletes a Relu feeding an FP8
+    QuantizeLinear; onnxq warns, and the rule is the whole difference between BASIC and ALL."""
+    model = synthetic.save(synthetic.residual_cnn(), tmp_path / "cnn.onnx")
+    calib = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 16)
+    out = tmp_path / "fp8.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib), "--precision", "fp8", "--no-eval", "-q"]) == 0
+    report = json.loads((tmp_path / "fp8.report.json").read_text())
+    assert any("ReluQuantRewrite" in w for w in report["warnings"])
+    feeds = np.load(synthetic.random_npz(tmp_path / "eval.npz", "x", (1, 16, 8, 8), 8, seed=5))["x"]
+
+    def run(level, disabled=None):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        sess = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return np.stack([sess.run(None, {"x": x[None]})[0] for x in feeds])
+
+    basic = run(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    every = run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert np.abs(every - basic).max() > 0.05 * np.abs(basic).max()  # the Relu is gone: not what the graph says
+    np.testing.assert_allclose(run(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ["ReluQuantRewrite"]), basic, rtol=1e-4, atol=1e-5)

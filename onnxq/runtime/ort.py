@@ -66,6 +66,27 @@ def _uses_fp16_qdq(proto: onnx.ModelProto) -> bool:
     )
 
 
+# ONNX Runtime's ReluQuantFusion rewrite rule (rule name "ReluQuantRewrite", in the Level2 rule set
+# that ORT_ENABLE_EXTENDED and ORT_ENABLE_ALL run) deletes a Relu that feeds a QuantizeLinear unless
+# the zero point is int8 -128 or uint8 != 0; it does not know float8 zero points, so it deletes the
+# Relu before an FP8 QuantizeLinear too, and negative values pass through the signed FP8 grid.
+# Measured with onnxruntime 1.32 (docs/benchmarks.md#fp8-in-a-default-ort-session).
+ORT_FP8_BAD_RULE = "ReluQuantRewrite"
+
+
+def fp8_relu_quantize_nodes(model: ir.Model) -> list[str]:
+    """FP8 QuantizeLinear nodes fed by a Relu: the pattern ORT's ReluQuantRewrite computes wrong
+    at ORT_ENABLE_EXTENDED and above (its default level is ALL)."""
+    found = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "QuantizeLinear" or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        zero, producer = node.inputs[2], node.inputs[0].producer() if node.inputs[0] is not None else None
+        if producer is not None and producer.op_type == "Relu" and zero.dtype in _FP8_IR_TYPES:
+            found.append(node.name)
+    return found
+
+
 def session_options(*, fp8: bool = False, fp16_qdq: bool = False, threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -143,10 +164,13 @@ def model_input_spec(model: ir.Model) -> dict[str, tuple[type, list]]:
         type_name = f"tensor({_IR_TYPE_NAMES.get(value.dtype, str(value.dtype))})"
         if type_name not in _ORT_TYPES:
             raise UnsupportedModelError(f"model input {value.name!r} has type {value.dtype}, which onnxq cannot feed")
-        shape = [d if isinstance(d, int) else None for d in value.shape] if value.shape is not None else []
+        # Paddle's converter writes a dynamic dimension as -1: any negative size is dynamic too
+        shape = [d if isinstance(d, int) and d >= 0 else None for d in value.shape] if value.shape is not None else []
         spec[value.name] = (_ORT_TYPES[type_name], shape)
     return spec
 
+
+_FP8_IR_TYPES = {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ}
 
 _IR_TYPE_NAMES = {
     ir.DataType.FLOAT: "float",

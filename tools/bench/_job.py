@@ -39,7 +39,7 @@ class _NpzReader:
         feed = {}
         for k, rank in self.ranks.items():
             arr = self.data[k]
-            feed[k] = arr[self.i : self.i + 1] if arr.ndim == rank else arr[self.i]
+            feed[k] = arr[self.i : self.i + 1] if arr.ndim == rank else np.asarray(arr[self.i])
         self.i += 1
         return feed
 
