@@ -14,8 +14,9 @@ A plan has
 - ``fp8_activations``: FP8 E4M3FN parameters per activation tensor (symmetric, zero point 0,
   dtype ``float8e4m3fn``), used by the FP8 nodes that read it. A tensor read by nodes of both
   precisions has an entry in both and gets one Q/DQ pair per precision;
-- ``weights``: per weight initializer, the per-channel axis (``null`` = per tensor) and the
-  dtype at the plan's default precision (``int8`` or ``float8e4m3fn``). The precision of the
+- ``weights``: per quantized weight input, keyed ``"<node>:<input index>"``, the per-channel
+  axis of the weight as that node reads it (``null`` = per tensor; ``onnxq.plan/1`` files: keyed
+  by initializer name, axis on the initializer) and the dtype at the plan's default precision (``int8`` or ``float8e4m3fn``). The precision of the
   node that reads a weight decides the dtype it is quantized to (``WEIGHT_DTYPE``): changing a
   node's precision needs no weight edit, and a weight read by nodes of two precisions is
   quantized once per precision (same axis, same per-channel amax).

@@ -16,6 +16,8 @@ from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.runtime import ort as ort_rt
 from onnxq.pipeline import smooth_model
+from onnxq.passes.preprocess import load_and_preprocess
+from onnxq.placement import place
 from onnxq.recipe import Recipe
 from onnxq.smoothquant import weight_matrix, scales
 
@@ -263,3 +265,22 @@ def test_split_outliers_needs_smoothquant_and_a_count(decoder_case, tmp_path, ca
     assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), *args]) == 2
     err = capsys.readouterr().err
     assert "onnxq: error:" in err and "--split-outliers" in err and not (tmp_path / "q.onnx").exists()
+
+
+def test_tied_head_read_through_a_transpose_keeps_its_channel_axis(tmp_path):
+    """A head that reads the embedding through a Transpose (left unfolded: the embedding is large
+    and still read by the Gather) loses the Transpose when SmoothQuant scales its copy; the plan's
+    weight axis is the one the MatMul sees, so the scale still runs along the vocabulary."""
+    vocab = 256
+    model = synthetic.save(synthetic.tied_embedding_lm(vocab=vocab), tmp_path / "lm.onnx")
+    ids = np.random.default_rng(0).integers(0, vocab, (8, 1, 8))
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    plan = place(load_and_preprocess(model), "tensorrt")
+    assert plan.weight("lm_head", 1).axis == 1
+    result = onnxq.quantize(model, tmp_path / "q.onnx", str(tmp_path / "ids.npz"), smoothquant=0.5, quiet=True)
+    assert result.accuracy[0].cosine_mean > 0.99
+    q = onnx.load(str(result.output))
+    inits = {i.name: i for i in q.graph.initializer}
+    by_output = {o: n for n in q.graph.node for o in n.output}
+    dq = by_output[next(n for n in q.graph.node if n.name == "lm_head").input[1]]
+    assert list(inits[dq.input[1]].dims) == [vocab]

@@ -143,6 +143,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._activation_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
+    def _weight_params(self, node: str, index: int, source) -> tuple[WeightQuant, int | None]:
+        """The plan's entry for input ``index`` of ``node`` and its axis on the initializer: plan
+        entries give the axis as the node reads the weight (mapped through a Transpose here);
+        old plans' entries, keyed by initializer name, give it on the initializer."""
+        entry = self.plan.weights.get(self.plan.weight_key(node, index))
+        if entry is not None:
+            rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
+            return entry, source.initializer_axis(entry.axis, rank) if entry.axis is not None and rank else None
+        entry = self.plan.weights.get(source.initializer.name) or WeightQuant()
+        return entry, entry.axis
+
     def _weight(self, value: ir.Value, precision: str, node: str, index: int, graph: ir.Graph) -> ir.Value:
         """A dequantized copy of the weight behind ``value``.
 
@@ -157,15 +168,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if source is None:
             raise PlanError(f"the plan quantizes {value.name!r} as a weight, but it is not a float initializer")
         init = source.initializer
-        params = self.plan.weight(node, index, init.name) or WeightQuant()
+        params, axis = self._weight_params(node, index, source)
         if params.dtype not in WEIGHT_DTYPE.values():
             raise PlanError(f"weights quantize to {list(WEIGHT_DTYPE.values())} (symmetric); the plan asks for {params.dtype} for {init.name!r}")
         # The reading node's precision decides the dtype (see onnxq.plan).
         dtype = WEIGHT_DTYPE[precision]
         array = init.const_value.numpy()
-        if params.axis is not None and not -array.ndim <= params.axis < array.ndim:
-            raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {params.axis} does not exist")
-        axis = None if params.axis is None else params.axis % array.ndim
+        if axis is not None and not -array.ndim <= axis < array.ndim:
+            raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {axis} does not exist")
+        axis = None if axis is None else axis % array.ndim
         q, scale = quantize_weight(array, axis, dtype)
         name = init.name
         if source.transpose is not None:

@@ -92,7 +92,8 @@ def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
     if source is not None:
         inputs[w_index] = "weight"
         rank = len(source.initializer.shape) if source.initializer.shape is not None else 0
-        plan.set_weight(node.name, w_index, WeightQuant(dtype=weight_dtype, axis=source.initializer_axis(axis, rank) if rank else None))
+        # the axis as the node reads the weight: a rewrite that drops a Transpose (SmoothQuant) keeps it valid
+        plan.set_weight(node.name, w_index, WeightQuant(dtype=weight_dtype, axis=axis if rank else None))
     elif is_activation(w):
         inputs[w_index] = "activation"  # e.g. attention's Q·Kᵀ: both operands are activations
     else:
