@@ -21,6 +21,7 @@ import importlib.util
 import os
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,32 @@ Feed = dict[str, np.ndarray]
 InputSpec = Mapping[str, tuple[type, list]]
 
 
+# What numpy raises for a damaged archive or member: a bad zip, a bad header, a truncated or
+# corrupt (compressed) member, an object array (which would need pickle).
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, zlib.error)
+
+
 def _load_npz(path: Path) -> Mapping[str, np.ndarray]:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        arrays = np.load(path, mmap_mode="r", allow_pickle=False)
+    except _READ_ERRORS as exc:
         raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive; write it with numpy.savez(path, input_name=array)")
+    return arrays
+
+
+def _member(arrays: Mapping[str, np.ndarray], name: str, path: Path) -> np.ndarray:
+    """Array ``name`` of an npz, with a one-line error for a corrupt or object-typed member."""
+    try:
+        arr = arrays[name]
+    except _READ_ERRORS as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: array {name!r} holds Python objects (an object array); save numeric arrays") from None
+        raise DataError(f"{path}: array {name!r} cannot be read ({type(exc).__name__}: {exc}); write numeric arrays with numpy.savez") from None
+    if arr.dtype.hasobject:
+        raise DataError(f"{path}: array {name!r} holds Python objects; save numeric arrays")
+    return arr
 
 
 def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterator[Feed]]]:
@@ -55,7 +77,9 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
     counts = {}
     per_sample_rank = {}
     for name, (_, shape) in spec.items():
-        arr = arrays[name]
+        arr = _member(arrays, name, path)
+        if arr.ndim == 0:
+            raise DataError(f"{path}: array {name!r} is a single value (0-d); give [samples, ...input dims], e.g. one value per sample")
         if arr.ndim == len(shape):
             per_sample_rank[name] = False  # leading axis is the batch axis: feed arr[i:i+1]
         elif arr.ndim == len(shape) + 1:
@@ -72,11 +96,15 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
 
     def gen() -> Iterator[Feed]:
         data = _load_npz(path)
+        members = {name: _member(data, name, path) for name in spec}
         for i in range(n):
-            yield {
-                name: np.array(data[name][i] if per_sample_rank[name] else data[name][i : i + 1])
-                for name in spec
-            }
+            try:
+                yield {
+                    name: np.array(arr[i] if per_sample_rank[name] else arr[i : i + 1])
+                    for name, arr in members.items()
+                }
+            except _READ_ERRORS as exc:
+                raise DataError(f"{path}, sample {i}: cannot be read ({type(exc).__name__}: {exc})") from None
 
     return n, gen
 
@@ -120,7 +148,7 @@ class DataSource:
         from onnxq.runtime.ort import validate_feed
 
         count = 0
-        for i, raw in enumerate(self._factory()):
+        for i, raw in enumerate(self._guarded()):
             if not isinstance(raw, Mapping):
                 raise DataError(
                     f"{self.description}: item {i} is a {type(raw).__name__}, expected a dict of "
@@ -139,6 +167,24 @@ class DataSource:
             yield feed
         if count == 0:
             raise DataError(f"{self.description} holds no samples; give at least one")
+
+
+    def _guarded(self) -> Iterator[object]:
+        """The factory's items; an exception raised by user code while producing one becomes a
+        one-line DataError naming the source and the sample."""
+        items = self._factory()
+        i = 0
+        while True:
+            try:
+                raw = next(items)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"{self.description}, sample {i}: the data source raised {type(exc).__name__}: {exc}") from None
+            yield raw
+            i += 1
 
 
 def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None = None, require_finite: bool = True) -> DataSource:
@@ -178,6 +224,8 @@ def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], 
                 result = func()
             except Exception as exc:
                 raise DataError(f"data source {text!r} raised {type(exc).__name__}: {exc}") from None
+            if isinstance(result, (Mapping, str, bytes)) or not isinstance(result, Iterable):
+                raise DataError(f"data source {text!r} returned a {type(result).__name__}; return an iterable (list or generator) of {{input name: array}} dicts")
             return iter(result)
 
         return _limited(DataSource(text, None, from_func, spec, require_finite), limit)
