@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import struct
 import sys
 import zipfile
 import zlib
@@ -49,8 +50,38 @@ def _load_npz(path: Path) -> Mapping[str, np.ndarray]:
     return arrays
 
 
+def _mapped_member(arrays: np.lib.npyio.NpzFile, name: str, path: Path) -> np.ndarray | None:
+    """An uncompressed (``numpy.savez``) member memory-mapped where it lies in the archive, so a
+    sample reads its own bytes only (``np.load``'s mmap_mode does not apply to npz members: each
+    ``data[name]`` would read the whole array again). None when the member cannot be mapped."""
+    try:
+        info = arrays.zip.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field lengths vary
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        size = int(np.prod(shape)) * dtype.itemsize
+        if dtype.hasobject or size == 0 or offset + size > info.header_offset + 30 + name_len + extra_len + info.file_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+    except (*_READ_ERRORS, struct.error):
+        return None
+
+
 def _member(arrays: Mapping[str, np.ndarray], name: str, path: Path) -> np.ndarray:
     """Array ``name`` of an npz, with a one-line error for a corrupt or object-typed member."""
+    mapped = _mapped_member(arrays, name, path)
+    if mapped is not None:
+        return mapped
     try:
         arr = arrays[name]
     except _READ_ERRORS as exc:

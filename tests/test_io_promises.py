@@ -441,3 +441,24 @@ def test_a_plan_whose_nodes_are_not_a_mapping_is_one_line(tmp_path, cnn_case, ca
     (tmp_path / "bad.json").write_text(json.dumps(plan))
     code, err = run_main(capsys, "quantize", model, "-o", tmp_path / "q2.onnx", "--plan", tmp_path / "bad.json", "-q")
     assert_clean_error(code, err, "bad.json is malformed")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_npz_samples_are_read_one_by_one_and_exactly(tmp_path, save):
+    """A stored member is memory-mapped in place (a sample reads its own bytes, not the whole
+    array again); a compressed one is decompressed once per pass. Both give the saved values."""
+    from onnxq import data
+
+    x = np.random.default_rng(0).normal(size=(6, 16, 8, 8)).astype(np.float32)
+    ids = np.arange(6, dtype=np.int64).reshape(6, 1)
+    path = tmp_path / "d.npz"
+    save(path, x=x, ids=ids)
+    arrays = data._load_npz(path)
+    mapped = data._mapped_member(arrays, "x", path)
+    assert (mapped is not None) == (save is np.savez)
+    spec = {"x": (np.float32, [1, 16, 8, 8]), "ids": (np.int64, [1])}
+    feeds = list(data.open_source(path, spec))
+    assert len(feeds) == 6
+    for i, feed in enumerate(feeds):
+        np.testing.assert_array_equal(feed["x"], x[i : i + 1])
+        np.testing.assert_array_equal(feed["ids"], ids[i])
