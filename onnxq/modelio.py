@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import glob
 import os
 import shutil
@@ -114,17 +115,23 @@ def _as_input_paths(inputs: Iterable[object]) -> list[Path]:
 
 def external_data_files(path: Path) -> list[Path]:
     """The side files an ONNX model's initializers point to (none for a self-contained model)."""
+    stat = path.stat()
+    return list(_external_data_files(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)  # a command checks its outputs more than once; parse the model once
+def _external_data_files(path: Path, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception:  # not readable: loading it reports the problem
-        return []
+        return ()
     files = set()
     for init in proto.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in init.external_data if e.key == "location"), None)
             if location:
                 files.add(path.parent / location)
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def _input_kind(path: Path) -> str:

@@ -162,27 +162,42 @@ def test_a_second_writer_of_the_same_output_is_refused(files, monkeypatch, capsy
     finally:
         sleeper.kill()
         sleeper.wait()
-    # the run is gone: its lock and temporaries are stale and taken over
+    # the run is gone (as after SIGKILL): its lock and temporaries are stale, taken over and removed
     (files / f".q.onnx.tmp{sleeper.pid}.abc.onnx").write_text("partial")
+    killed_mid_external_data = files / f".q.onnx.tmp{sleeper.pid}.def"  # SIGKILL while writing .data
+    killed_mid_external_data.mkdir()
+    (killed_mid_external_data / "q.onnx.data").write_bytes(bytes(1000))
     code, err = run_main(capsys, *Q, "-o", "q.onnx", "--no-eval")
     assert code == 0, err
     assert sorted(p.name for p in files.iterdir() if p.name.startswith(".q.")) == []
 
 
-def test_concurrent_runs_writing_the_same_outputs_do_not_mix(files):
-    """Two processes quantizing to the same paths: one writes, the other is refused; model, plan and
-    report all come from the same run."""
-    args = [sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--no-eval"]
-    procs = [subprocess.Popen(args, cwd=files, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stderr.close()
-    codes = sorted(code for code, _ in results)
-    assert codes[0] == 0 and codes[1] in (0, 2), results
-    if codes[1] == 2:
-        assert any("another onnxq run" in err for _, err in results), results
+def test_a_run_writing_the_outputs_of_a_running_one_is_refused(files):
+    """While a first run evaluates, a second one writing the same model, plan and report is
+    refused before any work; the first run's outputs are then complete and its own."""
+    (files / "held.py").write_text(
+        "import pathlib, time\n"
+        "import numpy as np\n"
+        "def data():\n"
+        "    pathlib.Path('evaluating').touch()\n"
+        "    while not pathlib.Path('release').exists():  # until the second run has been tried\n"
+        "        time.sleep(0.05)\n"
+        "    for _ in range(4):\n"
+        "        yield {'x': np.ones((1, 16, 8, 8), np.float32)}\n"
+    )
+    first = subprocess.Popen([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--eval", "held:data"], cwd=files, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (files / "evaluating").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--target", "ort"], cwd=files, capture_output=True, text=True)
+    (files / "release").touch()
+    assert_clean_error(second.returncode, second.stderr, "another onnxq run", str(first.pid))
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    first.stderr.close()
     report = json.loads((files / "q.report.json").read_text())
-    assert report["output"] == "q.onnx"
+    assert report["target"] == "tensorrt" == json.loads((files / "q.plan.json").read_text())["target"]
+    assert report["evaluation"]["data"] == "held:data"
     onnx.checker.check_model(str(files / "q.onnx"))
     assert not [p.name for p in files.iterdir() if p.name.startswith(".")]
 
