@@ -78,7 +78,7 @@ def export_case(
     Each ``.npz`` holds one array per model input, leading axis = samples. Files are written
     atomically. Returns ``{"model": ..., "calib": ..., "eval": ...}``.
     """
-    from onnxq.modelio import atomic_path
+    from onnxq.modelio import atomic_path, transaction
 
     model = get(name)
     out = Path(out_dir)
@@ -90,10 +90,13 @@ def export_case(
         raise ZooError(f"{out} is not a directory; give export_case a directory path")
     src = model.onnx_path()
     paths = {"model": out / "model.onnx", "calib": out / "calib.npz", "eval": out / "eval.npz"}
-    if paths["model"].resolve() != src.resolve():
-        with atomic_path(paths["model"]) as tmp:
-            shutil.copyfile(src, tmp)
+    copy = paths["model"].resolve() != src.resolve()
+    with transaction([paths["calib"], paths["eval"], *([paths["model"]] if copy else [])]):
+        if copy:
+            with atomic_path(paths["model"]) as tmp:
+                shutil.copyfile(src, tmp)
+        _save_npz(model.calib_data(n_calib), paths["calib"])
+        _save_npz(model.eval_data(n_eval), paths["eval"])
+    if copy:
         publish_mode(paths["model"])
-    _save_npz(model.calib_data(n_calib), paths["calib"])
-    _save_npz(model.eval_data(n_eval), paths["eval"])
     return paths

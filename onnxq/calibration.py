@@ -215,18 +215,17 @@ def calibrate(
         resolve_methods(method, "tensorrt")
     if percentile is not None:
         percentile = check_percentile(percentile)
-    if output is not None:
-        modelio.check_output_path(output, model)
-    float_model = load_and_preprocess(model)
-    spec = ort_rt.model_input_spec(float_model)
-    data = open_source(calib, spec, limit=calib_samples)
-    tensors, axes = all_calibration_tensors(float_model)
-    table = collect(float_model, tensors, data, progress=True, histograms=True, channel_axes=axes)
-    table.method = dict(method) if isinstance(method, Mapping) else method
-    table.percentile = percentile
-    table.model_sha256 = model_hash(float_model)
-    if output is not None:
-        table.save(output)
+    with modelio.transaction([output], [model, calib]):
+        float_model = load_and_preprocess(model)
+        spec = ort_rt.model_input_spec(float_model)
+        data = open_source(calib, spec, limit=calib_samples)
+        tensors, axes = all_calibration_tensors(float_model)
+        table = collect(float_model, tensors, data, progress=True, histograms=True, channel_axes=axes)
+        table.method = dict(method) if isinstance(method, Mapping) else method
+        table.percentile = percentile
+        table.model_sha256 = model_hash(float_model)
+        if output is not None:
+            table.save(output)
     log(f"onnxq: calibrated {len(table.tensors)} tensors on {table.num_samples} samples")
     return table
 

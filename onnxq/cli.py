@@ -147,6 +147,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from onnxq.export import build_module, export, parse_dynamic, parse_input
 
+    from onnxq.modelio import check_outputs
+
+    check_outputs([args.output], [args.factory])
     specs = [parse_input(t) for t in args.input]
     dynamic = [parse_dynamic(t) for t in args.dynamic or ()]
     module = build_module(args.factory)
@@ -180,21 +183,19 @@ def _write_or_print(text: str, output: str | None) -> None:
     if output is None:
         print(text)
         return
-    from pathlib import Path
-
     from onnxq.modelio import atomic_path
 
-    if not Path(output).parent.exists():
-        raise OnnxqError(f"output directory {Path(output).parent} does not exist; create it first")
     with atomic_path(output) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def _diff(args: argparse.Namespace) -> int:
     from onnxq.diff import diff, render
+    from onnxq.modelio import transaction
 
-    result = diff(args.a, args.b, dims=_dims(args.dim))
-    _write_or_print(render(result, args.format), args.output)
+    with transaction([args.output], [args.a, args.b]):
+        result = diff(args.a, args.b, dims=_dims(args.dim))
+        _write_or_print(render(result, args.format), args.output)
     return 0 if result.equivalent else 1
 
 
@@ -202,10 +203,14 @@ def _inspect(args: argparse.Namespace) -> int:
     import json
 
     from onnxq.inspect import format_text, inspect
+    from onnxq.modelio import transaction
 
-    info = inspect(args.model, dims=_dims(args.dim))
-    _write_or_print(json.dumps(info, indent=1) if args.format == "json" else format_text(info), args.output)
+    with transaction([args.output], [args.model]):
+        info = inspect(args.model, dims=_dims(args.dim))
+        _write_or_print(json.dumps(info, indent=1) if args.format == "json" else format_text(info), args.output)
     return 0
+
+
 def _build(args: argparse.Namespace) -> int:
     from onnxq.runtime.tensorrt import build_engine
 
@@ -214,12 +219,8 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
-    from onnxq.check import EXIT_FAILED, Thresholds, check, format_table
-    from onnxq.localize import format_layers
-    from onnxq.report import write_reports
-
-    report = check(
+def _run_check(args: argparse.Namespace, check, thresholds):
+    return check(
         args.reference,
         args.candidates,
         args.data,
@@ -231,14 +232,25 @@ def _check(args: argparse.Namespace) -> int:
         runs=args.runs,
         latency=not args.no_latency,
         threads=args.threads,
-        thresholds=Thresholds(args.min_cosine, args.min_snr, args.max_latency_ratio),
+        thresholds=thresholds,
         metric=_metric_spec(args),
         metric_samples=args.zoo_samples,
         layers=args.layers,
         layer_samples=args.layer_samples,
         progress=not args.quiet,
     )
-    paths = write_reports(report, args.output)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from onnxq.check import EXIT_FAILED, Thresholds, check, format_table
+    from onnxq.localize import format_layers
+    from onnxq.modelio import transaction
+    from onnxq.report import report_paths, write_reports
+
+    inputs = [args.reference, *args.candidates, *(args.engine or ()), args.data, args.metric]
+    with transaction(report_paths(args.output).values(), inputs):
+        report = _run_check(args, check, Thresholds(args.min_cosine, args.min_snr, args.max_latency_ratio))
+        paths = write_reports(report, args.output)
     if not args.quiet:
         for cand in report.candidates:
             print(format_table(cand.outputs, f"{cand.label} vs {report.reference} on {report.samples} samples:"))
@@ -503,18 +515,65 @@ def _logging_to_stderr(quiet: bool):
         logger.propagate = saved[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM ends the run like Ctrl-C: KeyboardInterrupt unwinds it, so the outputs'
+    transaction removes its temporaries (the default action would kill the process at once)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with _logging_to_stderr(getattr(args, "quiet", False)):
-            return args.func(args)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command inside one output transaction: every file it writes appears when it returns."""
+    from onnxq import modelio
+
+    with _logging_to_stderr(getattr(args, "quiet", False)), modelio.transaction(inputs=[getattr(args, "recipe", None)]):
+        return args.func(args)
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}; check the path, its permissions and the free space"
+
+
+def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:
+        # The program itself, and its outputs are settled: a signal while the interpreter shuts
+        # down (ONNX Runtime's threads take a moment) must not turn the exit code into a death.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        with _sigterm_interrupts():
+            return _run(build_parser().parse_args(argv))
     except OnnxqError as exc:
         print(f"onnxq: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("onnxq: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only folder, name too long, a path through a file
+        print(f"onnxq: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "transformers", "gguf", "tokenizers", "safetensors", "PIL"):
             print(f"onnxq: error: {exc.name} is not installed; install the zoo extra: pip install 'onnxq[zoo]'", file=sys.stderr)

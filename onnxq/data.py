@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +35,62 @@ Feed = dict[str, np.ndarray]
 InputSpec = Mapping[str, tuple[type, list]]
 
 
+# What numpy raises for a damaged archive or member: a bad zip, a bad header, a truncated or
+# corrupt (compressed) member, an object array (which would need pickle).
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, zlib.error)
+
+
 def _load_npz(path: Path) -> Mapping[str, np.ndarray]:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        arrays = np.load(path, mmap_mode="r", allow_pickle=False)
+    except _READ_ERRORS as exc:
         raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an .npz archive; write it with numpy.savez(path, input_name=array)")
+    return arrays
+
+
+def _mapped_member(arrays: np.lib.npyio.NpzFile, name: str, path: Path) -> np.ndarray | None:
+    """An uncompressed (``numpy.savez``) member memory-mapped where it lies in the archive, so a
+    sample reads its own bytes only (``np.load``'s mmap_mode does not apply to npz members: each
+    ``data[name]`` would read the whole array again). None when the member cannot be mapped."""
+    try:
+        info = arrays.zip.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field lengths vary
+            if local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        size = int(np.prod(shape)) * dtype.itemsize
+        if dtype.hasobject or size == 0 or offset + size > info.header_offset + 30 + name_len + extra_len + info.file_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
+    except (*_READ_ERRORS, struct.error):
+        return None
+
+
+def _member(arrays: Mapping[str, np.ndarray], name: str, path: Path) -> np.ndarray:
+    """Array ``name`` of an npz, with a one-line error for a corrupt or object-typed member."""
+    mapped = _mapped_member(arrays, name, path)
+    if mapped is not None:
+        return mapped
+    try:
+        arr = arrays[name]
+    except _READ_ERRORS as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: array {name!r} holds Python objects (an object array); save numeric arrays") from None
+        raise DataError(f"{path}: array {name!r} cannot be read ({type(exc).__name__}: {exc}); write numeric arrays with numpy.savez") from None
+    if arr.dtype.hasobject:
+        raise DataError(f"{path}: array {name!r} holds Python objects; save numeric arrays")
+    return arr
 
 
 def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterator[Feed]]]:
@@ -55,7 +108,9 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
     counts = {}
     per_sample_rank = {}
     for name, (_, shape) in spec.items():
-        arr = arrays[name]
+        arr = _member(arrays, name, path)
+        if arr.ndim == 0:
+            raise DataError(f"{path}: array {name!r} is a single value (0-d); give [samples, ...input dims], e.g. one value per sample")
         if arr.ndim == len(shape):
             per_sample_rank[name] = False  # leading axis is the batch axis: feed arr[i:i+1]
         elif arr.ndim == len(shape) + 1:
@@ -72,11 +127,15 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
 
     def gen() -> Iterator[Feed]:
         data = _load_npz(path)
+        members = {name: _member(data, name, path) for name in spec}
         for i in range(n):
-            yield {
-                name: np.array(data[name][i] if per_sample_rank[name] else data[name][i : i + 1])
-                for name in spec
-            }
+            try:
+                yield {
+                    name: np.array(arr[i] if per_sample_rank[name] else arr[i : i + 1])
+                    for name, arr in members.items()
+                }
+            except _READ_ERRORS as exc:
+                raise DataError(f"{path}, sample {i}: cannot be read ({type(exc).__name__}: {exc})") from None
 
     return n, gen
 
@@ -120,7 +179,7 @@ class DataSource:
         from onnxq.runtime.ort import validate_feed
 
         count = 0
-        for i, raw in enumerate(self._factory()):
+        for i, raw in enumerate(self._guarded()):
             if not isinstance(raw, Mapping):
                 raise DataError(
                     f"{self.description}: item {i} is a {type(raw).__name__}, expected a dict of "
@@ -139,6 +198,24 @@ class DataSource:
             yield feed
         if count == 0:
             raise DataError(f"{self.description} holds no samples; give at least one")
+
+
+    def _guarded(self) -> Iterator[object]:
+        """The factory's items; an exception raised by user code while producing one becomes a
+        one-line DataError naming the source and the sample."""
+        items = self._factory()
+        i = 0
+        while True:
+            try:
+                raw = next(items)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as exc:
+                raise DataError(f"{self.description}, sample {i}: the data source raised {type(exc).__name__}: {exc}") from None
+            yield raw
+            i += 1
 
 
 def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None = None, require_finite: bool = True) -> DataSource:
@@ -178,6 +255,8 @@ def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], 
                 result = func()
             except Exception as exc:
                 raise DataError(f"data source {text!r} raised {type(exc).__name__}: {exc}") from None
+            if isinstance(result, (Mapping, str, bytes)) or not isinstance(result, Iterable):
+                raise DataError(f"data source {text!r} returned a {type(result).__name__}; return an iterable (list or generator) of {{input name: array}} dicts")
             return iter(result)
 
         return _limited(DataSource(text, None, from_func, spec, require_finite), limit)

@@ -432,7 +432,7 @@ def export(module, example_inputs, output: str | os.PathLike, *, input_names: Se
     from onnxq import modelio
 
     torch = require_torch()
-    out = modelio.check_output_path(output)
+    out = modelio.check_outputs([output])[0]
     names, feed = _as_feed(example_inputs, input_names)
     dims = [parse_dynamic(d) if isinstance(d, str) else d for d in dynamic]
     for d in dims:

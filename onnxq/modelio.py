@@ -8,9 +8,15 @@ run leaves no partial file.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import glob
 import os
+import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -54,59 +60,306 @@ def load(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise ModelLoadError(f"{path} holds no graph; it is probably not an ONNX model")
     try:
-        # External weights are read lazily; touch them now so a missing side file fails here.
-        for init in model.graph.initializers.values():
-            if init.const_value is not None and isinstance(init.const_value, ir.ExternalTensor):
-                init.const_value.numpy()
+        # External weights are read into memory now: a missing side file fails here, sessions
+        # built from the model do not depend on the working directory, and no output ever
+        # references the input's data file (it gets its weights inline, or its own side file).
+        ir.external_data.load_to_model(model)
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: its external weight data cannot be read ({exc}); keep the data file "
             "next to the model"
         ) from None
+    _check_weights(model, path)
     return model
 
 
-def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse to write an output over one of the inputs, or into a missing directory."""
-    out = Path(output)
-    for given in inputs:
-        if given is None:
+def _check_weights(model: ir.Model, path: Path) -> None:
+    """Every initializer holds the bytes its shape and type need (a damaged file may not)."""
+    for name, init in model.graph.initializers.items():
+        if init.const_value is None:
             continue
-        src = Path(given)
-        if src.exists() and out.exists() and os.path.samefile(out, src):
-            raise OutputPathError(
-                f"output {out} is the input model; choose another output path (inputs are never "
-                "overwritten)"
-            )
-        if out.resolve() == src.resolve():
-            raise OutputPathError(
-                f"output {out} is the input model; choose another output path (inputs are never "
-                "overwritten)"
-            )
-    if out.exists() and out.is_dir():
-        raise OutputPathError(f"output {out} is a directory; give a file path ending in .onnx")
-    if not out.parent.exists():
-        raise OutputPathError(f"output directory {out.parent} does not exist; create it first")
-    return out
+        try:
+            init.const_value.numpy()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{path}: initializer {name!r} does not hold the data its shape {init.const_value.shape} "
+                f"and type {init.const_value.dtype} need ({exc}); the file is damaged: re-export it"
+            ) from None
+
+
+# Temporary names: ``.<dest name>.tmp<pid>.<random>``; the pid lets a later run remove the
+# leftovers of a killed one (SIGKILL runs no cleanup).
+_TMP_TAG = ".tmp"
+# A temporary name is the destination's name plus this many characters at most.
+_TMP_EXTRA = 32
+
+
+def _as_input_paths(inputs: Iterable[object]) -> list[Path]:
+    """The files and folders among a command's inputs: paths, ``file.py:function`` specs'
+    files, and each ONNX model's external-data files. Objects (data iterables, plans) are skipped."""
+    found: list[Path] = []
+    for given in inputs:
+        if not isinstance(given, (str, os.PathLike)):
+            continue
+        path = Path(given)
+        text = os.fspath(given)
+        if not path.exists() and ":" in text:
+            path = Path(text.rpartition(":")[0])  # module:function or file.py:function
+        if not path.exists():
+            continue
+        found.append(path)
+        if path.is_file() and path.suffix == ".onnx":
+            found.extend(external_data_files(path))
+    return found
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The side files an ONNX model's initializers point to (none for a self-contained model)."""
+    stat = path.stat()
+    return list(_external_data_files(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)  # a command checks its outputs more than once; parse the model once
+def _external_data_files(path: Path, _mtime_ns: int, _size: int) -> tuple[Path, ...]:
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # not readable: loading it reports the problem
+        return ()
+    files = set()
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location:
+                files.add(path.parent / location)
+    return tuple(sorted(files))
+
+
+def _input_kind(path: Path) -> str:
+    kinds = {".onnx": "the input model", ".data": "the input model's external data", ".npz": "the input data"}
+    return kinds.get(path.suffix, "the input file")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _check_writable(out: Path) -> None:
+    """A one-line error now for a path the final rename could not create."""
+    if out.is_dir():
+        raise OutputPathError(f"output {out} is a directory; give a file path")
+    parent = out.parent
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputPathError(f"output {out} goes through {folder}, which is a file, not a directory")
+            break
+    if not parent.exists():
+        raise OutputPathError(f"output directory {parent} does not exist; create it first")
+    name_max = os.pathconf(parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    if len(out.name.encode()) + _TMP_EXTRA > name_max:
+        raise OutputPathError(f"output file name {out.name[:40]}... is too long for {parent} (at most {name_max - _TMP_EXTRA} bytes); choose a shorter name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output directory {parent} is not writable; choose another output path")
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[object] = ()) -> list[Path]:
+    """Refuse, before any work, outputs that would overwrite an input (a model and its external
+    data, data files and folders, plans, tables, sweeps, recipes), that collide with each other,
+    or that cannot be written. ``None`` entries are skipped. An ``.onnx`` output's ``.data`` side
+    file (written when the model is large) counts as an output too."""
+    outs = [Path(o) for o in outputs if o is not None]
+    running = _CURRENT.get()
+    ins = _as_input_paths([*inputs, *(running.inputs if running is not None else ())])
+    for i, out in enumerate(outs):
+        _check_writable(out)
+        for other in outs[:i]:
+            if _same(out, other):
+                raise OutputPathError(f"outputs {other} and {out} are the same file; give each output its own path")
+        side = [out, Path(f"{out}.data")] if out.suffix == ".onnx" else [out]
+        for written in side:
+            for src in ins:
+                if _same(written, src):
+                    raise OutputPathError(f"output {written} is {_input_kind(src)} {src}; choose another output path (inputs are never overwritten)")
+                if src.is_dir() and written.suffix == ".npz" and src.resolve() in written.resolve().parents:
+                    raise OutputPathError(f"output {written} is inside the data folder {src}, whose .npz files are inputs; choose another output path")
+    return outs
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _remove_stale_temporaries(dest: Path) -> None:
+    """Temporaries of ``dest`` left by runs that were killed (their pid is gone)."""
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}{_TMP_TAG}*"):
+        pid = leftover.name[len(dest.name) + 1 + len(_TMP_TAG):].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(leftover)
+
+
+class Transaction:
+    """The outputs of one command: written to temporaries beside their destinations, renamed
+    into place together by :meth:`commit`, all removed by :meth:`rollback`.
+
+    Each destination is locked (``.<name>.lock`` beside it, holding the pid) for the whole
+    command, so a second process writing the same output is refused before it starts instead of
+    interleaving its model, plan and report with ours; a lock whose process is gone is taken over.
+    """
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}  # destination -> temporary, in commit order
+        self._scratch: list[Path] = []  # temporary folders (external data), removed at the end
+        self._locks: dict[Path, Path] = {}  # destination -> its lock file
+        self.inputs: list[object] = []  # of the command and its parts: no output may be one
+
+    def lock(self, dest: Path) -> None:
+        key = dest.resolve()
+        if key in self._locks:
+            return
+        lock = dest.parent / f".{dest.name}.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = lock.read_text().strip() if lock.exists() else ""
+                if owner.isdigit() and _pid_alive(int(owner)):
+                    raise OutputPathError(f"another onnxq run (pid {owner}) is writing {dest}; wait for it or choose another output path") from None
+                _remove(lock)  # left by a killed run
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self._locks[key] = lock
+            _remove_stale_temporaries(dest)
+            return
+        raise OutputPathError(f"cannot lock {dest} ({lock} keeps reappearing); remove it if no onnxq run is writing {dest}")
+
+    def temp_file(self, dest: Path, suffix: str = "") -> Path:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}{_TMP_TAG}{os.getpid()}.", suffix=suffix or dest.suffix, dir=dest.parent)
+        os.close(fd)
+        # mkstemp creates 0600 files; outputs are ordinary artifacts, so honour the umask instead.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        return Path(tmp)
+
+    def temp_dir(self, dest: Path) -> Path:
+        folder = Path(tempfile.mkdtemp(prefix=f".{dest.name}{_TMP_TAG}{os.getpid()}.", dir=dest.parent))
+        self._scratch.append(folder)
+        return folder
+
+    def stage(self, tmp: Path, dest: Path) -> None:
+        """``tmp`` becomes ``dest`` at commit (a later version of the same destination wins)."""
+        earlier = self._staged.pop(dest, None)
+        if earlier is not None and earlier != tmp:
+            _remove(earlier)
+        self._staged[dest] = tmp
+
+    def commit(self) -> None:
+        """Rename every staged file into place, with SIGINT/SIGTERM held off for the renames."""
+        with _signals_deferred():
+            try:
+                while self._staged:
+                    dest, tmp = next(iter(self._staged.items()))
+                    os.replace(tmp, dest)
+                    del self._staged[dest]
+            except OSError as exc:
+                raise OutputPathError(f"cannot write {dest} ({exc.strerror or exc})") from None
+            finally:
+                self.rollback()
+
+    def rollback(self) -> None:
+        for tmp in [*self._staged.values(), *self._scratch]:
+            _remove(tmp)
+        self._staged.clear()
+        self._scratch.clear()
+
+    def release(self) -> None:
+        for lock in self._locks.values():
+            _remove(lock)
+        self._locks.clear()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the body runs (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_CURRENT: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar("onnxq_transaction", default=None)
+
+
+@contextlib.contextmanager
+def transaction(outputs: Iterable[str | os.PathLike | None] = (), inputs: Iterable[object] = ()) -> Iterator[Transaction]:
+    """Run a command's body with its outputs as one transaction.
+
+    ``outputs`` are checked against ``inputs`` (and those of enclosing transactions) and each
+    other (:func:`check_outputs`), and locked.
+    Every file written through :func:`atomic_path` or :func:`save` inside the body is staged and
+    renamed into place only when the outermost transaction ends without an exception; on any
+    exception (KeyboardInterrupt included) nothing is renamed and every temporary is removed.
+    Nested transactions join the outermost one.
+    """
+    inputs = list(inputs)
+    outs = check_outputs(outputs, inputs)
+    outer = _CURRENT.get()
+    txn = outer if outer is not None else Transaction()
+    token = _CURRENT.set(txn) if outer is None else None
+    txn.inputs.extend(inputs)
+    try:
+        for out in outs:
+            txn.lock(out)
+        yield txn
+        if outer is None:
+            txn.commit()
+    except BaseException:
+        if outer is None:
+            txn.rollback()
+        raise
+    finally:
+        if outer is None:
+            _CURRENT.reset(token)
+            txn.release()
 
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success."""
+    """Yield a temporary path beside ``dest``; it becomes ``dest`` when the surrounding
+    :func:`transaction` commits (at once without one), and is removed on any failure."""
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600 files; outputs are ordinary artifacts, so honour the umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with transaction() as txn:
+        tmp = txn.temp_file(dest, suffix)
+        try:
+            yield tmp
+        except BaseException:
+            _remove(tmp)
+            raise
+        txn.stage(tmp, dest)
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> Path:
@@ -127,13 +380,13 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
             ir.save(model, tmp)
         return path
     data_name = path.name + ".data"
-    data_dest = path.parent / data_name
-    # ir.save writes the side file relative to the model path; write both under temp names.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmpdir:
-        tmp_model = Path(tmpdir) / path.name
-        ir.save(model, tmp_model, external_data=data_name)
-        os.replace(Path(tmpdir) / data_name, data_dest)
-        os.replace(tmp_model, path)
+    # ir.save writes the side file relative to the model path: both go to a temporary folder
+    # and are staged as a pair (the data first, so the model never points at a missing file).
+    with transaction() as txn:
+        tmpdir = txn.temp_dir(path)
+        ir.save(model, tmpdir / path.name, external_data=data_name)
+        txn.stage(tmpdir / data_name, path.parent / data_name)
+        txn.stage(tmpdir / path.name, path)
     return path
 
 

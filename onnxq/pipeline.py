@@ -124,6 +124,9 @@ def quantize(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    inputs = [model, calib, eval, plan, table, recipe]  # the files among them are never written
+    paths = _output_paths(output, save_plan, report)
+    modelio.check_outputs(paths.values(), inputs)  # a clash is an error before anything is read
     recipe = make_recipe(recipe, options)
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
     if calib is None and table is None and given_plan is None:
@@ -133,29 +136,31 @@ def quantize(
     table_source = str(table) if table is not None and not isinstance(table, CalibrationTable) else "the calibration table"
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
-    paths = _output_paths(model, output, save_plan, report)
+    with modelio.transaction(paths.values(), inputs):
+        float_model = load_and_preprocess(model)
+        spec = ort_rt.model_input_spec(float_model)
+        calib_data = open_source(calib, spec, limit=recipe.calib_samples) if calib is not None else None
+        # The evaluation data is opened (and its names and shapes checked) before the work.
+        eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
+        timings["load"] = time.perf_counter() - t0
 
-    float_model = load_and_preprocess(model)
-    spec = ort_rt.model_input_spec(float_model)
-    calib_data = open_source(calib, spec, limit=recipe.calib_samples) if calib is not None else None
-    timings["load"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
+        proto = emit.checked_proto(float_model)
+        quant_session = ort_rt.create_session(proto)
+        del proto
+        timings["build"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
-    proto = emit.checked_proto(float_model)
-    quant_session = ort_rt.create_session(proto)
-    del proto
-    timings["build"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
-    # The float reference is the user's own file, as they would run it.
-    accuracy = compare(model, quant_session, eval_data, progress=True) if eval_data is not None else []
-    timings["evaluate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    result = QuantizeResult(paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant,
-                            warnings=plan_warnings(the_plan) + ort_level_warnings(float_model), quantized_by_graph=quantized_by_graph(float_model, the_plan))
-    _write_outputs(float_model, result, paths)
+        t = time.perf_counter()
+        # The float reference is the user's own file, as they would run it.
+        accuracy = compare(model, quant_session, eval_data, progress=True) if eval_data is not None else []
+        timings["evaluate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        result = QuantizeResult(
+            paths["model"], the_plan, table, accuracy, eval_source, timings=timings, high_precision=the_plan.high_precision, smoothquant=the_plan.smoothquant,
+            warnings=plan_warnings(the_plan) + ort_level_warnings(float_model), quantized_by_graph=quantized_by_graph(float_model, the_plan),
+        )
+        _write_outputs(float_model, result, paths)
     return result
 
 
@@ -203,18 +208,14 @@ def quantized_by_graph(model: ir.Model, plan: QuantPlan) -> dict[str, int]:
     return counts
 
 
-def _output_paths(model, output, save_plan, report: bool) -> dict[str, Path | None]:
-    """Every output of the job, checked before any work (none may be an input)."""
-    out = modelio.check_output_path(output, model)
-    paths = {
+def _output_paths(output, save_plan, report: bool) -> dict[str, Path | None]:
+    """Every output of the job (checked against the inputs and each other before any work)."""
+    out = Path(output)
+    return {
         "model": out,
-        "report": out.with_name(out.name.removesuffix(".onnx") + ".report.json") if report else None,
+        "report": out.parent / (out.name.removesuffix(".onnx") + ".report.json") if report else None,
         "plan": Path(save_plan) if save_plan else None,
     }
-    for extra in (paths["report"], paths["plan"]):
-        if extra is not None:
-            modelio.check_output_path(extra, model)
-    return paths
 
 
 def _evaluation_data(eval, calib, spec, recipe: Recipe, evaluate: bool):

@@ -363,7 +363,7 @@ class QuantPlan:
             )
         except PlanError:
             raise
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or null where a mapping belongs
             raise PlanError(f"{source} is malformed ({type(exc).__name__}: {exc}); regenerate it with --save-plan") from None
 
     def save(self, path: str | Path) -> None:

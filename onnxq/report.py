@@ -261,17 +261,20 @@ def to_json_text(report) -> str:
     return json.dumps(report.to_json(), indent=1, default=str)
 
 
-def write_reports(report, base: str | os.PathLike, formats=FORMATS) -> dict[str, Path]:
-    """Write ``<base>.json``, ``<base>.md`` and ``<base>.html`` atomically; return the paths."""
+def report_paths(base: str | os.PathLike, formats=FORMATS) -> dict[str, Path]:
+    """``{format: <base>.<format>}`` (a ``.json``/``.md``/``.html`` suffix on ``base`` is dropped)."""
     base = Path(base)
     base = base.with_name(base.name.removesuffix(".json").removesuffix(".md").removesuffix(".html"))
+    return {fmt: base.with_name(f"{base.name}.{fmt}") for fmt in formats}
+
+
+def write_reports(report, base: str | os.PathLike, formats=FORMATS) -> dict[str, Path]:
+    """Write ``<base>.json``, ``<base>.md`` and ``<base>.html`` as one transaction; return the paths."""
     render = {"json": to_json_text, "md": to_markdown, "html": to_html}
-    out = {}
-    for fmt in formats:
-        path = base.with_name(f"{base.name}.{fmt}")
-        modelio.check_output_path(path, report.reference)
-        text = render[fmt](report)
-        with modelio.atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        out[fmt] = path
+    out = report_paths(base, formats)
+    with modelio.transaction(out.values(), [report.reference]):
+        for fmt, path in out.items():
+            text = render[fmt](report)
+            with modelio.atomic_path(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
     return out

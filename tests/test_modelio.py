@@ -41,7 +41,7 @@ def test_ir_version_follows_the_opset(tmp_path):
 def test_refuses_to_overwrite_the_input(tmp_path):
     src = synthetic.save(synthetic.residual_cnn(), tmp_path / "m.onnx")
     with pytest.raises(OutputPathError):
-        modelio.check_output_path(tmp_path / "." / "m.onnx", src)
+        modelio.check_outputs([tmp_path / "." / "m.onnx"], [src])
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

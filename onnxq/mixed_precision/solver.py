@@ -353,35 +353,52 @@ def solve(
     """
     t0 = time.perf_counter()
     _check_request(target_cosine, target_metric, max_high_precision_layers, order_by, min_8bit_macs)
+    inputs = [sweep, model, calib, eval, latency_json, metric]
+    modelio.check_outputs([*solve_outputs(Path(output) if output is not None else None, plot), save_model], inputs)  # before any work
     swept = sweep if isinstance(sweep, SweepResult) else SweepResult.load(sweep)
     task_metric = load_metric(metric or swept.metric) if (metric or swept.metric) else None
     target = _target(target_cosine, target_metric, task_metric)
-    output = modelio.check_output_path(output, model) if output is not None else None
-    save_model = modelio.check_output_path(save_model, model) if save_model is not None else None
-    recipe = swept.the_recipe().merged({k: v for k, v in {"calib_method": method, "percentile": percentile, "calib_samples": calib_samples}.items() if v is not None})
-    problem = _load_problem(swept, recipe, model, calib, eval, eval_samples)
-    precisions = _solver_precisions(swept, precisions)
-    costs = layer_costs(problem.layers, precisions, latency_json)
-    ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
-    float_proto = modelio.to_proto(problem.model)
-    evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, outputs=target.metric is None)
-    promotion = _promotion(swept, problem.layers, precisions, costs, order_by, min_8bit_macs)
-    cands = _Candidates(problem, ranges, evaluator, costs, promotion, target)
-    chosen_k = _choose_count(cands, swept, max_high_precision_layers)
-    if chosen_k is None:
-        report = _write_outputs(SolveResult(None, None, cands.listed(), promotion.order), output, target, plot)
-        raise SolverError(_unmet(cands, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
-    plan = cands.plan(chosen_k, _reasons(problem.layers, promotion, chosen_k))
-    chosen = dict(cands.by_count[chosen_k])
-    cands.by_count[chosen_k]["chosen"] = True
-    result = SolveResult(plan, chosen, cands.listed(), promotion.order, metric=task_metric.spec if task_metric else None)
-    if swept.smoothquant is not None:
-        result.smoothquant = {"alpha": swept.smoothquant, "split_outliers": swept.split_outliers}
-    if save_model is not None:
-        result.model_path = _save_model(float_proto, plan, save_model)
-    result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds, **problem.timings}
-    _write_outputs(result, output, target, plot)
+    output = Path(output) if output is not None else None
+    save_model = Path(save_model) if save_model is not None else None
+    with modelio.transaction([*solve_outputs(output, plot), save_model], inputs):
+        recipe = swept.the_recipe().merged({k: v for k, v in {"calib_method": method, "percentile": percentile, "calib_samples": calib_samples}.items() if v is not None})
+        problem = _load_problem(swept, recipe, model, calib, eval, eval_samples)
+        precisions = _solver_precisions(swept, precisions)
+        costs = layer_costs(problem.layers, precisions, latency_json)
+        ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
+        float_proto = modelio.to_proto(problem.model)
+        evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, outputs=target.metric is None)
+        promotion = _promotion(swept, problem.layers, precisions, costs, order_by, min_8bit_macs)
+        cands = _Candidates(problem, ranges, evaluator, costs, promotion, target)
+        chosen_k = _choose_count(cands, swept, max_high_precision_layers)
+        if chosen_k is None:
+            # The candidates evaluated stay for the user to look at: they are written, and the
+            # error is raised once they are in place.
+            report = _write_outputs(SolveResult(None, None, cands.listed(), promotion.order), output, target, plot)
+            unmet = SolverError(_unmet(cands, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
+        else:
+            unmet = None
+            plan = cands.plan(chosen_k, _reasons(problem.layers, promotion, chosen_k))
+            chosen = dict(cands.by_count[chosen_k])
+            cands.by_count[chosen_k]["chosen"] = True
+            result = SolveResult(plan, chosen, cands.listed(), promotion.order, metric=task_metric.spec if task_metric else None)
+            if swept.smoothquant is not None:
+                result.smoothquant = {"alpha": swept.smoothquant, "split_outliers": swept.split_outliers}
+            if save_model is not None:
+                result.model_path = _save_model(float_proto, plan, save_model)
+            result.timings = {"total": time.perf_counter() - t0, "evaluate": evaluator.seconds, "calibrate": ranges.seconds, **problem.timings}
+            _write_outputs(result, output, target, plot)
+    if unmet is not None:
+        raise unmet
     return result
+
+
+def solve_outputs(output: Path | None, plot: bool = True) -> list[Path]:
+    """The plan, ``<stem>.solve.json`` and (with ``plot``) ``<stem>.curve.png``."""
+    if output is None:
+        return []
+    stem = output.with_suffix("") if output.suffix == ".json" else output
+    return [output, stem.with_name(stem.name + ".solve.json"), *([stem.with_name(stem.name + ".curve.png")] if plot else [])]
 
 
 def _write_outputs(result: SolveResult, output: Path | None, target: _Target, plot: bool) -> Path | None:

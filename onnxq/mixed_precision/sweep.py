@@ -293,11 +293,15 @@ def sweep(
     INT8) the sweep measures; the sweep records the recipe and the solver repeats it.
     """
     precisions = _check_request(mode, precisions)
+    recipe_file = recipe if isinstance(recipe, (str, os.PathLike)) else None
     recipe = make_recipe(recipe, {"target": target, "calib_method": method, "percentile": percentile, "calib_samples": calib_samples, "smoothquant": smoothquant, "split_outliers": split_outliers})
     if metric is not None:
         load_metric(metric)  # a bad spec fails before any work
-    if output is not None:
-        output = modelio.check_output_path(output, model)
+    with modelio.transaction(sweep_outputs(output, plot), [model, calib, eval, recipe_file, metric]):
+        return _measure(model, calib, eval, output, recipe, mode, precisions, metric, eval_samples, layers_only, plot)
+
+
+def _measure(model, calib, eval, output, recipe, mode, precisions, metric, eval_samples, layers_only, plot) -> SweepResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = _prepare(model, calib, eval, recipe, eval_samples, layers_only, timings)
@@ -321,6 +325,15 @@ def sweep(
     if output is not None:
         write_sweep(result, output, plot=plot)
     return result
+
+
+def sweep_outputs(output: str | os.PathLike | None, plot: bool = True) -> list[Path]:
+    """The sweep JSON and the ``.md`` (and ``.png``) beside it."""
+    if output is None:
+        return []
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix == ".json" else output
+    return [output, stem.with_suffix(".md"), *([stem.with_suffix(".png")] if plot else [])]
 
 
 def write_sweep(result: SweepResult, output: str | os.PathLike, *, plot: bool = True) -> list[Path]:

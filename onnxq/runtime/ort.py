@@ -129,7 +129,12 @@ def create_session(
                 from onnxq.errors import ModelLoadError
 
                 raise ModelLoadError(f"{source}: no such model file")
-            header = onnx.load(source, load_external_data=False)
+            try:
+                header = onnx.load(source, load_external_data=False)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                from onnxq.errors import ModelLoadError
+
+                raise ModelLoadError(f"{source} is not a readable ONNX model ({type(exc).__name__}: {exc}); check that the file is complete and really is ONNX") from None
             fp8, fp16_qdq = _uses_fp8(header), _uses_fp16_qdq(header)
         opts = session_options(fp8=fp8, fp16_qdq=fp16_qdq, threads=threads)
         try:

@@ -7,7 +7,9 @@ Candidates of ``onnxq check`` run through polygraphy's runners (``OnnxrtRunner``
 
 from __future__ import annotations
 
+import functools
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,13 +66,29 @@ class Candidate:
 
 def ort_runner(model, *, providers: Sequence[str] | None = None, threads: int | None = None, name: str | None = None):
     """A polygraphy ``OnnxrtRunner`` over onnxq's session (FP8-safe optimization level, clear errors)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
     if hasattr(model, "run"):
         session = model
     else:
         session = ort_rt.create_session(model, providers=list(dict.fromkeys(providers or ["CPUExecutionProvider"])), threads=threads)
-    return OnnxrtRunner(session, name=name or "onnxrt")
+    return _numpy_onnxrt_runner()(session, name=name or "onnxrt")
+
+
+@functools.cache
+def _numpy_onnxrt_runner():
+    """polygraphy's OnnxrtRunner for numpy feeds. Its own ``infer_impl`` asks whether a feed is a
+    torch tensor, which imports torch lazily inside a bare ``except:``: a Ctrl-C landing in that
+    import (seconds long) was swallowed, and the next call imported the half-loaded torch again
+    (segfaults). onnxq feeds numpy arrays only, so the question is never asked."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    class NumpyOnnxrtRunner(OnnxrtRunner):
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            outputs = self.sess.run(None, dict(feed_dict))
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(zip((o.name for o in self.sess.get_outputs()), outputs))
+
+    return NumpyOnnxrtRunner
 
 
 def infer(runner, feed: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:

@@ -240,9 +240,9 @@ def build_engine(
     ranges = parse_shapes(shapes) if shapes and isinstance(next(iter(shapes)), str) else list(shapes)
     check_shapes_against_model(ranges, {n: dims for n, (_, dims) in spec.items()})
     workspace_bytes = parse_size(workspace) if isinstance(workspace, str) else workspace
-    output = modelio.check_output_path(output, model)
+    output = Path(output)
     man_path = manifest_path(output)
-    modelio.check_output_path(man_path, model)
+    modelio.check_outputs([output, man_path], [model])
     require_tensorrt("build a TensorRT engine")
 
     import tensorrt as trt
@@ -262,17 +262,18 @@ def build_engine(
         "workspace_bytes": workspace_bytes,
         "timing_cache": str(timing_cache) if timing_cache else None,
     }
-    try:
-        with modelio.atomic_path(output) as tmp:
-            SaveEngine(engine, path=str(tmp))()
-    except OnnxqError:
-        raise
-    except Exception as exc:  # polygraphy reports parser/builder failures as PolygraphyException
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxqError(f"TensorRT could not build an engine from {model}: {reason}") from None
-    manifest = make_manifest(model, output, options, environment())
-    with modelio.atomic_path(man_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1))
+    with modelio.transaction([output, man_path], [model]):  # the engine and its manifest, or neither
+        try:
+            with modelio.atomic_path(output) as tmp:
+                SaveEngine(engine, path=str(tmp))()
+        except OnnxqError:
+            raise
+        except Exception as exc:  # polygraphy reports parser/builder failures as PolygraphyException
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxqError(f"TensorRT could not build an engine from {model}: {reason}") from None
+        manifest = make_manifest(model, output, options, environment())
+        with modelio.atomic_path(man_path) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
     return BuildResult(output, man_path)
 
 
