@@ -49,7 +49,8 @@ def _activation_source(node: ir.Node, decision: NodeDecision) -> dict[int, str]:
     return sources
 
 
-def _mean_over_all_but_channel(value: ir.Value, rank: int, name: str, opset: int) -> ir.Node:
+def _mean_over_all_but_channel(value: ir.Value, rank: int, name: str, opset: int) -> tuple[ir.Node, ir.Value | None]:
+    """ReduceMean over every axis but 1 (and the axes initializer it needs from opset 18 on)."""
     axes = [a for a in range(rank) if a != 1]
     if opset >= 18:
         axes_value = ir.Value(name=f"{name}_axes", const_value=ir.tensor(np.asarray(axes, np.int64), name=f"{name}_axes"))

@@ -17,7 +17,8 @@ Models:
 Rows: FP32; onnxq INT8 for TensorRT (plain, --equalize, --bias-correction, both, and equalization
 with ReLU6 pairs rescaled: a plan made by onnxq.equalization with clips="rescale"); onnxq INT8 for
 ORT (plain, --bias-correction); onnxq FP8; ORT quantize_static (QDQ, U8 activations, S8
-per-channel weights, MinMax; its own process via _job.py); AMD Quark's CLE if it imports. Wheels
+per-channel weights, MinMax; its own process via _job.py); AMD Quark's CLE (run by
+$ONNXQ_QUARK_PYTHON, see quark_rows) followed by onnxq INT8. Wheels
 are cached in ~/.cache/onnxq like the zoo's (models/_fetch.py); no model file is committed.
 """
 
@@ -134,6 +135,22 @@ def det_metric(candidate, reference, x) -> dict:
     return {"text_pixel_f1": f1, "prob_mae": float(np.abs(c - r).mean()), "text_pixels_fp32": float(pr.mean())}
 
 
+def _static_copy(path: Path, dest: Path, shape: list[int]) -> str:
+    """The model with its input fixed at ``shape`` (the wheels' inputs have dims named "?",
+    which onnxq's data check does not take); outputs left to shape inference."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, shape):
+        dim.Clear()
+        dim.dim_value = size
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    onnx.save(model, str(dest))
+    return str(dest)
+
+
 class Case:
     """One model: its path, calibration .npz, metric and a latency feed."""
 
@@ -150,7 +167,8 @@ class Case:
         else:
             from onnxq.zoo import _fetch
 
-            self.model = str(_fetch.package_file(*OCR_WHEEL, f"rapidocr_onnxruntime/models/{OCR_MODELS[name]}"))
+            shipped = _fetch.package_file(*OCR_WHEEL, f"rapidocr_onnxruntime/models/{OCR_MODELS[name]}")
+            self.model = _static_copy(shipped, workdir / f"{name}.onnx", [1, 3, 48, 192] if name == "ppocr-cls" else [1, 3, 320, 320])
             if name == "ppocr-cls":
                 calib = {"x": cls_data(0, 32)[0]}
                 x, labels = cls_data(1, 80)
@@ -188,12 +206,38 @@ def quantize_row(case: Case, config: dict, out: Path) -> dict:
     return row
 
 
-def quark_row() -> dict:
-    try:
-        import quark.onnx  # noqa: F401
-    except Exception as exc:  # not installable here: say why
-        return {"error": f"AMD Quark not importable ({type(exc).__name__}: {exc})"}
-    return {"error": "AMD Quark imports but its CLE run is not wired in this benchmark"}
+QUARK_CLE = """
+import sys, onnx
+from quark.onnx.algorithm.cle.equalization import cle_transforms
+model = cle_transforms(onnx.load(sys.argv[1]), ["Conv", "Gemm"], [], [])
+onnx.save(model, sys.argv[2])
+"""
+
+
+def quark_rows(case: Case, workdir: Path) -> list[dict]:
+    """AMD Quark's CLE (quark.onnx cle_transforms: ReLU6 in a pair becomes ReLU, up to 20 sweeps)
+    on the preprocessed float model, run by $ONNXQ_QUARK_PYTHON (a venv with amd-quark; Quark's
+    ONNX package imports torch), then quantized by onnxq INT8 tensorrt: Quark's equalization
+    against onnxq's on the same quantizer. Rows: the equalized float model, and its INT8."""
+    import os
+    import subprocess
+
+    import onnxq
+    from onnxq import modelio
+    from onnxq.passes.preprocess import load_and_preprocess
+
+    python = os.environ.get("ONNXQ_QUARK_PYTHON")
+    if not python:
+        return [{"model": case.name, "config": "AMD Quark CLE", "error": "set ONNXQ_QUARK_PYTHON to a python with amd-quark (not installable into the project venv: onnx<=1.22)"}]
+    pre, cle, out = workdir / f"{case.name}_pre.onnx", workdir / f"{case.name}_quark_cle.onnx", workdir / f"{case.name}_quark_cle_int8.onnx"
+    modelio.save(load_and_preprocess(case.model), pre)
+    proc = subprocess.run([python, "-c", QUARK_CLE, str(pre), str(cle)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [{"model": case.name, "config": "AMD Quark CLE", "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}]
+    rows = [{"model": case.name, "config": "AMD Quark CLE, FP32", **case.metric(cle), "latency_ms": latency_ms(cle, case.feed)}]
+    onnxq.quantize(cle, out, str(case.calib), target="tensorrt", report=False, evaluate=False, quiet=True)
+    rows.append({"model": case.name, "config": "AMD Quark CLE, then onnxq int8-trt", **case.metric(out), "latency_ms": latency_ms(out, case.feed)})
+    return rows
 
 
 def bench(case: Case, configs, workdir: Path) -> list[dict]:
@@ -209,10 +253,15 @@ def bench(case: Case, configs, workdir: Path) -> list[dict]:
         print(json.dumps(rows[-1]), flush=True)
     out = workdir / f"{case.name}_ort.onnx"
     row = run_job("ort", case.model, out, case.calib, "ort")
-    if "error" not in row:
-        row.update(case.metric(out), latency_ms=latency_ms(out, case.feed))
+    try:
+        if "error" not in row:
+            row.update(case.metric(out), latency_ms=latency_ms(out, case.feed))
+    except Exception as exc:  # ORT wrote a model it cannot load itself: the row says so
+        row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     rows.append({"model": case.name, "config": "ORT quantize_static (U8/S8 per-channel, MinMax)", **row})
-    rows.append({"model": case.name, "config": "AMD Quark CLE", **quark_row()})
+    print(json.dumps(rows[-1]), flush=True)
+    rows += quark_rows(case, workdir)
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
