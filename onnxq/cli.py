@@ -283,10 +283,13 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "percentile": (("--percentile",), {"type": float, "metavar": "P", "help": "percentile for --calib-method percentile (default 99.99)"}),
     "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
     "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
+    "equalize": (("--equalize",), {"action": "store_true", "help": "cross-layer equalization: rescale the channels of consecutive Conv/Gemm pairs so their weight ranges match (exact in float; before calibration)"}),
+    "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
 }
 PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
+CORRECTIONS = ("equalize", "bias_correction")
 
 
 def _add_recipe(p: argparse.ArgumentParser, names) -> None:
@@ -337,7 +340,7 @@ def _quantize_parser(sub) -> None:
     _add_model(q)
     _add_output(q, "output Q/DQ ONNX model; a .report.json is written beside it")
     _add_data(q, calib_required=False, eval_help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
-    _add_recipe(q, (*PLACEMENT, *CALIBRATION, *SMOOTHING))
+    _add_recipe(q, (*PLACEMENT, *CALIBRATION, *SMOOTHING, *CORRECTIONS))
     q.add_argument("--plan", help="a QuantPlan JSON (from --save-plan, possibly edited): its decisions are used as they are; a complete plan rebuilds its model byte for byte")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")
     q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")

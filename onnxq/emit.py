@@ -2,8 +2,10 @@
 
 Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
 
+0. ``equalize``: cross-layer equalization (``plan.equalization``); a stage of its own because it
+   runs before calibration (it changes the activations' ranges; SmoothQuant's fold needs them);
 1. ``fold``: SmoothQuant scales and split-off outlier channels (``plan.smoothquant``);
-2. ``quantize``: the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
+2. ``quantize``: bias corrections (``plan.bias_correction``), the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
    weights);
 3. ``finish``: FP16 casts for the high-precision regions (``plan.high_precision``,
    ``plan.fp32_nodes``), unused nodes removed, topological order.
@@ -24,21 +26,26 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.errors import PlanError, UnsupportedModelError
+from onnxq.passes.bias_correction import BiasCorrectionPass
 from onnxq.passes.cast_fp16 import CastFloat16Pass
+from onnxq.passes.equalize import EqualizePass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.smoothquant import SmoothQuantPass
 from onnxq.plan import QuantPlan
 
-STAGES = ("fold", "quantize", "finish")
+STAGES = ("equalize", "fold", "quantize", "finish")
 
 
 def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
     """The passes of one emit stage for ``plan``."""
+    if stage == "equalize":
+        return [EqualizePass(plan.equalization)] if plan.equalization is not None and plan.equalization.pairs else []
     if stage == "fold":
         return [SmoothQuantPass(plan.smoothquant)] if plan.smoothquant is not None and plan.smoothquant.active() else []
     if stage == "quantize":
-        return [*([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), InsertQDQPass(plan)]
+        corrections = [BiasCorrectionPass(plan.bias_correction)] if plan.bias_correction else []
+        return [*corrections, *([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), InsertQDQPass(plan)]
     if stage == "finish":
         cast = []
         if plan.high_precision == "fp16":

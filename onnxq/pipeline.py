@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from onnxq import emit, modelio
 from onnxq import smoothquant as sq
+from onnxq.bias_correction import measure_corrections
 from onnxq.calibration import (
     DataArg,
     derived_stats,
@@ -38,6 +39,7 @@ from onnxq.calibrators.methods import DEFAULT_METHOD
 from onnxq.calibrators.subgraphs import graph_path, subgraph_owners
 from onnxq.check import compare
 from onnxq.data import open_source
+from onnxq.equalization import plan_equalization
 from onnxq.errors import OnnxqError
 from onnxq.metrics import OutputAccuracy
 from onnxq.passes.preprocess import load_and_preprocess
@@ -131,6 +133,8 @@ def quantize(
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
     if calib is None and table is None and given_plan is None:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
+    if recipe.bias_correction and calib is None and not (given_plan and given_plan.bias_correction is not None):
+        raise OnnxqError("--bias-correction needs calibration data: pass --calib DATA (it measures each layer's mean output error)")
     if recipe.smoothquant is not None and calib is None and not (given_plan and given_plan.smoothquant):
         raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     table_source = str(table) if table is not None and not isinstance(table, CalibrationTable) else "the calibration table"
@@ -258,6 +262,7 @@ def build(
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
+    _equalize(model, plan, recipe)
     t = time.perf_counter()
     decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
     request = {}
@@ -280,6 +285,11 @@ def build(
         _log_smoothquant(plan.smoothquant)
     emit.emit(model, plan, ["fold"])
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
+    if recipe.bias_correction and plan.bias_correction is None:
+        t = time.perf_counter()
+        plan.bias_correction = measure_corrections(model, plan, data)
+        timings["bias_correction"] = time.perf_counter() - t
+        log(f"onnxq: bias correction: {len(plan.bias_correction)} Conv/Gemm biases corrected by their mean quantization error")
     emit.emit(model, plan, ["quantize"])
     if plan.high_precision == "fp16" and plan.fp32_nodes is None:
         ranges = {n: s.amax for n, s in table.tensors.items()} if table is not None else {}
@@ -287,6 +297,15 @@ def build(
         log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32")
     emit.emit(model, plan, ["finish"])
     return plan, table
+
+
+def _equalize(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
+    """Decide cross-layer equalization if asked and absent, and fold it: before calibration,
+    which must see the equalized activations."""
+    if recipe.equalize and plan.equalization is None:
+        plan.equalization = plan_equalization(model)
+        log(f"onnxq: cross-layer equalization: {len(plan.equalization.pairs)} Conv/Gemm pairs, {plan.equalization.iterations} sweeps")
+    emit.emit(model, plan, ["equalize"])
 
 
 def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:

@@ -39,6 +39,10 @@ The plan is the whole contract: besides the per-node decisions it carries
   :class:`SmoothPlan`), folded into the float model before Q/DQ insertion;
 - ``high_precision`` (``"fp32"`` or ``"fp16"``) and, for FP16, ``fp32_nodes``: the nodes kept in
   FP32 with the reason (decided by :mod:`onnxq.placement.fp16`);
+- ``equalization``: cross-layer equalization (:class:`EqualizationPlan`: the Conv/Gemm pairs and
+  their per-channel scales), folded into the float model before calibration;
+- ``bias_correction``: per node, the per-output-channel amount added to its bias (the mean
+  error of its quantized output, measured on calibration data), folded before Q/DQ insertion;
 - ``min_opset``: the opset the model is raised to before Q/DQ insertion (FP8: 19), if any;
 - ``recipe``: the request that produced the plan (for the record; replay does not read it).
 
@@ -228,6 +232,35 @@ class SmoothPlan:
         return "\n".join(lines)
 
 
+# --- cross-layer equalization (decided by onnxq.equalization, executed by passes/equalize.py) ---
+
+
+@dataclass
+class EqualizedPair:
+    """``first``'s output channels are divided by ``scale`` (weight and bias), the activations
+    ``through`` it (Relu, Clip, …) follow, ``second``'s input channels are multiplied by it."""
+
+    first: str
+    second: str
+    through: list[str] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EqualizationPlan:
+    iterations: int = 0
+    clips: str = "skip"  # Clip between a pair: "skip" the pair, or "rescale" (per-channel bounds)
+    pairs: list[EqualizedPair] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"iterations": self.iterations, "clips": self.clips, "pairs": [asdict(p) for p in self.pairs]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EqualizationPlan:
+        pairs = [EqualizedPair(**p) for p in data.get("pairs", [])]
+        return cls(iterations=data.get("iterations", 0), clips=data.get("clips", "skip"), pairs=pairs)
+
+
 @dataclass
 class QuantPlan:
     target: str
@@ -245,6 +278,9 @@ class QuantPlan:
     fp32_nodes: dict[str, str] | None = None
     min_opset: int | None = None
     recipe: dict | None = None
+    equalization: EqualizationPlan | None = None
+    # node -> per-output-channel amount added to its bias (None: not decided)
+    bias_correction: dict[str, list[float]] | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -326,6 +362,8 @@ class QuantPlan:
             "fp32_nodes": self.fp32_nodes,
             "min_opset": self.min_opset,
             "recipe": self.recipe,
+            **({"equalization": self.equalization.to_json()} if self.equalization is not None else {}),
+            **({"bias_correction": self.bias_correction} if self.bias_correction is not None else {}),
         }
 
     @classmethod
@@ -360,6 +398,8 @@ class QuantPlan:
                 fp32_nodes=data.get("fp32_nodes"),
                 min_opset=data.get("min_opset"),
                 recipe=data.get("recipe"),
+                equalization=EqualizationPlan.from_json(data["equalization"]) if data.get("equalization") else None,
+                bias_correction=data.get("bias_correction"),
             )
         except PlanError:
             raise

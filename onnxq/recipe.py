@@ -54,6 +54,8 @@ class Recipe:
     include: tuple[str, ...] = ()  # only these nodes (names or regexes) may be quantized
     include_op: tuple[str, ...] = ()  # only these op types may be quantized
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
+    equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs before calibration
+    bias_correction: bool = False  # per-channel bias shift by the measured mean output error
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -112,6 +114,8 @@ class Recipe:
             "include": _strings(self.include, "include", source),
             "include_op": _strings(self.include_op, "include-op", source),
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
+            "equalize": _flag(self.equalize, "equalize", source),
+            "bias_correction": _flag(self.bias_correction, "bias-correction", source),
         }
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
