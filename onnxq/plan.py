@@ -54,12 +54,14 @@ load unchanged.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from onnxq.errors import PlanError
+from onnxq.grids import GRIDS, WEIGHT_GRIDS
 
 PLAN_FORMAT = "onnxq.plan/2"
 READABLE_FORMATS = ("onnxq.plan/1", PLAN_FORMAT)
@@ -69,6 +71,8 @@ FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
 WEIGHT_DTYPE = {"int8": "int8", "fp8": FP8_DTYPE}
+PLAN_TARGETS = ("tensorrt", "ort")  # the placement policies (onnxq.placement.TARGETS)
+INPUT_KINDS = ("activation", "weight")  # what InsertQDQPass executes
 
 
 def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:
@@ -82,6 +86,19 @@ def _high_precision(value: str, source: str) -> str:
     if value not in HIGH_PRECISIONS:
         raise PlanError(f"{source}: high_precision {value!r} is not one of {list(HIGH_PRECISIONS)}")
     return value
+
+
+def _check_activation(tensor: str, a: ActivationQuant, source: str) -> None:
+    grid = GRIDS.get(a.dtype)
+    if grid is None:
+        raise PlanError(f"{source}: activation {tensor!r} has dtype {a.dtype!r}; use one of {list(GRIDS)}")
+    if a.scale is not None and (isinstance(a.scale, bool) or not isinstance(a.scale, (int, float)) or not (math.isfinite(a.scale) and a.scale > 0)):
+        raise PlanError(f"{source}: activation {tensor!r} has scale {a.scale!r}; a scale is a finite number above 0")
+    if isinstance(a.zero_point, bool) or not isinstance(a.zero_point, (int, float)) or not grid.qmin <= a.zero_point <= grid.qmax:
+        raise PlanError(f"{source}: activation {tensor!r} has zero point {a.zero_point!r}, outside {a.dtype}'s [{grid.qmin}, {grid.qmax}]")
+    for bound in (a.min, a.max):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)):
+            raise PlanError(f"{source}: activation {tensor!r} has range [{a.min!r}, {a.max!r}]; ranges are finite numbers")
 
 
 @dataclass
@@ -347,7 +364,7 @@ class QuantPlan:
                     reason=d.get("reason", ""),
                 )
             check_precision(data.get("precision", "int8"), quantized=True, source=source)
-            return cls(
+            plan = cls(
                 target=data["target"],
                 precision=data.get("precision", "int8"),
                 nodes=nodes,
@@ -361,10 +378,30 @@ class QuantPlan:
                 min_opset=data.get("min_opset"),
                 recipe=data.get("recipe"),
             )
+            plan.check_values(source)
+            return plan
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or null where a mapping belongs
             raise PlanError(f"{source} is malformed ({type(exc).__name__}: {exc}); regenerate it with --save-plan") from None
+
+    def check_values(self, source: str = "plan") -> None:
+        """Every value the passes execute is one they can: a known target, known input kinds and
+        dtypes, finite positive scales, zero points on their grid, whole-number axes."""
+        if self.target not in PLAN_TARGETS:
+            raise PlanError(f"{source}: target {self.target!r} is not one of {list(PLAN_TARGETS)}")
+        for name, d in self.nodes.items():
+            bad = [kind for kind in d.inputs.values() if kind not in INPUT_KINDS]
+            if bad:
+                raise PlanError(f"{source}: node {name!r} has input kind {bad[0]!r}; use one of {list(INPUT_KINDS)}")
+        for store in (self.activations, self.fp8_activations):
+            for tensor, a in store.items():
+                _check_activation(tensor, a, source)
+        for key, w in self.weights.items():
+            if w.dtype not in WEIGHT_GRIDS:
+                raise PlanError(f"{source}: weight {key!r} has dtype {w.dtype!r}; use one of {list(WEIGHT_GRIDS)}")
+            if w.axis is not None and (isinstance(w.axis, bool) or not isinstance(w.axis, int)):
+                raise PlanError(f"{source}: weight {key!r} has axis {w.axis!r}; an axis is a whole number or null (per tensor)")
 
     def save(self, path: str | Path) -> None:
         from onnxq.modelio import atomic_path
