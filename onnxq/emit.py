@@ -17,13 +17,14 @@ too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.errors import PlanError, UnsupportedModelError
+from onnxq.errors import ModelLoadError, PlanError, UnsupportedModelError, one_line
 from onnxq.passes.cast_fp16 import CastFloat16Pass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.qdq import InsertQDQPass
@@ -58,11 +59,15 @@ def emit(model: ir.Model, plan: QuantPlan, stages: Sequence[str] = STAGES) -> ir
     return model
 
 
-def checked_proto(model: ir.Model) -> onnx.ModelProto:
-    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version)."""
+def checked_proto(model: ir.Model, source: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version). When it does
+    not and the input file ``source`` fails the checker too, the input is what is reported."""
     proto = modelio.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
+        input_reason = modelio.checker_reason(source) if source is not None else None
+        if input_reason is not None:
+            raise ModelLoadError(f"the input model {source} does not pass onnx.checker ({input_reason}); fix or re-export it") from None
+        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({one_line(exc)}); please report this with the model") from None
     return proto

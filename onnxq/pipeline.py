@@ -148,7 +148,7 @@ def quantize(
 
         t = time.perf_counter()
         the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
-        proto = emit.checked_proto(float_model)
+        proto = emit.checked_proto(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
         quant_session = ort_rt.create_session(proto)
         del proto
         timings["build"] = time.perf_counter() - t
