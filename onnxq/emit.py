@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.errors import ModelLoadError, PlanError, UnsupportedModelError, one_line
+from onnxq.errors import ModelLoadError, OnnxqError, PlanError, UnsupportedModelError, one_line
 from onnxq.passes.cast_fp16 import CastFloat16Pass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.qdq import InsertQDQPass
@@ -55,8 +55,20 @@ def emit(model: ir.Model, plan: QuantPlan, stages: Sequence[str] = STAGES) -> ir
     for stage in stages:
         passes = stage_passes(plan, stage)
         if passes:
-            ir.passes.PassManager(passes)(model)
+            try:
+                ir.passes.PassManager(passes)(model)
+            except ir.passes.PassError as exc:
+                raise _user_error(exc) or exc
     return model
+
+
+def _user_error(exc: BaseException) -> OnnxqError | None:
+    """The OnnxqError (a plan that does not fit, say) that PassManager wrapped in its PassError."""
+    while exc is not None:
+        if isinstance(exc, OnnxqError):
+            return exc
+        exc = exc.__cause__
+    return None
 
 
 def checked_proto(model: ir.Model, source: str | os.PathLike | None = None) -> onnx.ModelProto:

@@ -99,6 +99,10 @@ def _check_activation(tensor: str, a: ActivationQuant, source: str) -> None:
     for bound in (a.min, a.max):
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)):
             raise PlanError(f"{source}: activation {tensor!r} has range [{a.min!r}, {a.max!r}]; ranges are finite numbers")
+    if grid.symmetric and a.zero_point != 0:
+        raise PlanError(f"{source}: activation {tensor!r} is {a.dtype} (symmetric) with zero point {a.zero_point!r}; its zero point is 0")
+    if a.min is not None and a.max is not None and a.min > a.max:
+        raise PlanError(f"{source}: activation {tensor!r} has range [{a.min!r}, {a.max!r}]: min is above max")
 
 
 @dataclass
@@ -390,6 +394,7 @@ class QuantPlan:
         dtypes, finite positive scales, zero points on their grid, whole-number axes."""
         if self.target not in PLAN_TARGETS:
             raise PlanError(f"{source}: target {self.target!r} is not one of {list(PLAN_TARGETS)}")
+        self._check_fields(source)
         for name, d in self.nodes.items():
             bad = [kind for kind in d.inputs.values() if kind not in INPUT_KINDS]
             if bad:
@@ -402,6 +407,21 @@ class QuantPlan:
                 raise PlanError(f"{source}: weight {key!r} has dtype {w.dtype!r}; use one of {list(WEIGHT_GRIDS)}")
             if w.axis is not None and (isinstance(w.axis, bool) or not isinstance(w.axis, int)):
                 raise PlanError(f"{source}: weight {key!r} has axis {w.axis!r}; an axis is a whole number or null (per tensor)")
+
+    def _check_fields(self, source: str) -> None:
+        """The plan-wide fields have their types: an opset number, names, reasons."""
+        if self.min_opset is not None and (isinstance(self.min_opset, bool) or not isinstance(self.min_opset, int) or not 1 <= self.min_opset <= 100):
+            raise PlanError(f"{source}: min_opset {self.min_opset!r} is not an opset number")
+        if not all(isinstance(t, str) for t in self.outputs):
+            raise PlanError(f"{source}: outputs is a list of tensor names, got {self.outputs!r}")
+        if self.fp32_nodes is not None and not (isinstance(self.fp32_nodes, dict) and all(isinstance(v, str) for v in self.fp32_nodes.values())):
+            raise PlanError(f"{source}: fp32_nodes maps node names to reasons, got {type(self.fp32_nodes).__name__}")
+        for name, d in self.nodes.items():
+            if not isinstance(d.op_type, str) or not isinstance(d.reason, str) or not all(isinstance(k, int) for k in d.inputs):
+                raise PlanError(f"{source}: node {name!r} needs an op_type and a reason (strings) and inputs by index")
+        for tensor, a in [*self.activations.items(), *self.fp8_activations.items()]:
+            if not isinstance(a.symmetric, bool):
+                raise PlanError(f"{source}: activation {tensor!r} has symmetric {a.symmetric!r}; true or false")
 
     def save(self, path: str | Path) -> None:
         from onnxq.modelio import atomic_path

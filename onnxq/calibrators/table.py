@@ -100,6 +100,8 @@ class TensorStats:
 
     def _check_histogram(self) -> None:
         """The histogram's range is the one the collector gives this tensor's largest |x|."""
+        if self.histogram.zeros < 0:
+            raise ValueError(f"histogram zeros {self.histogram.zeros} is negative")
         expected = range_for(self.amax) if math.isfinite(self.amax) else 0.0
         if self.histogram.range != expected:
             raise ValueError(f"histogram range {self.histogram.range} does not fit the tensor's range [{self.min}, {self.max}] (the collector writes {expected})")
