@@ -23,6 +23,7 @@ from onnxq.grids import GRIDS, scale_zero_point
 from onnxq.ops import activation_channel_axis
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
+from onnxq.placement.fp16 import float_tensor_names
 from onnxq.plan import FLOAT, FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
 from onnxq.progress import log, quiet_option, warn
 from onnxq.runtime import ort as ort_rt
@@ -201,7 +202,8 @@ def calibrate(
     calib_samples: int | None = None,
 ) -> CalibrationTable:
     """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
-    every tensor either target may quantize, in one pass; write it as JSON to ``output``.
+    every tensor either target may quantize, and min/max of every other FP32 tensor (the FP16
+    overflow check), in one pass; write it as JSON to ``output``.
 
     The table records the preprocessed model's hash and ``method``/``percentile`` (the defaults
     when the table is used by ``quantize(..., table=...)``).
@@ -220,7 +222,10 @@ def calibrate(
         spec = ort_rt.model_input_spec(float_model)
         data = open_source(calib, spec, limit=calib_samples)
         tensors, axes = all_calibration_tensors(float_model)
-        table = collect(float_model, tensors, data, progress=True, histograms=True, channel_axes=axes)
+        # The min/max of every other FP32 tensor too (two scalars each, no histogram): what the
+        # FP16 overflow protection of quantize --table T --high-precision fp16 reads.
+        fp16_extra = [t for t in float_tensor_names(float_model.graph) if t not in set(tensors)]
+        table = collect(float_model, [*tensors, *fp16_extra], data, progress=True, histograms=set(tensors), channel_axes=axes)
         table.method = dict(method) if isinstance(method, Mapping) else method
         table.percentile = percentile
         table.model_sha256 = model_hash(float_model)

@@ -29,7 +29,7 @@ import numpy as np
 from onnxq.data import open_source
 from onnxq.errors import OnnxqError
 from onnxq.localize import layer_snr
-from onnxq.metrics import OutputAccuracy
+from onnxq.metrics import NONFINITE_NOTE, OutputAccuracy
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 from onnxq.runtime.runners import Candidate, Latency, available_providers, batched, infer, measure_latency, ort_runner, output_names
@@ -79,7 +79,9 @@ def format_table(results: list[OutputAccuracy], title: str) -> str:
         lines.append(
             f"  {r.name[:24]:<24} {r.cosine_mean:>12.6f} {r.cosine_min:>12.6f} {r.snr_db:>8.2f} {r.max_abs_error:>10.4g} {top1}{worst}"
         )
-        notes += [f"  note: {r.name}: {n}" for n in r.notes]
+        if r.nonfinite_reference or r.nonfinite_candidate:
+            notes.append(f"  note: {r.name}: left out, non-finite: {r.nonfinite_reference} samples in the reference, {r.nonfinite_candidate} in the candidate only; metrics over {r.samples} finite samples")
+        notes += [f"  note: {r.name}: {n}" for n in r.notes if n != NONFINITE_NOTE]
     return "\n".join(lines + notes)
 
 
@@ -95,6 +97,8 @@ class Thresholds:
     def failures(self, outputs: Sequence[OutputAccuracy], ratios: Mapping[int, float]) -> list[str]:
         out = []
         for acc in outputs:
+            if (self.min_cosine is not None or self.min_snr is not None) and acc.nonfinite_candidate:
+                out.append(f"{acc.name}: {acc.nonfinite_candidate} samples non-finite in the candidate only")
             if self.min_cosine is not None and not acc.cosine_mean >= self.min_cosine:
                 out.append(f"{acc.name}: cosine {acc.cosine_mean:.6f} < {self.min_cosine}")
             if self.min_snr is not None and not acc.snr_db >= self.min_snr:

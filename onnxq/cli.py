@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
+import re
 import sys
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, one_line
 
 EXIT_ERROR = 2
 
@@ -476,10 +478,63 @@ def _zoo_parser(sub) -> None:
     ze.set_defaults(func=_zoo_export)
 
 
+class UsageError(Exception):
+    """A command line argparse refused: the message (one line) and the usage of the (sub)command."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with onnxq's error format: ``onnxq: error: ...`` (plus a "did you mean" for a
+    misspelt option or subcommand), then the usage of the subcommand, exit 2 (see :func:`_main`).
+    Subparsers are made of this class too (argparse uses the parent's class)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("onnxq").strip()  # "quantize", "zoo export"; "" at the top
+        raise UsageError(f"{command + ': ' if command else ''}{message}{_suggestion(self, message)}", self.format_usage())
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+
+
+def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
+    """" (did you mean --xyz?)" for the first misspelt option or choice of ``message``."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        words, known = [choice.group(1)], re.findall(r"'([^']*)'", choice.group(2))
+    else:
+        words, known = re.findall(r"(?<!\S)(--[\w-]+)", message.split(":", 1)[-1]), _option_strings(parser)
+    for word in words:
+        close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+        if close and close[0] != word:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown one is reported by the subcommand it was given to (its usage,
+    its options for "did you mean"), not by the top-level parser."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _chosen_subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_subparser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from onnxq import __version__
 
-    parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models for TensorRT and ONNX Runtime.")
+    parser = _Parser(prog="onnxq", description="Post-training quantization of ONNX models for TensorRT and ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_quantize_parser, _calibrate_parser, _export_parser, _review_parsers, _build_parser, _check_parser, _mixed_precision_parsers, _zoo_parser):
@@ -549,7 +604,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _os_error_line(exc: OSError) -> str:
     where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{exc.strerror or exc}; check the path, its permissions and the free space"
+    return f"{where}{one_line(exc.strerror or exc)}; check the path, its permissions and the free space"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,9 +622,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     try:
         with _sigterm_interrupts():
-            return _run(build_parser().parse_args(argv))
+            return _run(_parse(argv))
+    except UsageError as exc:
+        print(f"onnxq: error: {one_line(exc)}\n{exc.usage}", end="", file=sys.stderr)
+        return EXIT_ERROR
     except OnnxqError as exc:
-        print(f"onnxq: error: {exc}", file=sys.stderr)
+        print(f"onnxq: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except UnicodeDecodeError as exc:  # a text file (recipe, plan, table, metric) that is binary
+        print(f"onnxq: error: a file given as text is not UTF-8 ({exc.reason} at byte {exc.start}); give the text file (JSON, YAML or Python) it asks for", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("onnxq: interrupted", file=sys.stderr)

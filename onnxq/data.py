@@ -111,8 +111,9 @@ def _npz_samples(path: Path, spec: InputSpec) -> tuple[int, Callable[[], Iterato
         arr = _member(arrays, name, path)
         if arr.ndim == 0:
             raise DataError(f"{path}: array {name!r} is a single value (0-d); give [samples, ...input dims], e.g. one value per sample")
-        if arr.ndim == len(shape):
-            per_sample_rank[name] = False  # leading axis is the batch axis: feed arr[i:i+1]
+        if shape is None or arr.ndim == len(shape):
+            # leading axis is the batch axis: feed arr[i:i+1] (also for an input of unknown rank)
+            per_sample_rank[name] = False
         elif arr.ndim == len(shape) + 1:
             per_sample_rank[name] = True  # one extra leading axis: feed arr[i]
         else:

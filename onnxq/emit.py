@@ -19,13 +19,14 @@ too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.errors import PlanError, UnsupportedModelError
+from onnxq.errors import ModelLoadError, OnnxqError, PlanError, UnsupportedModelError, one_line
 from onnxq.passes.bias_correction import BiasCorrectionPass
 from onnxq.passes.cast_fp16 import CastFloat16Pass
 from onnxq.passes.equalize import EqualizePass
@@ -61,15 +62,31 @@ def emit(model: ir.Model, plan: QuantPlan, stages: Sequence[str] = STAGES) -> ir
     for stage in stages:
         passes = stage_passes(plan, stage)
         if passes:
-            ir.passes.PassManager(passes)(model)
+            try:
+                ir.passes.PassManager(passes)(model)
+            except ir.passes.PassError as exc:
+                raise _user_error(exc) or exc
     return model
 
 
-def checked_proto(model: ir.Model) -> onnx.ModelProto:
-    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version)."""
+def _user_error(exc: BaseException) -> OnnxqError | None:
+    """The OnnxqError (a plan that does not fit, say) that PassManager wrapped in its PassError."""
+    while exc is not None:
+        if isinstance(exc, OnnxqError):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+def checked_proto(model: ir.Model, source: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version). When it does
+    not and the input file ``source`` fails the checker too, the input is what is reported."""
     proto = modelio.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({str(exc).splitlines()[0]}); please report this with the model") from None
+        input_reason = modelio.checker_reason(source) if source is not None else None
+        if input_reason is not None:
+            raise ModelLoadError(f"the input model {source} does not pass onnx.checker ({input_reason}); fix or re-export it") from None
+        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({one_line(exc)}); please report this with the model") from None
     return proto

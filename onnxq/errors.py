@@ -33,3 +33,13 @@ class OutputPathError(OnnxqError):
 
 class ZooError(OnnxqError):
     """A zoo asset could not be fetched, exported or evaluated."""
+
+
+def one_line(message: object) -> str:
+    """A message (an exception's, e.g. ONNX Runtime's) whole, on one line: its lines joined with
+    " | ", so the part that names the index or the size is not cut off."""
+    text = str(message)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(message).__name__ if isinstance(message, BaseException) else ""
+    return " | ".join(lines)

@@ -34,6 +34,7 @@ ERROR_HIST_EDGES = np.arange(-8.0, 3.01, 0.25)
 _CLASSIFIER_NAME = re.compile(r"logit|prob|score|class", re.IGNORECASE)
 _REL_FLOOR = 1e-3
 MAX_SLICES = 1024  # axes longer than this are spatial or sequence axes, not a list of quantities
+NONFINITE_NOTE = "samples with NaN or infinity in an output are counted (nonfinite_reference, nonfinite_candidate) and left out of every metric"
 SINGLE_VALUE_NOTE = "one value per sample: per-sample cosine is 1 whenever the signs agree; judge by SNR and max abs error"
 
 
@@ -78,6 +79,10 @@ class OutputAccuracy:
     worst_slice_snr_db: float | None = None
     worst_slice: str | None = None
     notes: list[str] = field(default_factory=list)
+    # samples left out of every metric: the reference itself non-finite (the data's doing), or only
+    # the candidate (the quantized model's doing: an accuracy threshold fails on it)
+    nonfinite_reference: int = 0
+    nonfinite_candidate: int = 0
     _signal: float = 0.0
     _slice_sums: dict = field(default_factory=dict)  # axis -> (signal per index, noise per index)
     _noise: float = 0.0
@@ -93,6 +98,8 @@ class OutputAccuracy:
         cand = np.asarray(cand)
         if ref.shape != cand.shape:
             raise OnnxqError(f"output {self.name!r}: the candidate's shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
+        if self._skipped_nonfinite(ref, cand):
+            return
         r = ref.astype(np.float64).ravel()
         c = cand.astype(np.float64).ravel()
         diff = r - c
@@ -117,6 +124,20 @@ class OutputAccuracy:
             self.notes.append(SINGLE_VALUE_NOTE)
         if is_classifier_output(self.name, ref):
             self._update_topk(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]))
+
+    def _skipped_nonfinite(self, ref: np.ndarray, cand: np.ndarray) -> bool:
+        """A sample with a NaN or infinity in either output is counted, not measured: one NaN
+        would make every mean and sum NaN."""
+        if ref.dtype.kind not in "fc" or (np.isfinite(ref).all() and np.isfinite(cand).all()):
+            return False
+        if not np.isfinite(ref).all():
+            self.nonfinite_reference += 1
+        else:
+            self.nonfinite_candidate += 1
+        note = NONFINITE_NOTE
+        if note not in self.notes:
+            self.notes.append(note)
+        return True
 
     def _update_slices(self, ref: np.ndarray, diff: np.ndarray) -> None:
         """Per-index sums of squares along every non-batch axis of 2..MAX_SLICES entries; the
@@ -177,6 +198,13 @@ class OutputAccuracy:
         for k, v in d.items():
             if isinstance(v, float) and math.isinf(v):
                 d[k] = "inf" if v > 0 else "-inf"
+            elif isinstance(v, float) and math.isnan(v):
+                d[k] = None  # JSON has no NaN
+        if self.samples == 0 and self.nonfinite_reference + self.nonfinite_candidate:
+            for k in ("cosine_mean", "cosine_min", "snr_db", "max_abs_error", "max_rel_error"):
+                d[k] = None  # no finite sample: nothing was measured
+        if not self.nonfinite_reference + self.nonfinite_candidate:
+            del d["nonfinite_reference"], d["nonfinite_candidate"]
         if d["top1_agreement"] is None:
             del d["top1_agreement"], d["top5_agreement"]
         if d["worst_slice_snr_db"] is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxq.errors import ModelLoadError, OutputPathError
+from onnxq.errors import ModelLoadError, OutputPathError, one_line
 
 # Protobuf cannot serialize a message of 2 GiB or more; above this, weights go to a side file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -71,6 +71,19 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
     _check_weights(model, path)
     return model
+
+
+def checker_reason(path: str | os.PathLike) -> str | None:
+    """Why the model file at ``path`` fails onnx.checker (whole, on one line), or None if it passes
+    (or cannot be checked by path). Asked when onnxq's output fails the checker: an invalid input
+    is the input's problem, not onnxq's."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        return one_line(exc)
+    except Exception:  # noqa: BLE001 - unreadable here: no verdict on the input
+        return None
+    return None
 
 
 def _check_weights(model: ir.Model, path: Path) -> None:

@@ -35,12 +35,13 @@ from onnxq.calibration import (
     with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.collector import float_tensors
 from onnxq.calibrators.methods import DEFAULT_METHOD
 from onnxq.calibrators.subgraphs import graph_path, subgraph_owners
 from onnxq.check import compare
 from onnxq.data import open_source
 from onnxq.equalization import plan_equalization
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, PlanError
 from onnxq.metrics import OutputAccuracy
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import plan_for
@@ -140,6 +141,7 @@ def quantize(
     table_source = str(table) if table is not None and not isinstance(table, CalibrationTable) else "the calibration table"
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
+    _check_percentile_used(recipe, table)
     with modelio.transaction(paths.values(), inputs):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
@@ -150,7 +152,7 @@ def quantize(
 
         t = time.perf_counter()
         the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
-        proto = emit.checked_proto(float_model)
+        proto = emit.checked_proto(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
         quant_session = ort_rt.create_session(proto)
         del proto
         timings["build"] = time.perf_counter() - t
@@ -273,6 +275,8 @@ def build(
             log("onnxq: --table is not used with --smoothquant: calibrating on --calib (SmoothQuant needs activation rows)")
         table = None
     fp16_extra = float_tensor_names(model.graph) if plan.high_precision == "fp16" and plan.fp32_nodes is None else []
+    if table is not None and fp16_extra:
+        _require_fp16_ranges(model, table, fp16_extra, table_source)
     missing = missing_tensors(model, plan) if plan.smoothquant is None else []
     if missing or decide_sq:
         table = _calibrate(model, plan, recipe, data, table, table_source, missing, fp16_extra, request)
@@ -308,12 +312,62 @@ def _equalize(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
     emit.emit(model, plan, ["equalize"])
 
 
+def _check_plan_options(plan: QuantPlan, recipe: Recipe) -> None:
+    """An option the plan has already decided differently is refused: the output would not be
+    what the option asked for, and replaying a plan must not change it silently."""
+    decided = {"target": plan.target, "precision": plan.precision}
+    if plan.fp32_nodes is not None:
+        decided["high_precision"] = plan.high_precision
+    for name, value in decided.items():
+        if recipe.given(name) and getattr(recipe, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise OnnxqError(
+                f"{flag} {getattr(recipe, name)} conflicts with the plan, which decided {value}; drop {flag} to replay the plan, "
+                f"or drop --plan (or edit the plan's nodes) to quantize at {getattr(recipe, name)}"
+            )
+
+
+def check_plan_fits(model: ir.Model, plan: QuantPlan) -> None:
+    """Every quantized node of ``plan`` exists in ``model`` and has the inputs the plan quantizes:
+    checked before calibration, so a plan for another model fails at once."""
+    by_name = {node.name: node for node in model.graph.all_nodes()}
+    for name, decision in plan.quantized_nodes().items():
+        node = by_name.get(name)
+        if node is None:
+            raise PlanError(f"the plan names node {name!r}, which the model does not have; was the plan made for another model?")
+        for index in decision.inputs:
+            if not 0 <= index < len(node.inputs) or node.inputs[index] is None:
+                raise PlanError(f"the plan quantizes input {index} of {name!r}, which has {len(node.inputs)} inputs; was the plan made for another model?")
+
+
+def _check_percentile_used(recipe: Recipe, table: CalibrationTable | None) -> None:
+    """--percentile without a method was accepted by the recipe (a table's method may be
+    percentile); refused when the method in use is not."""
+    if recipe.percentile is None or recipe.calib_method is not None:
+        return
+    method = table.method if table is not None and table.method is not None else DEFAULT_METHOD[recipe.target]
+    methods = set(method.values()) if isinstance(method, Mapping) else {method}
+    if "percentile" not in methods:
+        raise OnnxqError(f"--percentile only applies to --calib-method percentile, and the method in use is {method!r}; drop --percentile or pass --calib-method percentile")
+
+
+def _require_fp16_ranges(model: ir.Model, table: CalibrationTable, tensors, table_source: str) -> None:
+    """FP16 regions keep the tensors that overflow FP16 in FP32, which needs every FP32 tensor's
+    range: a table without them would silently drop that protection."""
+    missing = [t for t in float_tensors(model, tensors) if t not in table.tensors]
+    if missing:
+        raise OnnxqError(
+            f"{table_source} has no range for {len(missing)} FP32 tensors (e.g. {missing[0]!r}) that --high-precision fp16 checks for FP16 overflow; "
+            "pass --calib DATA instead of --table, or write the table again with this version's onnxq calibrate (it records them)"
+        )
+
+
 def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:
     if plan is None:
         plan = plan_for(model, recipe)
     else:
-        if recipe.given("target") and plan.target != recipe.target:
-            log(f"onnxq: using the plan's target {plan.target!r}")
+        _check_plan_options(plan, recipe)
+        check_plan_fits(model, plan)
         apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
         if plan.recipe is None:
             plan.recipe = recipe.to_json()

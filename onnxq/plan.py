@@ -58,12 +58,14 @@ load unchanged.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from onnxq.errors import PlanError
+from onnxq.grids import GRIDS, WEIGHT_GRIDS
 
 PLAN_FORMAT = "onnxq.plan/2"
 READABLE_FORMATS = ("onnxq.plan/1", PLAN_FORMAT)
@@ -73,6 +75,8 @@ FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
 WEIGHT_DTYPE = {"int8": "int8", "fp8": FP8_DTYPE}
+PLAN_TARGETS = ("tensorrt", "ort")  # the placement policies (onnxq.placement.TARGETS)
+INPUT_KINDS = ("activation", "weight")  # what InsertQDQPass executes
 
 
 def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:
@@ -86,6 +90,23 @@ def _high_precision(value: str, source: str) -> str:
     if value not in HIGH_PRECISIONS:
         raise PlanError(f"{source}: high_precision {value!r} is not one of {list(HIGH_PRECISIONS)}")
     return value
+
+
+def _check_activation(tensor: str, a: ActivationQuant, source: str) -> None:
+    grid = GRIDS.get(a.dtype)
+    if grid is None:
+        raise PlanError(f"{source}: activation {tensor!r} has dtype {a.dtype!r}; use one of {list(GRIDS)}")
+    if a.scale is not None and (isinstance(a.scale, bool) or not isinstance(a.scale, (int, float)) or not (math.isfinite(a.scale) and a.scale > 0)):
+        raise PlanError(f"{source}: activation {tensor!r} has scale {a.scale!r}; a scale is a finite number above 0")
+    if isinstance(a.zero_point, bool) or not isinstance(a.zero_point, (int, float)) or not grid.qmin <= a.zero_point <= grid.qmax:
+        raise PlanError(f"{source}: activation {tensor!r} has zero point {a.zero_point!r}, outside {a.dtype}'s [{grid.qmin}, {grid.qmax}]")
+    for bound in (a.min, a.max):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound)):
+            raise PlanError(f"{source}: activation {tensor!r} has range [{a.min!r}, {a.max!r}]; ranges are finite numbers")
+    if grid.symmetric and a.zero_point != 0:
+        raise PlanError(f"{source}: activation {tensor!r} is {a.dtype} (symmetric) with zero point {a.zero_point!r}; its zero point is 0")
+    if a.min is not None and a.max is not None and a.min > a.max:
+        raise PlanError(f"{source}: activation {tensor!r} has range [{a.min!r}, {a.max!r}]: min is above max")
 
 
 @dataclass
@@ -385,7 +406,7 @@ class QuantPlan:
                     reason=d.get("reason", ""),
                 )
             check_precision(data.get("precision", "int8"), quantized=True, source=source)
-            return cls(
+            plan = cls(
                 target=data["target"],
                 precision=data.get("precision", "int8"),
                 nodes=nodes,
@@ -401,10 +422,46 @@ class QuantPlan:
                 equalization=EqualizationPlan.from_json(data["equalization"]) if data.get("equalization") else None,
                 bias_correction=data.get("bias_correction"),
             )
+            plan.check_values(source)
+            return plan
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list or null where a mapping belongs
             raise PlanError(f"{source} is malformed ({type(exc).__name__}: {exc}); regenerate it with --save-plan") from None
+
+    def check_values(self, source: str = "plan") -> None:
+        """Every value the passes execute is one they can: a known target, known input kinds and
+        dtypes, finite positive scales, zero points on their grid, whole-number axes."""
+        if self.target not in PLAN_TARGETS:
+            raise PlanError(f"{source}: target {self.target!r} is not one of {list(PLAN_TARGETS)}")
+        self._check_fields(source)
+        for name, d in self.nodes.items():
+            bad = [kind for kind in d.inputs.values() if kind not in INPUT_KINDS]
+            if bad:
+                raise PlanError(f"{source}: node {name!r} has input kind {bad[0]!r}; use one of {list(INPUT_KINDS)}")
+        for store in (self.activations, self.fp8_activations):
+            for tensor, a in store.items():
+                _check_activation(tensor, a, source)
+        for key, w in self.weights.items():
+            if w.dtype not in WEIGHT_GRIDS:
+                raise PlanError(f"{source}: weight {key!r} has dtype {w.dtype!r}; use one of {list(WEIGHT_GRIDS)}")
+            if w.axis is not None and (isinstance(w.axis, bool) or not isinstance(w.axis, int)):
+                raise PlanError(f"{source}: weight {key!r} has axis {w.axis!r}; an axis is a whole number or null (per tensor)")
+
+    def _check_fields(self, source: str) -> None:
+        """The plan-wide fields have their types: an opset number, names, reasons."""
+        if self.min_opset is not None and (isinstance(self.min_opset, bool) or not isinstance(self.min_opset, int) or not 1 <= self.min_opset <= 100):
+            raise PlanError(f"{source}: min_opset {self.min_opset!r} is not an opset number")
+        if not all(isinstance(t, str) for t in self.outputs):
+            raise PlanError(f"{source}: outputs is a list of tensor names, got {self.outputs!r}")
+        if self.fp32_nodes is not None and not (isinstance(self.fp32_nodes, dict) and all(isinstance(v, str) for v in self.fp32_nodes.values())):
+            raise PlanError(f"{source}: fp32_nodes maps node names to reasons, got {type(self.fp32_nodes).__name__}")
+        for name, d in self.nodes.items():
+            if not isinstance(d.op_type, str) or not isinstance(d.reason, str) or not all(isinstance(k, int) for k in d.inputs):
+                raise PlanError(f"{source}: node {name!r} needs an op_type and a reason (strings) and inputs by index")
+        for tensor, a in [*self.activations.items(), *self.fp8_activations.items()]:
+            if not isinstance(a.symmetric, bool):
+                raise PlanError(f"{source}: activation {tensor!r} has symmetric {a.symmetric!r}; true or false")
 
     def save(self, path: str | Path) -> None:
         from onnxq.modelio import atomic_path

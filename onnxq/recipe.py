@@ -117,6 +117,7 @@ class Recipe:
             "equalize": _flag(self.equalize, "equalize", source),
             "bias_correction": _flag(self.bias_correction, "bias-correction", source),
         }
+        _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
         return dataclasses.replace(self, **values)
@@ -167,6 +168,14 @@ def _calib_method(value, source: str):
     if isinstance(value, Mapping):
         return {str(k).lower(): check_method(str(v).lower()) for k, v in value.items()}
     raise RecipeError(f"{_at(source)}--calib-method takes one of {list(METHODS)} or a mapping by op type, got {value!r}")
+
+
+def _check_percentile_method(percentile, method, source: str) -> None:
+    """--percentile with a method that is not percentile would be ignored: refused instead. (With no
+    method the table's may be percentile; onnxq.pipeline checks the method actually used.)"""
+    methods = set(method.values()) if isinstance(method, Mapping) else {method}
+    if percentile is not None and method is not None and "percentile" not in methods:
+        raise RecipeError(f"{_at(source)}--percentile only applies to --calib-method percentile (the method here is {method!r}); drop --percentile or pass --calib-method percentile")
 
 
 def _percentile(value, source: str) -> float | None:

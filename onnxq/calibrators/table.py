@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrators.histogram import Histogram
+from onnxq.calibrators.histogram import Histogram, range_for
 from onnxq.errors import OnnxqError
 
 TABLE_FORMAT = "onnxq.calibration/1"
@@ -90,11 +90,29 @@ class TensorStats:
             out["channel_max"] = [float(v) for v in self.channel_max]
         return out
 
+    def _check_range(self) -> None:
+        """A finite, ordered range, or the collector's "never reached" state (+inf, -inf)."""
+        unreached = self.min == math.inf and self.max == -math.inf
+        if not unreached and not (math.isfinite(self.min) and math.isfinite(self.max)):
+            raise ValueError(f"range [{self.min}, {self.max}] is not finite (an infinite scale would make every output NaN)")
+        if not unreached and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+
+    def _check_histogram(self) -> None:
+        """The histogram's range is the one the collector gives this tensor's largest |x|."""
+        if self.histogram.zeros < 0:
+            raise ValueError(f"histogram zeros {self.histogram.zeros} is negative")
+        expected = range_for(self.amax) if math.isfinite(self.amax) else 0.0
+        if self.histogram.range != expected:
+            raise ValueError(f"histogram range {self.histogram.range} does not fit the tensor's range [{self.min}, {self.max}] (the collector writes {expected})")
+
     @classmethod
     def from_json(cls, data: dict) -> TensorStats:
         stats = cls(min=float(data["min"]), max=float(data["max"]))
+        stats._check_range()
         if "histogram" in data:
             stats.histogram = Histogram.from_json(data["histogram"])
+            stats._check_histogram()
         if "channel_amax" in data:
             stats.channel_axis = int(data["channel_axis"])
             stats.channel_amax = np.asarray(data["channel_amax"], dtype=np.float32)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxq import modelio
-from onnxq.errors import DataError, UnsupportedModelError
+from onnxq.errors import DataError, UnsupportedModelError, one_line
 
 _FP8_TYPES = {
     onnx.TensorProto.FLOAT8E4M3FN,
@@ -117,6 +117,7 @@ def create_session(
             model = modelio.to_proto(model)
         if isinstance(model, onnx.ModelProto):
             fp8, fp16_qdq = _uses_fp8(model), _uses_fp16_qdq(model)
+            unranked = _unranked_inputs(model)
             if model.ByteSize() < modelio.EXTERNAL_DATA_THRESHOLD:
                 source: bytes | str = model.SerializeToString()
             else:
@@ -136,11 +137,15 @@ def create_session(
 
                 raise ModelLoadError(f"{source} is not a readable ONNX model ({type(exc).__name__}: {exc}); check that the file is complete and really is ONNX") from None
             fp8, fp16_qdq = _uses_fp8(header), _uses_fp16_qdq(header)
+            unranked = _unranked_inputs(header)
         opts = session_options(fp8=fp8, fp16_qdq=fp16_qdq, threads=threads)
         try:
-            return ort.InferenceSession(source, sess_options=opts, providers=providers)
+            session = ort.InferenceSession(source, sess_options=opts, providers=providers)
+            # ORT reports an input without a shape as rank 0 (shape []): input_spec needs to know
+            session.onnxq_unranked_inputs = unranked
+            return session
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = one_line(exc)
             raise UnsupportedModelError(
                 f"ONNX Runtime cannot load this model: {reason}. Run it with onnxruntime first; "
                 "replace or exclude the op it names, or upgrade onnxruntime"
@@ -150,18 +155,27 @@ def create_session(
             tmpdir.cleanup()
 
 
+def _unranked_inputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Graph inputs whose type has no shape at all (any rank)."""
+    return frozenset(i.name for i in model.graph.input if i.type.HasField("tensor_type") and not i.type.tensor_type.HasField("shape"))
+
+
 def input_spec(session: ort.InferenceSession) -> dict[str, tuple[type, list]]:
-    """name -> (numpy dtype, shape with None/str for dynamic dims)."""
+    """name -> (numpy dtype, shape with None/str for dynamic dims; None for an input without a
+    shape in the model)."""
     spec = {}
     for arg in session.get_inputs():
         if arg.type not in _ORT_TYPES:
             raise UnsupportedModelError(f"model input {arg.name!r} has type {arg.type}, which onnxq cannot feed")
-        spec[arg.name] = (_ORT_TYPES[arg.type], list(arg.shape))
+        # a negative size (Paddle's -1) is a dynamic dimension, as in model_input_spec
+        shape = [None if isinstance(d, int) and d < 0 else d for d in arg.shape]
+        spec[arg.name] = (_ORT_TYPES[arg.type], None if arg.name in getattr(session, "onnxq_unranked_inputs", ()) else shape)
     return spec
 
 
-def model_input_spec(model: ir.Model) -> dict[str, tuple[type, list]]:
-    """The same as :func:`input_spec`, read from the graph without building a session."""
+def model_input_spec(model: ir.Model) -> dict[str, tuple[type, list | None]]:
+    """The same as :func:`input_spec`, read from the graph without building a session; the shape
+    of an input the graph gives none (not even a rank) is None: any shape is accepted."""
     spec = {}
     for value in model.graph.inputs:
         if value.const_value is not None:
@@ -170,7 +184,7 @@ def model_input_spec(model: ir.Model) -> dict[str, tuple[type, list]]:
         if type_name not in _ORT_TYPES:
             raise UnsupportedModelError(f"model input {value.name!r} has type {value.dtype}, which onnxq cannot feed")
         # Paddle's converter writes a dynamic dimension as -1: any negative size is dynamic too
-        shape = [d if isinstance(d, int) and d >= 0 else None for d in value.shape] if value.shape is not None else []
+        shape = [d if isinstance(d, int) and d >= 0 else None for d in value.shape] if value.shape is not None else None
         spec[value.name] = (_ORT_TYPES[type_name], shape)
     return spec
 
@@ -189,11 +203,18 @@ _IR_TYPE_NAMES = {
 }
 
 
+def _fits(actual: tuple[int, ...], wanted: list | None) -> bool:
+    """The array shape ``actual`` fits the input's: same rank, equal static sizes (None: any)."""
+    if wanted is None:
+        return True
+    return len(actual) == len(wanted) and all(not isinstance(d, int) or d == a for d, a in zip(wanted, actual))
+
+
 def validate_feed(feed: Mapping[str, np.ndarray], spec: Mapping[str, tuple[type, list]], where: str) -> dict[str, np.ndarray]:
     """Check a feed dict against the model's inputs; return it with arrays as numpy.
 
     Names must match exactly; dtypes must match (ints are not silently cast to floats or back);
-    static dimensions must agree.
+    static dimensions must agree (an input without a shape takes any).
     """
     missing = [n for n in spec if n not in feed]
     extra = [n for n in feed if n not in spec]
@@ -215,9 +236,7 @@ def validate_feed(feed: Mapping[str, np.ndarray], spec: Mapping[str, tuple[type,
                 f"{where}: input {name!r} has dtype {arr.dtype}, the model wants {np.dtype(dtype)}; "
                 f"convert it (e.g. arr.astype(np.{np.dtype(dtype).name}))"
             )
-        if arr.ndim != len(shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(shape, arr.shape)
-        ):
+        if not _fits(arr.shape, shape):
             raise DataError(
                 f"{where}: input {name!r} has shape {list(arr.shape)}, the model wants "
                 f"{[d if isinstance(d, int) else '?' for d in shape]}"
@@ -230,7 +249,7 @@ def run(session: ort.InferenceSession, feed: Mapping[str, np.ndarray], outputs: 
     try:
         return session.run(list(outputs) if outputs is not None else None, dict(feed))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc)
         raise UnsupportedModelError(f"ONNX Runtime failed to run the model: {reason}") from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.errors import DataError, OnnxqError
+from onnxq.errors import DataError, OnnxqError, one_line
 from onnxq.runtime import ort as ort_rt
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -97,7 +97,7 @@ def infer(runner, feed: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     except OnnxqError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = one_line(exc)
         raise OnnxqError(f"{runner.name} failed to run: {reason}") from None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxq import modelio
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, one_line
 
 Shape = tuple[int, ...]
 
@@ -99,13 +99,15 @@ def check_shapes_against_model(shapes: Sequence[InputShapes], model_inputs: Mapp
         if s.name not in model_inputs:
             raise OnnxqError(f"--shapes names {s.name!r}, which is not a model input; the inputs are {list(model_inputs)}")
         dims = model_inputs[s.name]
+        if dims is None:  # no shape in the model: any rank
+            continue
         if len(dims) != len(s.min):
             raise OnnxqError(f"--shapes {s.name}: rank {len(s.min)}, the model input has rank {len(dims)}")
         for i, d in enumerate(dims):
             if isinstance(d, int) and not (s.min[i] == s.opt[i] == s.max[i] == d):
                 raise OnnxqError(f"--shapes {s.name}: dimension {i} is fixed to {d} in the model")
     named = {s.name for s in shapes}
-    dynamic = [n for n, dims in model_inputs.items() if any(not isinstance(d, int) for d in dims) and n not in named]
+    dynamic = [n for n, dims in model_inputs.items() if (dims is None or any(not isinstance(d, int) for d in dims)) and n not in named]
     if dynamic:
         raise OnnxqError(
             f"inputs {dynamic} have dynamic dimensions; give their range with --shapes NAME:MIN,OPT,MAX "
@@ -269,7 +271,7 @@ def build_engine(
         except OnnxqError:
             raise
         except Exception as exc:  # polygraphy reports parser/builder failures as PolygraphyException
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = one_line(exc)
             raise OnnxqError(f"TensorRT could not build an engine from {model}: {reason}") from None
         manifest = make_manifest(model, output, options, environment())
         with modelio.atomic_path(man_path) as tmp:
