@@ -129,7 +129,7 @@ def quantize(
     modelio.check_outputs(paths.values(), inputs)  # a clash is an error before anything is read
     recipe = make_recipe(recipe, options)
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
-    if calib is None and table is None and given_plan is None:
+    if calib is None and table is None and given_plan is None and not recipe.weight_only:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     if recipe.smoothquant is not None and calib is None and not (given_plan and given_plan.smoothquant):
         raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")

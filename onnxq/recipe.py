@@ -30,7 +30,10 @@ from onnxq.calibrators.methods import METHODS, check_method, check_percentile
 from onnxq.errors import OnnxqError
 
 TARGETS = ("tensorrt", "ort")
-PRECISIONS = ("int8", "fp8")
+PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
+# weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
+WEIGHT_ONLY = ("w4a16", "w8a16")
+BLOCK_SIZES = (32, 64, 128)
 HIGH_PRECISIONS = ("fp32", "fp16")
 
 
@@ -54,6 +57,8 @@ class Recipe:
     include: tuple[str, ...] = ()  # only these nodes (names or regexes) may be quantized
     include_op: tuple[str, ...] = ()  # only these op types may be quantized
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
+    block_size: int = 128  # weight-only: weights per scale along the reduction axis
+    quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -112,10 +117,20 @@ class Recipe:
             "include": _strings(self.include, "include", source),
             "include_op": _strings(self.include_op, "include-op", source),
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
+            "block_size": _block_size(self.block_size, source),
+            "quantize_head": _flag(self.quantize_head, "quantize-head", source),
         }
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
+        if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
+            option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
+            raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")
         return dataclasses.replace(self, **values)
+
+    @property
+    def weight_only(self) -> bool:
+        """Whether the request is weight-only (w4a16 / w8a16): no activation is quantized."""
+        return self.precision in WEIGHT_ONLY
 
     # --- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -194,6 +209,13 @@ def _alpha(value, source: str) -> float | str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise RecipeError(f"{_at(source)}--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
     return float(value)
+
+
+def _block_size(value, source: str) -> int:
+    n = _count(value, "block-size", source, minimum=1)
+    if n not in BLOCK_SIZES:
+        raise RecipeError(f"{_at(source)}--block-size takes one of {list(BLOCK_SIZES)}, got {value!r}")
+    return n
 
 
 def _flag(value, option: str, source: str) -> bool:

@@ -9,6 +9,10 @@ Rule: for every quantized node in the plan, at the node's precision (INT8 or FP8
   ``float8e4m3fn`` for FP8 nodes) and a DequantizeLinear (symmetric, per channel on the plan's
   axis, zero point 0 of the same dtype); the float initializer is removed when nothing else
   reads it;
+- a weight-only node (precision ``w4`` / ``w8``) has only its weight input quantized, in blocks
+  along the plan's axis (opset 21 ``block_size``): INT4/INT8 with no zero point (symmetric), or
+  UINT4/UINT8 with a zero point per block; INT4 initializers hold two values per byte, low
+  nibble first. The weight is quantized as the node reads it (through a Transpose);
 - each tensor in ``plan.outputs`` gets the same Q→DQ pair (at the plan's precision) for all of
   its consumers.
 FP8 Q/DQ exists from opset 19: a plan with an FP8 node first raises the model's opset to 19
@@ -23,9 +27,9 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
-from onnxq.grids import GRIDS, quantize_weight
+from onnxq.grids import GRIDS, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, QuantPlan, WeightQuant
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant
 from onnxq.weights import weight_source
 
 # FP8 QuantizeLinear/DequantizeLinear arrive in opset 19.
@@ -63,6 +67,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 value = node.inputs[index]
                 if kind == "activation":
                     node.replace_input_with(index, self._activation(value, decision.precision, node.graph))
+                elif kind == "weight" and decision.precision in WEIGHT_ONLY_PRECISIONS:
+                    node.replace_input_with(index, self._blocked_weight(value, name, index, node.graph))
                 elif kind == "weight":
                     node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
                 else:
@@ -199,5 +205,39 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].dtype = value.dtype
         dq.outputs[0].shape = value.shape
         self._insert(q_value, [dq], graph)
+        self._weight_dq[key] = dq.outputs[0]
+        return dq.outputs[0]
+
+    def _blocked_weight(self, value: ir.Value, node: str, index: int, graph: ir.Graph) -> ir.Value:
+        """A blocked DequantizeLinear of the weight behind ``value``, quantized as the node reads
+        it (a Transposed weight gets its transposed integer copy; float readers keep the original)."""
+        key = (value.name, "blocked", id(graph))
+        if key in self._weight_dq:
+            return self._weight_dq[key]
+        source = weight_source(value)
+        entry = self.plan.weights.get(self.plan.weight_key(node, index))
+        if source is None or entry is None or entry.block_size is None or entry.axis is None:
+            raise PlanError(f"weight-only node {node!r} needs a float initializer weight and a plan entry with axis and block_size for input {index}")
+        if entry.dtype not in ("int4", "uint4", "int8", "uint8"):
+            raise PlanError(f"weight-only weights are int4, uint4, int8 or uint8; the plan asks for {entry.dtype} for {node!r}")
+        array = source.initializer.const_value.numpy()
+        name = source.initializer.name
+        if source.transpose is not None:
+            array = np.transpose(array, source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1]))
+            name = value.name
+        if not -array.ndim <= entry.axis < array.ndim:
+            raise PlanError(f"weight of {node!r} has rank {array.ndim}; axis {entry.axis} does not exist")
+        axis = entry.axis % array.ndim
+        grid = GRIDS[entry.dtype]
+        q, scale, zero = quantize_blocked(array, axis, entry.block_size, grid)
+        name += self._scope_suffix(graph)
+        inputs = [self._constant(f"{name}_quantized", q), self._constant(f"{name}_scale", scale.astype(_NP_FLOAT.get(value.dtype, np.float32)))]
+        if not grid.symmetric:
+            inputs.append(self._constant(f"{name}_zero_point", zero))
+        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": entry.block_size}, name=f"{name}_DequantizeLinear")
+        dq.outputs[0].name = f"{name}_dequantized"
+        dq.outputs[0].dtype = value.dtype
+        dq.outputs[0].shape = ir.Shape(array.shape)
+        self._insert(inputs[0], [dq], graph)
         self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]
