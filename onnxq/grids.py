@@ -156,6 +156,10 @@ def fake_quant_weight(weight: np.ndarray, axis: int | None, dtype: str = "int8")
 
 # --- blocked (weight-only) quantization --------------------------------------------------------
 
+# Range factors a weight block may be clipped to (AWQ's clip search: 1 down to 0.55 in steps of
+# 0.05, its reference's n_grid 20 and max_shrink 0.5); plans store indices into this tuple.
+CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(10))
+
 
 def _blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
     """``w`` (float32) as ``[blocks, block, rest]`` along ``axis``, zero-padded to whole blocks

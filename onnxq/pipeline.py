@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import emit, modelio
+from onnxq import awq, emit, modelio
 from onnxq import smoothquant as sq
 from onnxq.calibration import (
     DataArg,
@@ -259,6 +259,9 @@ def build(
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
     t = time.perf_counter()
+    if plan.smoothquant is None and recipe.weight_method == "awq":
+        _decide_awq(model, plan, data)
+        timings["awq"] = time.perf_counter() - t
     decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
     request = {}
     if decide_sq:
@@ -287,6 +290,17 @@ def build(
         log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32")
     emit.emit(model, plan, ["finish"])
     return plan, table
+
+
+def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
+    """AWQ's scales and clip factors (:mod:`onnxq.awq`) from rows sampled in one calibration pass."""
+    if data is None:
+        raise OnnxqError("--weight-method awq needs calibration data: pass --calib DATA (it samples the input rows of each linear layer)")
+    groups = sq.find_groups(model, plan)
+    request = sq.calibration_request(groups, "auto")
+    collect(model, [g.activation for g in groups], data, progress=True, **request)
+    plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"])
+    log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
 def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:

@@ -56,6 +56,7 @@ load unchanged.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,12 +121,20 @@ class WeightQuant:
     dtype: str = "int8"  # or "float8e4m3fn"; weight-only: "int4"/"int8" (symmetric) or "uint4"/"uint8" (zero points)
     axis: int | None = 0  # weight-only: the axis the blocks run along (the reduction axis)
     block_size: int | None = None  # weight-only: values per scale along ``axis``; None: per channel
+    # weight-only AWQ: per block and column (row-major [blocks, columns]) an index into
+    # onnxq.grids.CLIP_RATIOS, the factor on the block's range; base64 of uint8. None: no clip
+    clip: str | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
-        if self.block_size is None:
-            del out["block_size"]  # per-channel entries read as before
+        for key in ("block_size", "clip"):
+            if out[key] is None:
+                del out[key]  # per-channel entries read as before
         return out
+
+    def clip_indices(self) -> np.ndarray | None:
+        """The clip indices as a flat uint8 array, or None."""
+        return np.frombuffer(base64.b64decode(self.clip), dtype=np.uint8) if self.clip else None
 
 
 # --- SmoothQuant decisions (made by onnxq.smoothquant, executed by passes/smoothquant.py) ---

@@ -34,6 +34,7 @@ PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
 # weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
 WEIGHT_ONLY = ("w4a16", "w8a16")
 BLOCK_SIZES = (32, 64, 128)
+WEIGHT_METHODS = ("rtn", "awq")
 HIGH_PRECISIONS = ("fp32", "fp16")
 
 
@@ -59,6 +60,7 @@ class Recipe:
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
+    weight_method: str = "rtn"  # weight-only: round-to-nearest, or AWQ's scale and clip search
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -119,12 +121,15 @@ class Recipe:
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "block_size": _block_size(self.block_size, source),
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
+            "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
         }
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
         if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
             option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
             raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")
+        if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
+            raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
         return dataclasses.replace(self, **values)
 
     @property

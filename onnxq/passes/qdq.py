@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
-from onnxq.grids import GRIDS, quantize_blocked, quantize_weight
+from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
 from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant
 from onnxq.weights import weight_source
@@ -229,7 +229,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
             raise PlanError(f"weight of {node!r} has rank {array.ndim}; axis {entry.axis} does not exist")
         axis = entry.axis % array.ndim
         grid = GRIDS[entry.dtype]
-        q, scale, zero = quantize_blocked(array, axis, entry.block_size, grid)
+        indices = entry.clip_indices()
+        clip = 1.0
+        if indices is not None:  # AWQ's clip factors, [blocks, columns]
+            blocks = -(-array.shape[axis] // entry.block_size)
+            if indices.size != blocks * (array.size // array.shape[axis]):
+                raise PlanError(f"the plan's clip factors for {node!r} do not fit its weight {list(array.shape)} in blocks of {entry.block_size}")
+            clip = np.asarray(CLIP_RATIOS, dtype=np.float32)[indices.reshape(blocks, -1)]
+        q, scale, zero = quantize_blocked(array, axis, entry.block_size, grid, clip)
         name += self._scope_suffix(graph)
         inputs = [self._constant(f"{name}_quantized", q), self._constant(f"{name}_scale", scale.astype(_NP_FLOAT.get(value.dtype, np.float32)))]
         if not grid.symmetric:
