@@ -7,7 +7,8 @@ group of MatMul/Gemm that read one activation (:func:`onnxq.smoothquant.find_gro
   channel j, ``s_j = mean|X_j|^α`` normalised by ``sqrt(max s · min s)``; α from
   :data:`ALPHA_GRID` (0, 0.05, …, 0.95: the reference's 20-point grid) minimising the squared
   error of ``(X/s) · Q(s·W)`` against ``X·W`` over the group's quantized consumers, where Q is
-  the plan's blocked quantization. α = 0 (s = 1) is round-to-nearest: AWQ is never worse than
+  the plan's blocked quantization (on at most :data:`MAX_SCALE_COLUMNS` columns, a fixed
+  sample). α = 0 (s = 1) is round-to-nearest: AWQ is never worse than
   RTN on the sampled rows. The scales are a SmoothQuant group (``plan.smoothquant``): diag(s)⁻¹
   goes into the producer (norm weight, linear producer, SwiGLU's ``up``) and diag(s) into the
   consumers' weights, executed exactly by the ``fold`` stage. A group whose producer cannot take
@@ -33,7 +34,9 @@ from onnxq.patterns import norm_statistics
 from onnxq.plan import QuantPlan, SmoothGroup, SmoothPlan
 
 ALPHA_GRID = tuple(i / 20 for i in range(20))
-MAX_SEARCH_ROWS = 512
+MAX_SEARCH_ROWS = 512  # rows the scale search simulates per group
+MAX_CLIP_ROWS = 256  # rows the clip search simulates (it runs per block and column: all columns)
+MAX_SCALE_COLUMNS = 2048  # output columns the scale search simulates (a fixed sample when more: an LM head has 49152)
 
 
 def awq_scales(x_mean: np.ndarray, alpha: float) -> np.ndarray:
@@ -49,6 +52,8 @@ def _relative_error(out: np.ndarray, ref: np.ndarray) -> float:
 
 def search_scale(rows: np.ndarray, weight: np.ndarray, grid: str, block: int) -> tuple[float, np.ndarray, dict[str, float]]:
     """(α, s, error per α) for rows ``[R, K]`` and the consumers' weights ``[K, N]``."""
+    if weight.shape[1] > MAX_SCALE_COLUMNS:
+        weight = weight[:, np.sort(np.random.default_rng(0).choice(weight.shape[1], MAX_SCALE_COLUMNS, replace=False))]
     ref = rows @ weight
     x_mean = np.abs(rows).mean(axis=0)
     best: tuple[float, float, np.ndarray] | None = None
@@ -103,7 +108,7 @@ def plan_awq(model: ir.Model, plan: QuantPlan, groups: list[SmoothGroup], reserv
         rows = rows[:MAX_SEARCH_ROWS].astype(np.float32)
         s = _scale_group(group, values[group.activation], rows, weights, members[0][1], norms, by_name)
         for (_, entry), w in zip(members, weights, strict=True):
-            entry.clip = encode_clip(search_clip(rows / s, w * s[:, None], entry.dtype, entry.block_size))
+            entry.clip = encode_clip(search_clip(rows[:MAX_CLIP_ROWS] / s, w * s[:, None], entry.dtype, entry.block_size))
     return out
 
 

@@ -274,6 +274,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), or weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21) (default: int8)"}),
     "quantize_head": (("--quantize-head",), {"action": "store_true", "help": "weight-only: quantize the LM head (the MatMul/Gemm writing a graph output) too; by default it stays float"}),
     "weight_method": (("--weight-method",), {"choices": ["rtn", "awq"], "help": "weight-only: rtn (round to nearest, no data needed) or awq (per-channel scales and per-block clipping searched on --calib rows) (default: rtn)"}),
+    "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
     "high_precision": (("--high-precision",), {"choices": ["fp32", "fp16"], "help": "precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)"}),
     "exclude": (("--exclude",), {"action": "append", "metavar": "NAME|REGEX", "help": "keep matching nodes in float (repeatable; regexes match whole names)"}),
@@ -287,7 +288,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
     "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "weight_method")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 

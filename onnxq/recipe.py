@@ -60,6 +60,7 @@ class Recipe:
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
+    quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
     weight_method: str = "rtn"  # weight-only: round-to-nearest, or AWQ's scale and clip search
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
@@ -121,6 +122,7 @@ class Recipe:
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "block_size": _block_size(self.block_size, source),
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
+            "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
         }
         if values["split_outliers"] and values["smoothquant"] is None:
@@ -128,6 +130,8 @@ class Recipe:
         if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
             option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
             raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")
+        if values["quantize_embedding"] and (values["precision"] not in WEIGHT_ONLY or values["target"] != "ort"):
+            raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
         if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
             raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
         return dataclasses.replace(self, **values)

@@ -220,3 +220,40 @@ def test_inspect_and_diff_read_blocked_int4(decoder_case, tmp_path, capsys):
     assert main(["diff", str(tmp_path / "ort.onnx"), str(tmp_path / "trt.onnx")]) == 1  # 1: the models differ
     text = capsys.readouterr().out
     assert "dtype uint4 -> int4" in text and "axis 0 block 32" in text
+
+
+def _tied_lm(path, vocab: int = 100, hidden: int = 64):
+    """ids → Gather(embedding) → MatMul → MatMul(Transpose(embedding)): a tied LM head."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("Gather", ["emb", "ids"], ["h"], name="embed"),
+        onnx.helper.make_node("MatMul", ["h", "w"], ["h2"], name="proj"),
+        onnx.helper.make_node("Transpose", ["emb"], ["emb_t"], name="tie", perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["h2", "emb_t"], ["logits"], name="head"),
+    ]
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (vocab, hidden)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (hidden, hidden)).astype(np.float32), "w")]
+    graph = onnx.helper.make_graph(nodes, "tied", [onnx.helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                                   [onnx.helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8, vocab])], inits)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return {i.name: numpy_helper.to_array(i) for i in inits}
+
+
+def test_quantized_embedding_and_tied_head_leave_no_float_table(tmp_path):
+    weights = _tied_lm(tmp_path / "lm.onnx")
+    args = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head", "--quantize-embedding"]
+    q = _quantize(tmp_path / "lm.onnx", tmp_path / "q.onnx", *args, "--save-plan", str(tmp_path / "p.json"))
+    assert [n.op_type for n in q.graph.node if n.domain == "com.microsoft"] == ["GatherBlockQuantized"]
+    floats = [int(np.prod(i.dims)) for i in q.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert max(floats) == 200  # only scales ([100, 2] of the table) are float: no float table is left
+    ids = (np.arange(8) * 7).reshape(1, 8)
+    emb = fake_quant_blocked(weights["emb"], 1, 32, GRIDS["uint4"])
+    want = emb[ids] @ fake_quant_blocked(weights["w"], 0, 32, GRIDS["uint4"]) @ emb.T
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, want, rtol=0.02, atol=0.02 * np.abs(want).max())  # ORT's MatMulNBits: INT8 activations inside
+    _quantize(tmp_path / "lm.onnx", tmp_path / "replay.onnx", "--plan", str(tmp_path / "p.json"))
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
+    with pytest.raises(RecipeError, match="--quantize-embedding is for weight-only precisions on the ort target"):
+        Recipe.from_options({"precision": "w4a16", "quantize_embedding": True})
