@@ -2,11 +2,12 @@
 MatMulNBitsQuantizer on the same model and data, in one process.
 
     python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
-        [--methods rtn awq] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--out bench.json]
+        [--methods rtn awq] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
-(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head");
+(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
+and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
 onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN, symmetric and asymmetric; it skips the tied head, whose
 weight is a Transpose of the embedding, not an initializer). Columns: the zoo metric (6 layers:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -32,13 +34,13 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def quantize_onnxq(case, out, *, precision, target, block, method, head=False, calib_n=None):
+def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, calib_n=None):
     import onnxq
 
     options = {"weight_method": method} if method != "rtn" else {}
     t = time.perf_counter()
     onnxq.quantize(case["model"], out, case["calib"] if method != "rtn" else None, precision=precision, target=target, block_size=block,
-                   quantize_head=head, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
+                   quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
     return time.perf_counter() - t
 
 
@@ -80,13 +82,14 @@ def variants(model: str, blocks, methods):
             rows.append((f"onnxq w4a16 {method} ort b{block}", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
+            rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
         rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
     rows.append(("onnxq w8a16 rtn ort b128 +head", "onnxq", {"precision": "w8a16", "target": "ort", "block": 128, "method": "rtn", "head": True}))
     return rows
 
 
-def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path) -> list[dict]:
+def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: str | None = None) -> list[dict]:
     from onnxq import zoo
 
     entry = zoo.get(name)
@@ -94,10 +97,13 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path) -> lis
     ids = entry.eval_data(1)["input_ids"]
     rows = [{"model": name, "row": "FP32", "path": case["model"], "seconds": 0.0}]
     for i, (label, kind, opts) in enumerate(variants(name, blocks, methods)):
+        if only and not re.search(only, label):
+            continue
         out = work / name / f"v{i}.onnx"
         try:
             if kind == "onnxq":
-                seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False), calib_n=calib_n)
+                seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
+                                         embedding=opts.get("embedding", False), calib_n=calib_n)
             else:
                 seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"])
             rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
@@ -148,12 +154,13 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument("--rows", metavar="REGEX", help="only the variants whose label matches (FP32 always runs)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxq-wonly-") as tmp:
         for name in args.models:
-            rows += bench_model(name, args.blocks, args.methods, args.calib_samples, args.eval_samples, args.latency_runs, Path(tmp))
+            rows += bench_model(name, args.blocks, args.methods, args.calib_samples, args.eval_samples, args.latency_runs, Path(tmp), args.rows)
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))
