@@ -167,6 +167,8 @@ def _compare_input(ia: LayerInput, ib: LayerInput, rename: Mapping[str, str], ch
             parts.append(f"dtype {qa.dtype.lower()} -> {qb.dtype.lower()}")
         if qa.axis != qb.axis:
             parts.append(f"axis {qa.axis} -> {qb.axis}")
+        if qa.block_size != qb.block_size:
+            parts.append(f"block size {qa.block_size or '-'} -> {qb.block_size or '-'}")
         if np.shape(qa.scale) != np.shape(qb.scale):
             parts.append(f"scale shape {list(np.shape(qa.scale))} -> {list(np.shape(qb.scale))}")
         elif not np.array_equal(qa.scale, qb.scale):
@@ -229,7 +231,7 @@ def _scale_text(q) -> str:
     scale = f"{s:.4g}" if isinstance(s, float) else f"[{s['n']}] {s['min']:.3g}..{s['max']:.3g}"
     z = summarize(q.zero_point)
     zp = "-" if z is None else (f"{z}" if not isinstance(z, dict) else f"[{z['n']}] {z['min']:g}..{z['max']:g}")
-    axis = "" if q.axis is None else f" axis {q.axis}"
+    axis = "" if q.axis is None else f" axis {q.axis}" + (f" block {q.block_size}" if q.block_size else "")
     return f"{q.kind[0]}:{q.dtype.lower()} scale {scale} zp {zp}{axis}"
 
 

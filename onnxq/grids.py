@@ -5,6 +5,9 @@ range maps onto them.
   ``QuantizeLinear`` does, weights use the restricted range [-127, 127] (zero in the middle).
 - UINT8, asymmetric: the range is widened to hold 0, scale = (max − min)/255, zero point
   ``round(−min/scale)`` in [0, 255].
+- INT4 / UINT4 (weight-only, blocked): as INT8 / UINT8 with qmax 7 / 15, one scale (and zero
+  point) per block of ``block`` consecutive values along the reduction axis
+  (:func:`quantize_blocked`); ONNX packs two values per byte, low nibble first (onnx_ir does it).
 - FP8 E4M3FN, symmetric: scale = amax/448; values round to the nearest E4M3FN number, ties to
   even, saturating at ±448, exactly as ONNX ``QuantizeLinear`` to ``float8e4m3fn`` with
   ``saturate=1`` computes it (tested against ``onnx.reference`` and ONNX Runtime).
@@ -56,8 +59,11 @@ FP8_MAX = 448.0
 INT8 = Grid("int8", -128, 127, True, np.int8, ir.DataType.INT8)
 UINT8 = Grid("uint8", 0, 255, False, np.uint8, ir.DataType.UINT8)
 FP8 = Grid("float8e4m3fn", -FP8_MAX, FP8_MAX, True, ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN)
-# INT4 (-8..7, ml_dtypes.int4) joins this table when weight-only quantization needs it.
-GRIDS = {g.name: g for g in (INT8, UINT8, FP8)}
+# INT4 weights (weight-only): symmetric scale amax/7 (values in [-7, 7]; TensorRT's and ModelOpt's
+# rule), or asymmetric UINT4 with a zero point (ORT's MatMulNBits form).
+INT4 = Grid("int4", -8, 7, True, ml_dtypes.int4, ir.DataType.INT4)
+UINT4 = Grid("uint4", 0, 15, False, ml_dtypes.uint4, ir.DataType.UINT4)
+GRIDS = {g.name: g for g in (INT8, UINT8, FP8, INT4, UINT4)}
 # Grids a weight can be quantized on (symmetric only: zero point 0).
 WEIGHT_GRIDS = {g.name: g for g in (INT8, FP8)}
 
@@ -146,3 +152,72 @@ def fake_quant_weight(weight: np.ndarray, axis: int | None, dtype: str = "int8")
     if axis is not None:
         shape[axis] = -1
     return q.astype(np.float32) * scale.reshape(shape)
+
+
+# --- blocked (weight-only) quantization --------------------------------------------------------
+
+# Range factors a weight block may be clipped to (AWQ's clip search: 1 down to 0.55 in steps of
+# 0.05, its reference's n_grid 20 and max_shrink 0.5); plans store indices into this tuple.
+CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(10))
+
+
+def _blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """``w`` (float32) as ``[blocks, block, rest]`` along ``axis``, zero-padded to whole blocks
+    (zeros widen no symmetric range, and asymmetric ranges hold 0 anyway)."""
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    n_blocks = -(-moved.shape[0] // block)
+    padded = np.zeros((n_blocks * block, moved.shape[1]), dtype=np.float32)
+    padded[: moved.shape[0]] = moved
+    return padded.reshape(n_blocks, block, -1)
+
+
+def _unblock(params: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """``[blocks, rest]`` parameters back in the weight's layout, ``blocks`` on ``axis``."""
+    moved_shape = (params.shape[0], *[d for i, d in enumerate(shape) if i != axis])
+    return np.moveaxis(params.reshape(moved_shape), 0, axis)
+
+
+def blocked_params(w: np.ndarray, axis: int, block: int, g: Grid, clip: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scales and zero points (``g``'s integers, as float) of ``w`` per block of ``block``
+    values along ``axis``, laid out like ``w`` with ``ceil(K/block)`` on ``axis`` (what a blocked
+    DequantizeLinear reads). ``clip``: a factor (scalar or ``[blocks, rest]``) on each block's
+    range (AWQ's clip search); 1.0 is round-to-nearest on the full range."""
+    blocks = _blocks(np.asarray(w, dtype=np.float32), axis, block)
+    if g.symmetric:
+        amax = np.abs(blocks).max(axis=1) * clip
+        scale = np.where(amax > 0, amax / g.steps, 1.0).astype(np.float32)
+        zero = np.zeros_like(scale)
+    else:
+        lo = np.minimum(blocks.min(axis=1), 0.0) * clip
+        hi = np.maximum(blocks.max(axis=1), 0.0) * clip
+        scale = np.where(hi > lo, (hi - lo) / g.steps, 1.0).astype(np.float32)
+        zero = np.clip(np.rint(-lo / scale), g.qmin, g.qmax).astype(np.float32)
+    return _unblock(scale, w.shape, axis), _unblock(zero, w.shape, axis)
+
+
+def _expand(params: np.ndarray, axis: int, block: int, size: int) -> np.ndarray:
+    return np.repeat(params, block, axis=axis).take(np.arange(size), axis=axis)
+
+
+def quantize_blocked(w: np.ndarray, axis: int, block: int, g: Grid, clip: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values of ``g``'s numpy type, float32 scales, zero points of ``g``'s type) of ``w``
+    quantized per block (:func:`blocked_params`); symmetric grids use [-qmax, qmax]."""
+    w = np.asarray(w, dtype=np.float32)
+    scale, zero = blocked_params(w, axis, block, g, clip)
+    size = w.shape[axis]
+    lowest = -g.qmax if g.symmetric else g.qmin
+    q = np.clip(np.rint(w / _expand(scale, axis, block, size)) + _expand(zero, axis, block, size), lowest, g.qmax)
+    return q.astype(g.numpy_type), scale, zero.astype(g.numpy_type)
+
+
+def dequantize_blocked(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """What a blocked DequantizeLinear computes: ``(q − zero) · scale`` in float32 per block."""
+    size = q.shape[axis]
+    centred = q.astype(np.int32) - _expand(zero.astype(np.int32), axis, block, size)
+    return centred.astype(np.float32) * _expand(scale, axis, block, size)
+
+
+def fake_quant_blocked(w: np.ndarray, axis: int, block: int, g: Grid, clip: np.ndarray | float = 1.0) -> np.ndarray:
+    """``w`` quantized per block and dequantized, exactly as the emitted model computes it."""
+    q, scale, zero = quantize_blocked(w, axis, block, g, clip)
+    return dequantize_blocked(q, scale, zero, axis, block)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import emit, modelio
+from onnxq import awq, emit, modelio
 from onnxq import smoothquant as sq
 from onnxq.bias_correction import measure_corrections
 from onnxq.calibration import (
@@ -132,7 +132,7 @@ def quantize(
     modelio.check_outputs(paths.values(), inputs)  # a clash is an error before anything is read
     recipe = make_recipe(recipe, options)
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
-    if calib is None and table is None and given_plan is None:
+    if calib is None and table is None and given_plan is None and not recipe.weight_only:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     if recipe.bias_correction and calib is None and not (given_plan and given_plan.bias_correction is not None):
         raise OnnxqError("--bias-correction needs calibration data: pass --calib DATA (it measures each layer's mean output error)")
@@ -266,6 +266,9 @@ def build(
     plan = _placement(model, recipe, plan)
     _equalize(model, plan, recipe)
     t = time.perf_counter()
+    if plan.smoothquant is None and recipe.weight_method == "awq":
+        _decide_awq(model, plan, data)
+        timings["awq"] = time.perf_counter() - t
     decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
     request = {}
     if decide_sq:
@@ -360,6 +363,15 @@ def _require_fp16_ranges(model: ir.Model, table: CalibrationTable, tensors, tabl
             f"{table_source} has no range for {len(missing)} FP32 tensors (e.g. {missing[0]!r}) that --high-precision fp16 checks for FP16 overflow; "
             "pass --calib DATA instead of --table, or write the table again with this version's onnxq calibrate (it records them)"
         )
+def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
+    """AWQ's scales and clip factors (:mod:`onnxq.awq`) from rows sampled in one calibration pass."""
+    if data is None:
+        raise OnnxqError("--weight-method awq needs calibration data: pass --calib DATA (it samples the input rows of each linear layer)")
+    groups = sq.find_groups(model, plan)
+    request = sq.calibration_request(groups, "auto")
+    collect(model, [g.activation for g in groups], data, progress=True, **request)
+    plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"])
+    log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
 def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:

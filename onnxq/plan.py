@@ -7,8 +7,11 @@ A plan has
 - ``precision``: the default precision of quantized nodes (``"int8"`` or ``"fp8"``); policies
   write every quantized node at this precision;
 - ``nodes``: one decision per considered node: its precision (``"int8"``, ``"fp8"`` or
-  ``"float"``), which of its inputs get a Q/DQ pair (by input index), and why. Precision is per
-  node: a plan may mix INT8 and FP8 nodes;
+  ``"float"``, or weight-only ``"w4"`` / ``"w8"``), which of its inputs get a Q/DQ pair (by
+  input index), and why. Precision is per node: a plan may mix INT8 and FP8 nodes; a weight-only
+  node quantizes only its weight, whose entry holds the dtype (``int4``/``int8`` symmetric,
+  ``uint4``/``uint8`` with zero points), the blocking axis (the reduction axis as the node reads
+  the weight) and ``block_size``;
 - ``activations``: integer-grid quantization parameters per activation tensor (``int8``
   symmetric or ``uint8`` asymmetric), used by the INT8 nodes that read it;
 - ``fp8_activations``: FP8 E4M3FN parameters per activation tensor (symmetric, zero point 0,
@@ -57,6 +60,7 @@ load unchanged.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -71,6 +75,9 @@ PLAN_FORMAT = "onnxq.plan/2"
 READABLE_FORMATS = ("onnxq.plan/1", PLAN_FORMAT)
 HIGH_PRECISIONS = ("fp32", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
+# Weight-only precisions: only the weight input is quantized (blocked INT4 / INT8 along the
+# reduction axis), the activations stay float (the recipe's w4a16 / w8a16).
+WEIGHT_ONLY_PRECISIONS = ("w4", "w8")
 FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
@@ -80,7 +87,9 @@ INPUT_KINDS = ("activation", "weight")  # what InsertQDQPass executes
 
 
 def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:
-    allowed = QUANTIZED_PRECISIONS if quantized else (*QUANTIZED_PRECISIONS, FLOAT)
+    allowed = (*QUANTIZED_PRECISIONS, *WEIGHT_ONLY_PRECISIONS)
+    if not quantized:
+        allowed = (*allowed, FLOAT)
     if precision not in allowed:
         raise PlanError(f"{source}: precision {precision!r} is not one of {list(allowed)}")
     return precision
@@ -134,8 +143,23 @@ class ActivationQuant:
 
 @dataclass
 class WeightQuant:
-    dtype: str = "int8"  # or "float8e4m3fn"
-    axis: int | None = 0
+    dtype: str = "int8"  # or "float8e4m3fn"; weight-only: "int4"/"int8" (symmetric) or "uint4"/"uint8" (zero points)
+    axis: int | None = 0  # weight-only: the axis the blocks run along (the reduction axis)
+    block_size: int | None = None  # weight-only: values per scale along ``axis``; None: per channel
+    # weight-only AWQ: per block and column (row-major [blocks, columns]) an index into
+    # onnxq.grids.CLIP_RATIOS, the factor on the block's range; base64 of uint8. None: no clip
+    clip: str | None = None
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for key in ("block_size", "clip"):
+            if out[key] is None:
+                del out[key]  # per-channel entries read as before
+        return out
+
+    def clip_indices(self) -> np.ndarray | None:
+        """The clip indices as a flat uint8 array, or None."""
+        return np.frombuffer(base64.b64decode(self.clip), dtype=np.uint8) if self.clip else None
 
 
 # --- SmoothQuant decisions (made by onnxq.smoothquant, executed by passes/smoothquant.py) ---
@@ -376,7 +400,7 @@ class QuantPlan:
             },
             "activations": {name: asdict(a) for name, a in self.activations.items()},
             "fp8_activations": {name: asdict(a) for name, a in self.fp8_activations.items()},
-            "weights": {name: asdict(w) for name, w in self.weights.items()},
+            "weights": {name: w.to_json() for name, w in self.weights.items()},
             "outputs": list(self.outputs),
             "smoothquant": self.smoothquant.to_json() if self.smoothquant is not None else None,
             "high_precision": self.high_precision,
@@ -394,11 +418,7 @@ class QuantPlan:
         try:
             nodes = {}
             for name, d in data["nodes"].items():
-                if d["precision"] not in (*QUANTIZED_PRECISIONS, FLOAT):
-                    raise PlanError(
-                        f"{source}: node {name!r} has precision {d['precision']!r}; use one of "
-                        f"{[*QUANTIZED_PRECISIONS, FLOAT]}"
-                    )
+                check_precision(d["precision"], source=f"{source}: node {name!r}")
                 nodes[name] = NodeDecision(
                     op_type=d["op_type"],
                     precision=d["precision"],

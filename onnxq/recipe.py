@@ -30,7 +30,11 @@ from onnxq.calibrators.methods import METHODS, check_method, check_percentile
 from onnxq.errors import OnnxqError
 
 TARGETS = ("tensorrt", "ort")
-PRECISIONS = ("int8", "fp8")
+PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
+# weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
+WEIGHT_ONLY = ("w4a16", "w8a16")
+BLOCK_SIZES = (32, 64, 128)
+WEIGHT_METHODS = ("rtn", "awq")
 HIGH_PRECISIONS = ("fp32", "fp16")
 
 
@@ -56,6 +60,10 @@ class Recipe:
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs before calibration
     bias_correction: bool = False  # per-channel bias shift by the measured mean output error
+    block_size: int = 128  # weight-only: weights per scale along the reduction axis
+    quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
+    quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
+    weight_method: str = "rtn"  # weight-only: round-to-nearest, or AWQ's scale and clip search
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -116,11 +124,27 @@ class Recipe:
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "equalize": _flag(self.equalize, "equalize", source),
             "bias_correction": _flag(self.bias_correction, "bias-correction", source),
+            "block_size": _block_size(self.block_size, source),
+            "quantize_head": _flag(self.quantize_head, "quantize-head", source),
+            "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
+            "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
+        if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
+            option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
+            raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")
+        if values["quantize_embedding"] and (values["precision"] not in WEIGHT_ONLY or values["target"] != "ort"):
+            raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
+        if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
+            raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
         return dataclasses.replace(self, **values)
+
+    @property
+    def weight_only(self) -> bool:
+        """Whether the request is weight-only (w4a16 / w8a16): no activation is quantized."""
+        return self.precision in WEIGHT_ONLY
 
     # --- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -207,6 +231,13 @@ def _alpha(value, source: str) -> float | str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise RecipeError(f"{_at(source)}--smoothquant takes a migration strength in [0, 1] or 'auto', got {value!r}")
     return float(value)
+
+
+def _block_size(value, source: str) -> int:
+    n = _count(value, "block-size", source, minimum=1)
+    if n not in BLOCK_SIZES:
+        raise RecipeError(f"{_at(source)}--block-size takes one of {list(BLOCK_SIZES)}, got {value!r}")
+    return n
 
 
 def _flag(value, option: str, source: str) -> bool:

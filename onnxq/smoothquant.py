@@ -51,7 +51,7 @@ import onnx_ir as ir
 from onnxq import ops
 from onnxq.grids import GRIDS, fake_quant_range, fake_quant_weight
 from onnxq.patterns import NormStatistic, norm_statistics, normalized_by
-from onnxq.plan import FP8_DTYPE, Fold, QuantPlan, SmoothGroup, SmoothPlan
+from onnxq.plan import FP8_DTYPE, WEIGHT_ONLY_PRECISIONS, Fold, QuantPlan, SmoothGroup, SmoothPlan
 from onnxq.weights import FLOAT_TYPES, weight_source
 
 ALPHA_GRID = tuple(round(float(a), 2) for a in np.arange(0.3, 0.91, 0.05))
@@ -87,7 +87,8 @@ def _member(node: ir.Node, value: ir.Value) -> tuple[int, int] | None:
 
 def find_groups(model: ir.Model, plan: QuantPlan) -> list[SmoothGroup]:
     """Every activation read by smoothable consumers, at least one of them quantized."""
-    quantized = {name for name, d in plan.nodes.items() if d.quantized and d.inputs.get(0) == "activation"}
+    # weight-only nodes (AWQ) count: their weights take the scales
+    quantized = {name for name, d in plan.nodes.items() if d.quantized and (d.inputs.get(0) == "activation" or d.precision in WEIGHT_ONLY_PRECISIONS)}
     values = list(model.graph.inputs) + [out for node in model.graph for out in node.outputs]
     groups = []
     for value in values:
@@ -215,7 +216,7 @@ def find_absorber(value: ir.Value, rank: int, trailing: int, protected: set[str]
     return None
 
 
-def _weight_fold(node: ir.Node) -> Fold:
+def weight_fold(node: ir.Node) -> Fold:
     """diag(s) on the consumer's input-channel axis (in the weight as the node reads it)."""
     wrank = len(node.inputs[1].shape)
     return Fold(node.name, 1, wrank - 1 - ops.weight_input_axis(node), "mul")
@@ -366,7 +367,7 @@ def plan_smoothing(
             group.folds = []
         else:
             group.absorber, group.folds = found
-        group.weight_folds = [_weight_fold(n) for n in consumers]
+        group.weight_folds = [weight_fold(n) for n in consumers]
         out.groups.append(group)
     return out
 

@@ -14,7 +14,7 @@ def _quantize(argv):
     assert main(["quantize", *argv, "-q"]) == 0
 
 
-@pytest.mark.parametrize("extra", [[], ["--smoothquant", "auto", "--split-outliers", "4", "--high-precision", "fp16"], ["--precision", "fp8", "--target", "ort"]])
+@pytest.mark.parametrize("extra", [[], ["--smoothquant", "auto", "--split-outliers", "4", "--high-precision", "fp16"], ["--precision", "fp8", "--target", "ort"], ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head"]])
 def test_saved_plan_replays_byte_for_byte_without_calibration(decoder_case, tmp_path, extra):
     model, calib, _ = decoder_case
     _quantize([str(model), "-o", str(tmp_path / "a.onnx"), "--calib", str(calib), "--calib-method", "minmax", "--save-plan", str(tmp_path / "plan.json"), *extra])

@@ -9,6 +9,12 @@ Rule: for every quantized node in the plan, at the node's precision (INT8 or FP8
   ``float8e4m3fn`` for FP8 nodes) and a DequantizeLinear (symmetric, per channel on the plan's
   axis, zero point 0 of the same dtype); the float initializer is removed when nothing else
   reads it;
+- a weight-only node (precision ``w4`` / ``w8``) has only its weight input quantized, in blocks
+  along the plan's axis (opset 21 ``block_size``): INT4/INT8 with no zero point (symmetric), or
+  UINT4/UINT8 with a zero point per block; INT4 initializers hold two values per byte, low
+  nibble first. The weight is quantized as the node reads it (through a Transpose);
+- a weight-only embedding Gather (ort target) becomes ``com.microsoft::GatherBlockQuantized`` on
+  the blocked UINT4/UINT8 table;
 - each tensor in ``plan.outputs`` gets the same Q→DQ pair (at the plan's precision) for all of
   its consumers.
 FP8 Q/DQ exists from opset 19: a plan with an FP8 node first raises the model's opset to 19
@@ -23,11 +29,12 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
-from onnxq.grids import GRIDS, quantize_weight
+from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, QuantPlan, WeightQuant
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant
 from onnxq.weights import weight_source
 
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GatherBlockQuantized)
 # FP8 QuantizeLinear/DequantizeLinear arrive in opset 19.
 FP8_MIN_OPSET = 19
 _NP_FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
@@ -45,7 +52,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
             modified = require_opset(model, FP8_MIN_OPSET)
         graph = model.graph
-        self._graph = graph
+        self._graph, self._model = graph, model
         self._activation_dq: dict[tuple[str, str], ir.Value] = {}
         self._weight_dq: dict[tuple[str, str], ir.Value] = {}
         self._qdq_nodes: set[int] = set()
@@ -57,12 +64,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
             node = by_name.get(name)
             if node is None:
                 raise PlanError(f"the plan names node {name!r}, which the model does not have; was the plan made for another model?")
+            if node.op_type == "Gather" and decision.precision in WEIGHT_ONLY_PRECISIONS:
+                self._quantized_gather(node)
+                modified = True
+                continue
             for index, kind in sorted(decision.inputs.items()):
                 if index >= len(node.inputs) or node.inputs[index] is None:
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
                 value = node.inputs[index]
                 if kind == "activation":
                     node.replace_input_with(index, self._activation(value, decision.precision, node.graph))
+                elif kind == "weight" and decision.precision in WEIGHT_ONLY_PRECISIONS:
+                    node.replace_input_with(index, self._blocked_weight(value, name, index, node.graph))
                 elif kind == "weight":
                     node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
                 else:
@@ -201,3 +214,64 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._insert(q_value, [dq], graph)
         self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]
+
+    def _blocked(self, value: ir.Value, node: str, index: int) -> tuple[list[np.ndarray], WeightQuant, int, str]:
+        """([q, scale, zero point], plan entry, axis, base name) of the weight behind ``value``
+        quantized in blocks as ``node`` reads it (through a Transpose), with AWQ's clip factors."""
+        source = weight_source(value)
+        entry = self.plan.weights.get(self.plan.weight_key(node, index))
+        if source is None or entry is None or entry.block_size is None or entry.axis is None:
+            raise PlanError(f"weight-only node {node!r} needs a float initializer weight and a plan entry with axis and block_size for input {index}")
+        if entry.dtype not in ("int4", "uint4", "int8", "uint8"):
+            raise PlanError(f"weight-only weights are int4, uint4, int8 or uint8; the plan asks for {entry.dtype} for {node!r}")
+        array = source.initializer.const_value.numpy()
+        name = source.initializer.name
+        if source.transpose is not None:
+            array = np.transpose(array, source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1]))
+            name = value.name
+        if not -array.ndim <= entry.axis < array.ndim:
+            raise PlanError(f"weight of {node!r} has rank {array.ndim}; axis {entry.axis} does not exist")
+        axis = entry.axis % array.ndim
+        indices = entry.clip_indices()
+        clip = 1.0
+        if indices is not None:  # AWQ's clip factors, [blocks, columns]
+            blocks = -(-array.shape[axis] // entry.block_size)
+            if indices.size != blocks * (array.size // array.shape[axis]):
+                raise PlanError(f"the plan's clip factors for {node!r} do not fit its weight {list(array.shape)} in blocks of {entry.block_size}")
+            clip = np.asarray(CLIP_RATIOS, dtype=np.float32)[indices.reshape(blocks, -1)]
+        q, scale, zero = quantize_blocked(array, axis, entry.block_size, GRIDS[entry.dtype], clip)
+        return [q, scale.astype(_NP_FLOAT.get(value.dtype, np.float32)), zero], entry, axis, name
+
+    def _blocked_weight(self, value: ir.Value, node: str, index: int, graph: ir.Graph) -> ir.Value:
+        """A blocked DequantizeLinear of the weight behind ``value``, quantized as the node reads
+        it (a Transposed weight gets its transposed integer copy; float readers keep the original)."""
+        key = (value.name, "blocked", id(graph))
+        if key in self._weight_dq:
+            return self._weight_dq[key]
+        (q, scale, zero), entry, axis, name = self._blocked(value, node, index)
+        name += self._scope_suffix(graph)
+        inputs = [self._constant(f"{name}_quantized", q), self._constant(f"{name}_scale", scale)]
+        if not GRIDS[entry.dtype].symmetric:
+            inputs.append(self._constant(f"{name}_zero_point", zero))
+        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": entry.block_size}, name=f"{name}_DequantizeLinear")
+        dq.outputs[0].name = f"{name}_dequantized"
+        dq.outputs[0].dtype = value.dtype
+        dq.outputs[0].shape = ir.Shape(q.shape)
+        self._insert(inputs[0], [dq], graph)
+        self._weight_dq[key] = dq.outputs[0]
+        return dq.outputs[0]
+
+    def _quantized_gather(self, node: ir.Node) -> None:
+        """Replace an embedding Gather (axis 0) by ``com.microsoft::GatherBlockQuantized`` on the
+        blocked UINT4/UINT8 table: ORT gathers and dequantizes only the rows it needs (a
+        DequantizeLinear → Gather would dequantize the whole table on every run)."""
+        (q, scale, zero), entry, axis, name = self._blocked(node.inputs[0], node.name, 0)
+        if GRIDS[entry.dtype].symmetric or q.ndim != 2 or axis != 1 or node.attributes.get_int("axis", 0) != 0:
+            raise PlanError(f"a weight-only Gather ({node.name!r}) needs a 2-D table gathered on axis 0, uint4/uint8 blocks along axis 1 (the ort target)")
+        name += self._scope_suffix(node.graph)
+        inputs = [self._constant(f"{name}_quantized", q), node.inputs[1], self._constant(f"{name}_scale", scale), self._constant(f"{name}_zero_point", zero)]
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": entry.block_size, "bits": 8 if entry.dtype == "uint8" else 4}
+        gather = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain=MS_DOMAIN, name=node.name)
+        gather.outputs[0].dtype, gather.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], node.outputs, gather.outputs)
+        self._model.opset_imports.setdefault(MS_DOMAIN, 1)

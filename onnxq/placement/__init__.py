@@ -32,7 +32,12 @@ def place(model: ir.Model, target: str, *, exclude: Sequence[str] = (), precisio
 def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
     """The placement decisions for ``recipe``: the target's policy at its precision, then its
     node filters (exclude/include by name, regex and op type) and weight granularity."""
-    plan = place(model, recipe.target, precision=recipe.precision)
+    if recipe.weight_only:
+        from onnxq.placement.weight_only import place as weight_only_place
+
+        plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding)
+    else:
+        plan = place(model, recipe.target, precision=recipe.precision)
     apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
     if recipe.per_tensor_weights:
         for entry in plan.weights.values():

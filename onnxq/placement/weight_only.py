@@ -1,0 +1,81 @@
+"""Weight-only placement (``--precision w4a16 | w8a16``): which MatMul/Gemm get blocked weights.
+
+Rules:
+- a MatMul or Gemm whose weight is a 2-D float initializer (read directly or through a Transpose,
+  as a tied LM head is) gets precision ``w4`` / ``w8``: only that input is quantized, its
+  activations stay float (no calibration is needed for round-to-nearest);
+- the weight is quantized in blocks of ``block_size`` values along the reduction axis (K of a
+  MatMul's ``[K, N]`` weight, axis 1 of a Gemm's ``transB=1`` weight), one scale per block;
+- tensorrt: symmetric INT4 / INT8 (zero points 0, TensorRT's rule); ort: asymmetric UINT4 /
+  UINT8 with a zero point per block (ONNX Runtime fuses the blocked DequantizeLinear → MatMul
+  into its ``MatMulNBits`` kernel itself; measured in docs/weight-only.md);
+- the LM head (a product whose output is a graph output) stays float unless ``quantize_head``:
+  on SmolLM2 (6 layers, block 128) an INT4 head drops next-token agreement from 0.76 to 0.65
+  (docs/weight-only.md); the head is one product, but its error reaches every logit;
+- with ``quantize_embedding`` (ort target), an embedding Gather's table is blocked along the
+  hidden axis and run by ONNX Runtime's ``GatherBlockQuantized``; a tied LM head then needs
+  ``quantize_head`` too, or the float table stays for it;
+- products of two activations (attention), Convs and weights of rank other than 2 stay float;
+  GEMV-like products are quantized too (memory-bound decoding is what weight-only is for);
+- the opset is raised to 21 (``min_opset``): blocked DequantizeLinear and INT4 arrive there.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from onnxq.ops import MATMUL_OPS, weight_input_axis
+from onnxq.placement import rules
+from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
+from onnxq.weights import FLOAT_TYPES, weight_source
+
+# Blocked DequantizeLinear (the block_size attribute) and INT4 tensors arrive in opset 21.
+WEIGHT_ONLY_MIN_OPSET = 21
+# Plan precision of a recipe's weight-only precision, and the weight dtype per target.
+NODE_PRECISION = {"w4a16": "w4", "w8a16": "w8"}
+WEIGHT_ONLY_DTYPE = {("tensorrt", "w4"): "int4", ("tensorrt", "w8"): "int8", ("ort", "w4"): "uint4", ("ort", "w8"): "uint8"}
+
+
+def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeDecision:
+    """The decision for one MatMul/Gemm: its weight blocked at the plan's precision, or float."""
+    w_index = 1
+    w = node.inputs[w_index] if len(node.inputs) > w_index else None
+    source = weight_source(w)
+    if source is None:
+        return NodeDecision(node.op_type, FLOAT, {}, "second operand is not a constant weight: weight-only leaves it float")
+    if weight_source(node.inputs[0]) is not None or not rules.is_activation(node.inputs[0]):
+        return NodeDecision(node.op_type, FLOAT, {}, "first operand is not a float activation")
+    shape = source.initializer.shape
+    if shape is None or len(shape) != 2:
+        return NodeDecision(node.op_type, FLOAT, {}, "weight is not a 2-D matrix: weight-only blocks need [K, N]")
+    axis = weight_input_axis(node)
+    dtype = WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
+    plan.set_weight(node.name, w_index, WeightQuant(dtype=dtype, axis=axis, block_size=block_size))
+    return NodeDecision(node.op_type, plan.precision, {w_index: "weight"}, f"weight-only {dtype}, blocks of {block_size} along the reduction axis")
+
+
+def embedding_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeDecision:
+    """An embedding Gather (a 2-D float table gathered on axis 0): its table in blocks along the
+    hidden axis, run by ORT's GatherBlockQuantized (ort target only)."""
+    table = node.inputs[0]
+    if table is None or table.const_value is None or table.shape is None or len(table.shape) != 2 or table.dtype not in FLOAT_TYPES:
+        return NodeDecision(node.op_type, FLOAT, {}, "not an embedding: the data is not a 2-D float initializer")
+    if node.attributes.get_int("axis", 0) != 0 or node.inputs[1] is None or node.inputs[1].const_value is not None:
+        return NodeDecision(node.op_type, FLOAT, {}, "not an embedding: gathers a constant or on an axis other than 0")
+    dtype = WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
+    plan.set_weight(node.name, 0, WeightQuant(dtype=dtype, axis=1, block_size=block_size))
+    return NodeDecision(node.op_type, plan.precision, {0: "weight"}, f"embedding table {dtype}, blocks of {block_size} along the hidden axis (GatherBlockQuantized)")
+
+
+def place(model: ir.Model, target: str, precision: str, block_size: int, *, quantize_head: bool = False, quantize_embedding: bool = False) -> QuantPlan:
+    """The weight-only plan of ``model``: ``precision`` is the recipe's ("w4a16" or "w8a16")."""
+    plan = QuantPlan(target=target, precision=NODE_PRECISION[precision], min_opset=WEIGHT_ONLY_MIN_OPSET)
+    if quantize_embedding:
+        for node in rules.nodes(model, ["Gather"]):
+            plan.nodes[node.name] = embedding_decision(node, plan, block_size)
+    for node in rules.nodes(model, MATMUL_OPS):
+        if not quantize_head and any(out.is_graph_output() for out in node.outputs):
+            plan.nodes[node.name] = NodeDecision(node.op_type, FLOAT, {}, "LM head (writes a graph output): kept float; --quantize-head quantizes it")
+            continue
+        plan.nodes[node.name] = weight_only_decision(node, plan, block_size)
+    return plan

@@ -1,0 +1,171 @@
+"""Weight-only INT4/INT8 (W4A16, W8A16) on the zoo's SmolLM2: onnxq next to ONNX Runtime's
+MatMulNBitsQuantizer on the same model and data, in one process.
+
+    python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
+        [--methods rtn awq] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
+
+Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
+(asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
+(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
+and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
+onnxq w8a16;
+ORT's ``MatMulNBitsQuantizer`` (RTN, symmetric and asymmetric; it skips the tied head, whose
+weight is a Transpose of the embedding, not an initializer). Columns: the zoo metric (6 layers:
+next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
+to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
+and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, calib_n=None):
+    import onnxq
+
+    options = {"weight_method": method} if method != "rtn" else {}
+    t = time.perf_counter()
+    onnxq.quantize(case["model"], out, case["calib"] if method != "rtn" else None, precision=precision, target=target, block_size=block,
+                   quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
+    return time.perf_counter() - t
+
+
+def quantize_ort(case, out, *, block, symmetric):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    t = time.perf_counter()
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(case["model"])), algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric))
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(out))
+    return time.perf_counter() - t
+
+
+def latency_ms(path: Path, ids: np.ndarray, runs: int) -> dict[str, float]:
+    """Median forward time (ms) for one token and for the whole window, one ORT thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for label, feed in (("1 token", ids[:, :1]), (f"{ids.shape[1]} tokens", ids)):
+        session.run(None, {"input_ids": feed})
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            session.run(None, {"input_ids": feed})
+            times.append((time.perf_counter() - t) * 1e3)
+        out[label] = statistics.median(times)
+    return out
+
+
+def variants(model: str, blocks, methods):
+    """(label, kind, options) of every row after FP32."""
+    rows = []
+    for block in blocks:
+        for method in methods:
+            rows.append((f"onnxq w4a16 {method} ort b{block}", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method}))
+            rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
+            rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
+            rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
+        rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
+        rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
+    rows.append(("onnxq w8a16 rtn ort b128 +head", "onnxq", {"precision": "w8a16", "target": "ort", "block": 128, "method": "rtn", "head": True}))
+    return rows
+
+
+def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: str | None = None) -> list[dict]:
+    from onnxq import zoo
+
+    entry = zoo.get(name)
+    case = zoo.export_case(name, work / name, n_calib=calib_n, n_eval=eval_n)
+    ids = entry.eval_data(1)["input_ids"]
+    rows = [{"model": name, "row": "FP32", "path": case["model"], "seconds": 0.0}]
+    for i, (label, kind, opts) in enumerate(variants(name, blocks, methods)):
+        if only and not re.search(only, label):
+            continue
+        out = work / name / f"v{i}.onnx"
+        try:
+            if kind == "onnxq":
+                seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
+                                         embedding=opts.get("embedding", False), calib_n=calib_n)
+            else:
+                seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"])
+            rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
+        except Exception as exc:  # a tool that cannot run gives a row that says why
+            rows.append({"model": name, "row": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
+        print(f"{name}: {label} done", file=sys.stderr, flush=True)
+    for row in rows:
+        if "path" in row:
+            row["metrics"] = entry.evaluate(str(row["path"]), str(case["model"]), n=eval_n)
+            row["bytes"] = file_bytes(Path(row["path"]))
+    # latency interleaved by round so drift hits every row alike
+    timed = [r for r in rows if "path" in r]
+    for r in timed:
+        r["latency_ms"] = latency_ms(Path(r["path"]), ids, runs)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    by_model: dict[str, list[dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(r)
+    for model, group in by_model.items():
+        fp32 = group[0]
+        ort_ref = next((r for r in group if r["row"].startswith("ORT MatMulNBits RTN sym") and "latency_ms" in r), None)
+        metric = "perplexity" if "perplexity" in fp32["metrics"] else "top1_agreement"
+        lat_keys = list(fp32["latency_ms"])
+        print(f"\n{model}")
+        head = f"| {'variant':<42} | {metric} | KL | MB | × FP32 bytes | " + " | ".join(f"{k} ms (× FP32, × ORT)" for k in lat_keys) + " | quantize s |"
+        print(head)
+        print("|" + "---|" * (head.count("|") - 1))
+        for r in group:
+            if "error" in r:
+                print(f"| {r['row']:<42} | failed: {r['error']} |")
+                continue
+            m = r["metrics"]
+            lat = " | ".join(
+                f"{r['latency_ms'][k]:.2f} ({r['latency_ms'][k] / fp32['latency_ms'][k]:.2f}, {r['latency_ms'][k] / ort_ref['latency_ms'][k]:.2f})" if ort_ref else f"{r['latency_ms'][k]:.2f}"
+                for k in lat_keys
+            )
+            print(f"| {r['row']:<42} | {m[metric]:.4f} | {m['kl']:.4f} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / fp32['bytes']:.3f} | {lat} | {r['seconds']:.1f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-6l"])
+    ap.add_argument("--blocks", nargs="+", type=int, default=[128])
+    ap.add_argument("--methods", nargs="+", default=["rtn"])
+    ap.add_argument("--calib-samples", type=int)
+    ap.add_argument("--eval-samples", type=int)
+    ap.add_argument("--latency-runs", type=int, default=20)
+    ap.add_argument("--rows", metavar="REGEX", help="only the variants whose label matches (FP32 always runs)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxq-wonly-") as tmp:
+        for name in args.models:
+            rows += bench_model(name, args.blocks, args.methods, args.calib_samples, args.eval_samples, args.latency_runs, Path(tmp), args.rows)
+    print_table(rows)
+    if args.out:
+        args.out.write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
