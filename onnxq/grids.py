@@ -64,6 +64,8 @@ FP8 = Grid("float8e4m3fn", -FP8_MAX, FP8_MAX, True, ml_dtypes.float8_e4m3fn, ir.
 INT4 = Grid("int4", -8, 7, True, ml_dtypes.int4, ir.DataType.INT4)
 UINT4 = Grid("uint4", 0, 15, False, ml_dtypes.uint4, ir.DataType.UINT4)
 GRIDS = {g.name: g for g in (INT8, UINT8, FP8, INT4, UINT4)}
+# Grids an activation can be quantized on (4-bit grids are for weight-only blocks).
+ACTIVATION_GRIDS = {g.name: g for g in (INT8, UINT8, FP8)}
 # Grids a weight can be quantized on (symmetric only: zero point 0).
 WEIGHT_GRIDS = {g.name: g for g in (INT8, FP8)}
 

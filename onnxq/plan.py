@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxq.errors import PlanError
-from onnxq.grids import GRIDS, WEIGHT_GRIDS
+from onnxq.grids import ACTIVATION_GRIDS, GRIDS
 
 PLAN_FORMAT = "onnxq.plan/2"
 READABLE_FORMATS = ("onnxq.plan/1", PLAN_FORMAT)
@@ -102,9 +102,9 @@ def _high_precision(value: str, source: str) -> str:
 
 
 def _check_activation(tensor: str, a: ActivationQuant, source: str) -> None:
-    grid = GRIDS.get(a.dtype)
+    grid = ACTIVATION_GRIDS.get(a.dtype)
     if grid is None:
-        raise PlanError(f"{source}: activation {tensor!r} has dtype {a.dtype!r}; use one of {list(GRIDS)}")
+        raise PlanError(f"{source}: activation {tensor!r} has dtype {a.dtype!r}; use one of {list(ACTIVATION_GRIDS)}")
     if a.scale is not None and (isinstance(a.scale, bool) or not isinstance(a.scale, (int, float)) or not (math.isfinite(a.scale) and a.scale > 0)):
         raise PlanError(f"{source}: activation {tensor!r} has scale {a.scale!r}; a scale is a finite number above 0")
     if isinstance(a.zero_point, bool) or not isinstance(a.zero_point, (int, float)) or not grid.qmin <= a.zero_point <= grid.qmax:
@@ -463,8 +463,8 @@ class QuantPlan:
             for tensor, a in store.items():
                 _check_activation(tensor, a, source)
         for key, w in self.weights.items():
-            if w.dtype not in WEIGHT_GRIDS:
-                raise PlanError(f"{source}: weight {key!r} has dtype {w.dtype!r}; use one of {list(WEIGHT_GRIDS)}")
+            if w.dtype not in GRIDS:  # weight-only entries use the 4-bit and unsigned grids too
+                raise PlanError(f"{source}: weight {key!r} has dtype {w.dtype!r}; use one of {list(GRIDS)}")
             if w.axis is not None and (isinstance(w.axis, bool) or not isinstance(w.axis, int)):
                 raise PlanError(f"{source}: weight {key!r} has axis {w.axis!r}; an axis is a whole number or null (per tensor)")
 
