@@ -369,8 +369,8 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
         raise OnnxqError("--weight-method awq needs calibration data: pass --calib DATA (it samples the input rows of each linear layer)")
     groups = sq.find_groups(model, plan)
     request = sq.calibration_request(groups, "auto")
-    collect(model, [g.activation for g in groups], data, progress=True, **request)
-    plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"])
+    table = collect(model, [g.activation for g in groups], data, progress=True, **request)
+    plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"], table)
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
