@@ -319,7 +319,7 @@ def missing_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
     return [t for t in activation_tensors(model, plan) if any(plan.activation(t, p) is None for p in precisions.get(t, ()))]
 
 
-def derived_stats(
+def derived_ranges(
     model: ir.Model,
     plan: QuantPlan,
     table: CalibrationTable,
@@ -328,18 +328,20 @@ def derived_stats(
     *,
     method: MethodArg = None,
     percentile: float | None = None,
-) -> dict[str, TensorStats]:
-    """Statistics of tensors a rewrite of ``model`` changed (SmoothQuant), as an overlay on
-    ``table`` (which is not modified), without a full recalibration.
+) -> CalibrationTable:
+    """Fill the plan's parameters of tensors a rewrite of ``model`` changed (SmoothQuant) without
+    a full recalibration; returns ``table`` with their statistics as an overlay (``table`` itself
+    is not modified).
 
     ``derived``: tensor -> (min, max) that follows from statistics already collected (for
     SmoothQuant: per-channel min/max divided by s). Those are the ranges of ``minmax`` tensors.
     Tensors whose method needs a histogram get it from a second pass over ``data`` that observes
-    only them (a histogram of ``x / s`` cannot be derived from the histogram of ``x``).
+    only them (a histogram of ``x / s`` cannot be derived from the histogram of ``x``). The table's
+    method and percentile apply unless ``method``/``percentile`` override them.
     """
     names = [t for t in activation_tensors(model, plan) if t in derived]
-    if method is None and table.method is not None:
-        method = table.method
+    method = table.method if method is None else method
+    percentile = table.percentile if percentile is None else percentile
     methods = tensor_methods(model, plan, names, resolve_methods(method, plan.target))
     overlay = {t: TensorStats(min=derived[t][0], max=derived[t][1]) for t in names}
     hist = [t for t in names if methods[t] in HISTOGRAM_METHODS]
@@ -353,7 +355,9 @@ def derived_stats(
         second = collect(model, hist, data, progress=True, histograms=True)
         for t in hist:
             overlay[t].histogram = second.tensors[t].histogram
-    return overlay
+    view = with_overlay(table, overlay)
+    fill_activation_params(plan, view, methods, percentile, tensors=names, precisions=tensor_precisions(model, plan))
+    return view
 
 
 def with_overlay(table: CalibrationTable, overlay: Mapping[str, TensorStats]) -> CalibrationTable:

@@ -25,14 +25,9 @@ from onnxq import smoothquant as sq
 from onnxq.bias_correction import measure_corrections
 from onnxq.calibration import (
     DataArg,
-    derived_stats,
-    fill_activation_params,
+    derived_ranges,
     missing_tensors,
     plan_ranges,
-    resolve_methods,
-    tensor_methods,
-    tensor_precisions,
-    with_overlay,
 )
 from onnxq.calibrators import CalibrationTable, collect
 from onnxq.calibrators.collector import float_tensors
@@ -363,13 +358,19 @@ def _require_fp16_ranges(model: ir.Model, table: CalibrationTable, tensors, tabl
             f"{table_source} has no range for {len(missing)} FP32 tensors (e.g. {missing[0]!r}) that --high-precision fp16 checks for FP16 overflow; "
             "pass --calib DATA instead of --table, or write the table again with this version's onnxq calibrate (it records them)"
         )
+def _group_statistics(model: ir.Model, plan: QuantPlan, data, alpha: float | str, split_outliers: int = 0):
+    """(groups, request, table): the smoothing groups of ``plan`` and one pass over ``data``
+    collecting what SmoothQuant and AWQ decide from (per-channel ranges, sampled rows)."""
+    groups = sq.find_groups(model, plan)
+    request = sq.calibration_request(groups, alpha, split_outliers=split_outliers)
+    return groups, request, collect(model, [g.activation for g in groups], data, progress=True, **request)
+
+
 def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
     """AWQ's scales and clip factors (:mod:`onnxq.awq`) from rows sampled in one calibration pass."""
     if data is None:
         raise OnnxqError("--weight-method awq needs calibration data: pass --calib DATA (it samples the input rows of each linear layer)")
-    groups = sq.find_groups(model, plan)
-    request = sq.calibration_request(groups, "auto")
-    table = collect(model, [g.activation for g in groups], data, progress=True, **request)
+    groups, request, table = _group_statistics(model, plan, data, "auto")
     plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"], table)
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
@@ -404,13 +405,7 @@ def _fill_ranges(model, plan, recipe, data, table, *, decided_sq: bool, fp16_ext
     any tensor the plan still lacks (a plan that arrived with its SmoothQuant decisions)."""
     if decided_sq:
         derived = {g.output: sq.smoothed_range(table.tensors[g.activation], np.asarray(g.scale), g.split) for g in plan.smoothquant.active()}
-        overlay = derived_stats(model, plan, table, derived, data, method=recipe.calib_method, percentile=recipe.percentile)
-        view = with_overlay(table, overlay)
-        method = recipe.calib_method if recipe.calib_method is not None else table.method
-        percentile = recipe.percentile if recipe.percentile is not None else table.percentile
-        methods = tensor_methods(model, plan, list(overlay), resolve_methods(method, plan.target))
-        fill_activation_params(plan, view, methods, percentile, tensors=list(overlay), precisions=tensor_precisions(model, plan))
-        return view
+        return derived_ranges(model, plan, table, derived, data, method=recipe.calib_method, percentile=recipe.percentile)
     if missing := missing_tensors(model, plan):
         return _calibrate(model, plan, recipe, data, None, "", missing, fp16_extra, {})
     return table
@@ -433,9 +428,7 @@ def fold_smoothquant(model: ir.Model, plan: QuantPlan, data, alpha: float | str,
     """Decide SmoothQuant for ``plan`` from one statistics pass over ``data``, record it in
     ``plan.smoothquant`` and fold it into the float ``model`` in place (no ranges: the sweep and
     the solver calibrate the smoothed model themselves)."""
-    groups = sq.find_groups(model, plan)
-    request = sq.calibration_request(groups, alpha, split_outliers=split_outliers)
-    table = collect(model, [g.activation for g in groups], data, progress=True, **request)
+    groups, request, table = _group_statistics(model, plan, data, alpha, split_outliers)
     plan.smoothquant = sq.plan_smoothing(model, plan, groups, table, alpha, request.get("reservoirs"), sq.simulated_dtype(plan), split_outliers)
     emit.emit(model, plan, ["fold"])
     return plan.smoothquant
