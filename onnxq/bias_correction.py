@@ -59,12 +59,12 @@ def _mean_over_all_but_channel(value: ir.Value, rank: int, name: str, opset: int
     return ir.node("ReduceMean", [value], attributes={"keepdims": 0, "axes": axes}, name=name), None
 
 
-def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[QuantPlan, list[ir.Value]]:
-    """Quantized twins and their per-channel mean errors as graph outputs (in ``model``)."""
+def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[QuantPlan, list[tuple[ir.Node, ir.Value]]]:
+    """Quantized twins and ``twin − original`` per node (inserted in ``model``); the plan that
+    quantizes the twins, and (node, error tensor) pairs."""
     graph = model.graph
-    opset = model.opset_imports.get("", 13)
     twin_plan = QuantPlan(target=plan.target, precision=plan.precision)
-    outputs = []
+    errors = []
     for node in nodes:
         decision = plan.nodes[node.name]
         twin = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()), name=f"{node.name}/bias_twin")
@@ -80,32 +80,49 @@ def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[
                 twin_plan.set_weight(twin.name, index, WeightQuant(WEIGHT_DTYPE[decision.precision], entry.axis if entry else None))
         twin_plan.nodes[twin.name] = NodeDecision(node.op_type, decision.precision, inputs, f"bias-correction twin of {node.name}")
         diff = ir.node("Sub", [twin.outputs[0], ref], name=f"{node.name}/bias_error")
+        diff.outputs[0].name, diff.outputs[0].dtype = f"{node.name}/bias_error", ref.dtype
+        graph.insert_after(node, [twin, diff])
+        errors.append((node, diff.outputs[0]))
+    return twin_plan, errors
+
+
+def _channel_means(model: ir.Model, errors: list[tuple[ir.Node, ir.Value]]) -> list[ir.Value]:
+    """Per (node, error), the error's mean over every axis but the channel (new graph outputs)."""
+    opset = model.opset_imports.get("", 13)
+    outputs = []
+    for node, error in errors:
         rank = len(node.inputs[1].const_value.shape) if node.op_type == "Conv" else 2
-        mean, axes = _mean_over_all_but_channel(diff.outputs[0], rank, f"{node.name}/bias_mean_error", opset)
+        mean, axes = _mean_over_all_but_channel(error, rank, f"{node.name}/bias_mean_error", opset)
         if axes is not None:
-            graph.register_initializer(axes)
-        mean.outputs[0].name, mean.outputs[0].dtype = f"{node.name}/bias_mean_error", ref.dtype
-        graph.insert_after(node, [twin, diff, mean])
+            model.graph.register_initializer(axes)
+        mean.outputs[0].name, mean.outputs[0].dtype = f"{node.name}/bias_mean_error", error.dtype
+        model.graph.insert_after(error.producer(), [mean])
         outputs.append(mean.outputs[0])
-    return twin_plan, outputs
+    return outputs
 
 
-def measure_corrections(model: ir.Model, plan: QuantPlan, data: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[float]]:
-    """{node: −mean error per output channel} of every quantized Conv/Gemm (``model`` is not modified)."""
-    copy = ir.serde.deserialize_model(modelio.to_proto(model))
-    if plan.min_opset:  # the reductions are written for the opset the twins run at
-        RequireOpsetPass(plan.min_opset)(copy)
-    nodes = _corrected_nodes(copy, plan)
-    if not nodes:
-        return {}
-    twin_plan, outputs = _add_twins(copy, plan, nodes)
-    copy.graph.outputs.extend(outputs)
-    emit.emit(copy, twin_plan, ["quantize", "finish"])
-    session = ort_rt.create_session(modelio.to_proto(copy))
+def _energies(model: ir.Model, errors: list[tuple[ir.Node, ir.Value]]) -> list[ir.Value]:
+    """Per (node, error): sum of the squared error, then sum of the squared float output."""
+    outputs = []
+    for node, error in errors:
+        for value, what in ((error, "error"), (node.outputs[0], "signal")):
+            total = ir.node("ReduceSumSquare", [value], attributes={"keepdims": 0}, name=f"{node.name}/local_{what}_energy")
+            total.outputs[0].name, total.outputs[0].dtype = f"{node.name}/local_{what}_energy", error.dtype
+            model.graph.insert_after(error.producer(), [total])
+            outputs.append(total.outputs[0])
+    return outputs
+
+
+def _sum_outputs(model: ir.Model, twin_plan: QuantPlan, outputs: list[ir.Value], data, label: str) -> list[np.ndarray]:
+    """Run ``model`` (twins quantized) over ``data``: per output, its sum over the samples
+    (float64; no sample kept), divided by the number of samples."""
+    model.graph.outputs.extend(outputs)
+    emit.emit(model, twin_plan, ["quantize", "finish"])
+    session = ort_rt.create_session(modelio.to_proto(model))
     names = [v.name for v in outputs]
     sums = [None] * len(names)
     samples = 0
-    with progress_bar(len(data) if hasattr(data, "__len__") else None, "bias correction") as bar:
+    with progress_bar(len(data) if hasattr(data, "__len__") else None, label) as bar:
         for feed in data:
             for k, value in enumerate(ort_rt.run(session, feed, names)):
                 v = np.asarray(value, dtype=np.float64)
@@ -113,5 +130,39 @@ def measure_corrections(model: ir.Model, plan: QuantPlan, data: Iterable[Mapping
             samples += 1
             bar.update(1)
     if samples == 0:
-        raise OnnxqError("--bias-correction needs calibration data with at least one sample")
-    return {node.name: [float(v) for v in (-s / samples).astype(np.float32)] for node, s in zip(nodes, sums)}
+        raise OnnxqError(f"{label} needs calibration data with at least one sample")
+    return [s / samples for s in sums]
+
+
+def _working_copy(model: ir.Model, plan: QuantPlan) -> ir.Model:
+    copy = ir.serde.deserialize_model(modelio.to_proto(model))
+    if plan.min_opset:  # the reductions are written for the opset the twins run at
+        RequireOpsetPass(plan.min_opset)(copy)
+    return copy
+
+
+def measure_corrections(model: ir.Model, plan: QuantPlan, data: Iterable[Mapping[str, np.ndarray]]) -> dict[str, list[float]]:
+    """{node: −mean error per output channel} of every quantized Conv/Gemm (``model`` is not modified)."""
+    copy = _working_copy(model, plan)
+    nodes = _corrected_nodes(copy, plan)
+    if not nodes:
+        return {}
+    twin_plan, errors = _add_twins(copy, plan, nodes)
+    means = _sum_outputs(copy, twin_plan, _channel_means(copy, errors), data, "bias correction")
+    return {node.name: [float(v) for v in (-m).astype(np.float32)] for node, m in zip(nodes, means)}
+
+
+def measure_local_snr(model: ir.Model, plan: QuantPlan, data: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]) -> dict[str, float]:
+    """{node: SNR in dB of its own quantized output against its float output} for the named
+    quantized Conv/Gemm nodes, twins on float inputs as for the bias correction (one pass)."""
+    copy = _working_copy(model, plan)
+    wanted = set(names)
+    nodes = [n for n in _corrected_nodes(copy, plan) if n.name in wanted]
+    if not nodes:
+        return {}
+    twin_plan, errors = _add_twins(copy, plan, nodes)
+    energies = _sum_outputs(copy, twin_plan, _energies(copy, errors), data, "local error")
+    return {
+        node.name: float(10 * np.log10(max(float(signal), 1e-30) / max(float(error), 1e-30)))
+        for node, error, signal in zip(nodes, energies[0::2], energies[1::2])
+    }

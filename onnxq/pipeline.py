@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxq import awq, emit, modelio
 from onnxq import smoothquant as sq
-from onnxq.bias_correction import measure_corrections
+from onnxq.bias_correction import measure_corrections, measure_local_snr
 from onnxq.calibration import (
     DataArg,
     derived_ranges,
@@ -41,6 +41,7 @@ from onnxq.metrics import OutputAccuracy
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import plan_for
 from onnxq.placement.fp16 import float_tensor_names, fp32_nodes
+from onnxq.placement.measured import keep_float_below, quantized_depthwise
 from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan, SmoothPlan
 from onnxq.progress import log, quiet_option, warn
@@ -131,6 +132,8 @@ def quantize(
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     if recipe.bias_correction and calib is None and not (given_plan and given_plan.bias_correction is not None):
         raise OnnxqError("--bias-correction needs calibration data: pass --calib DATA (it measures each layer's mean output error)")
+    if recipe.depthwise_min_snr is not None and calib is None and not (given_plan and given_plan.local_snr is not None):
+        raise OnnxqError("--depthwise-min-snr needs calibration data: pass --calib DATA (it measures each depthwise conv's own error)")
     if recipe.smoothquant is not None and calib is None and not (given_plan and given_plan.smoothquant):
         raise OnnxqError("--smoothquant needs calibration data: pass --calib DATA (it samples activation rows and per-channel ranges)")
     table_source = str(table) if table is not None and not isinstance(table, CalibrationTable) else "the calibration table"
@@ -287,6 +290,7 @@ def build(
         _log_smoothquant(plan.smoothquant)
     emit.emit(model, plan, ["fold"])
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
+    _measured_placement(model, plan, recipe, data, timings)
     if recipe.bias_correction and plan.bias_correction is None:
         t = time.perf_counter()
         plan.bias_correction = measure_corrections(model, plan, data)
@@ -299,6 +303,18 @@ def build(
         log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32")
     emit.emit(model, plan, ["finish"])
     return plan, table
+
+
+def _measured_placement(model: ir.Model, plan: QuantPlan, recipe: Recipe, data, timings: dict) -> None:
+    """--depthwise-min-snr: measure each quantized depthwise conv's own error (the ranges are
+    decided) and keep those below the threshold in float, before the bias correction."""
+    if recipe.depthwise_min_snr is None or plan.local_snr is not None:
+        return
+    t = time.perf_counter()
+    plan.local_snr = measure_local_snr(model, plan, data, quantized_depthwise(model, plan))
+    floated = keep_float_below(model, plan, plan.local_snr, recipe.depthwise_min_snr)
+    timings["measured_placement"] = time.perf_counter() - t
+    log(f"onnxq: measured placement: {len(floated)} of {len(plan.local_snr)} depthwise convs below {recipe.depthwise_min_snr:g} dB kept in float")
 
 
 def _equalize(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:

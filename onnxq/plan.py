@@ -46,6 +46,8 @@ The plan is the whole contract: besides the per-node decisions it carries
   their per-channel scales), folded into the float model before calibration;
 - ``bias_correction``: per node, the per-output-channel amount added to its bias (the mean
   error of its quantized output, measured on calibration data), folded before Q/DQ insertion;
+- ``local_snr``: per depthwise conv, the SNR of its own quantized output measured on calibration
+  data (``--depthwise-min-snr``: those below the threshold were set to float in ``nodes``);
 - ``min_opset``: the opset the model is raised to before Q/DQ insertion (FP8: 19), if any;
 - ``recipe``: the request that produced the plan (for the record; replay does not read it).
 
@@ -326,6 +328,8 @@ class QuantPlan:
     equalization: EqualizationPlan | None = None
     # node -> per-output-channel amount added to its bias (None: not decided)
     bias_correction: dict[str, list[float]] | None = None
+    # depthwise conv -> its own quantized output's SNR (dB) on the calibration data (None: not measured)
+    local_snr: dict[str, float] | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -409,6 +413,7 @@ class QuantPlan:
             "recipe": self.recipe,
             **({"equalization": self.equalization.to_json()} if self.equalization is not None else {}),
             **({"bias_correction": self.bias_correction} if self.bias_correction is not None else {}),
+            **({"local_snr": self.local_snr} if self.local_snr is not None else {}),
         }
 
     @classmethod
@@ -441,6 +446,7 @@ class QuantPlan:
                 recipe=data.get("recipe"),
                 equalization=EqualizationPlan.from_json(data["equalization"]) if data.get("equalization") else None,
                 bias_correction=data.get("bias_correction"),
+                local_snr=data.get("local_snr"),
             )
             plan.check_values(source)
             return plan

@@ -60,6 +60,7 @@ class Recipe:
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs before calibration
     bias_correction: bool = False  # per-channel bias shift by the measured mean output error
+    depthwise_min_snr: float | None = None  # dB: depthwise convs whose own measured SNR is lower stay float
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
     quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
@@ -124,6 +125,7 @@ class Recipe:
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "equalize": _flag(self.equalize, "equalize", source),
             "bias_correction": _flag(self.bias_correction, "bias-correction", source),
+            "depthwise_min_snr": _decibels(self.depthwise_min_snr, "depthwise-min-snr", source),
             "block_size": _block_size(self.block_size, source),
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
             "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
@@ -216,6 +218,18 @@ def _count(value, option: str, source: str, minimum: int) -> int | None:
     if n is None or isinstance(value, bool) or n < minimum or (isinstance(value, float) and value != n):
         raise RecipeError(f"{_at(source)}--{option} takes a whole number >= {minimum}, got {value!r}")
     return n
+
+
+def _decibels(value, option: str, source: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        db = float(value)
+    except (TypeError, ValueError):
+        db = None
+    if db is None or isinstance(value, bool) or not 0.0 < db < 200.0:
+        raise RecipeError(f"{_at(source)}--{option} takes a signal-to-noise ratio in dB between 0 and 200 (e.g. 34), got {value!r}")
+    return db
 
 
 def _alpha(value, source: str) -> float | str | None:

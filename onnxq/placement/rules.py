@@ -151,10 +151,10 @@ def apply_filters(
         for name, d in list(plan.nodes.items()):
             if d.op_type in LINEAR_OPS and name not in included and d.op_type not in include_op:
                 _set_float(plan, name, "not selected by --include/--include-op")
-    _drop_unused_weights(model, plan)
+    drop_unused_weights(model, plan)
 
 
-def _drop_unused_weights(model: ir.Model, plan: QuantPlan) -> None:
+def drop_unused_weights(model: ir.Model, plan: QuantPlan) -> None:
     """Forget weight entries that no quantized node reads any more."""
     used = {
         plan.weight_key(name, i)
