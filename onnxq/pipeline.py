@@ -262,7 +262,7 @@ def build(
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
-    _equalize(model, plan, recipe)
+    fold_equalization(model, plan, recipe)
     t = time.perf_counter()
     if plan.smoothquant is None and recipe.weight_method == "awq":
         _decide_awq(model, plan, data)
@@ -317,9 +317,9 @@ def _measured_placement(model: ir.Model, plan: QuantPlan, recipe: Recipe, data, 
     log(f"onnxq: measured placement: {len(floated)} of {len(plan.local_snr)} depthwise convs below {recipe.depthwise_min_snr:g} dB kept in float")
 
 
-def _equalize(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
+def fold_equalization(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
     """Decide cross-layer equalization if asked and absent, and fold it: before calibration,
-    which must see the equalized activations."""
+    which must see the equalized activations (quantize, and the sweep's and solver's base)."""
     if recipe.equalize and plan.equalization is None:
         plan.equalization = plan_equalization(model)
         log(f"onnxq: cross-layer equalization: {len(plan.equalization.pairs)} Conv/Gemm pairs, {plan.equalization.iterations} sweeps")

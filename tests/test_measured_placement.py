@@ -77,3 +77,19 @@ def test_depthwise_min_snr_needs_data_and_a_sensible_value(block_case, tmp_path)
         quantize(path, tmp_path / "q2.onnx", plan=tmp_path / "plan.json", depthwise_min_snr=30, quiet=True)
     with pytest.raises(OnnxqError, match="--depthwise-min-snr takes"):
         Recipe.from_options({"depthwise_min_snr": -3})
+
+
+def test_sweep_and_solver_honour_equalize(block_case, tmp_path):
+    """The sweep folds --equalize into its base model and records it; the solver's plan carries
+    the equalization, and quantize --plan rebuilds the solver's model from it."""
+    from onnxq.mixed_precision.solver import solve
+    from onnxq.mixed_precision.sweep import sweep
+
+    path, calib = block_case
+    evaluation = random_npz(tmp_path / "eval.npz", "x", (1, 16, 12, 12), 8, seed=3)
+    sweep(path, calib, tmp_path / "s.json", eval=evaluation, equalize=True, quiet=True, plot=False)
+    assert json.loads((tmp_path / "s.json").read_text())["recipe"]["equalize"] is True
+    solve(tmp_path / "s.json", path, calib, tmp_path / "plan.json", eval=evaluation, max_high_precision_layers=0, save_model=tmp_path / "solved.onnx", quiet=True, plot=False)
+    assert len(json.loads((tmp_path / "plan.json").read_text())["equalization"]["pairs"]) == 3
+    quantize(path, tmp_path / "replay.onnx", plan=tmp_path / "plan.json", report=False, evaluate=False, quiet=True)
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "solved.onnx").read_bytes()
