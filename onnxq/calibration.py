@@ -200,6 +200,7 @@ def calibrate(
     method: MethodArg = None,
     percentile: float | None = None,
     calib_samples: int | None = None,
+    calib_batch: int | None = None,
 ) -> CalibrationTable:
     """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
     every tensor either target may quantize, and min/max of every other FP32 tensor (the FP16
@@ -220,7 +221,7 @@ def calibrate(
     with modelio.transaction([output], [model, calib]):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
-        data = open_source(calib, spec, limit=calib_samples)
+        data = open_source(calib, spec, limit=calib_samples, batch=calib_batch)
         tensors, axes = all_calibration_tensors(float_model)
         # The min/max of every other FP32 tensor too (two scalars each, no histogram): what the
         # FP16 overflow protection of quantize --table T --high-precision fp16 reads.

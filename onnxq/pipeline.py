@@ -140,7 +140,7 @@ def quantize(
     with modelio.transaction(paths.values(), inputs):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
-        calib_data = open_source(calib, spec, limit=recipe.calib_samples) if calib is not None else None
+        calib_data = open_source(calib, spec, limit=recipe.calib_samples, batch=recipe.calib_batch) if calib is not None else None
         # The evaluation data is opened (and its names and shapes checked) before the work.
         eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
         timings["load"] = time.perf_counter() - t0

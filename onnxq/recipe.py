@@ -51,6 +51,7 @@ class Recipe:
     calib_method: str | dict[str, str] | None = None
     percentile: float | None = None
     calib_samples: int | None = None
+    calib_batch: int | None = None  # samples per ORT call while calibrating; None: chosen from memory
     smoothquant: float | str | None = None
     split_outliers: int = 0
     exclude: tuple[str, ...] = ()  # node names or regular expressions (whole-name match)
@@ -115,6 +116,7 @@ class Recipe:
             "calib_method": _calib_method(self.calib_method, source),
             "percentile": _percentile(self.percentile, source),
             "calib_samples": _count(self.calib_samples, "calib-samples", source, minimum=1),
+            "calib_batch": _count(self.calib_batch, "calib-batch", source, minimum=1),
             "smoothquant": _alpha(self.smoothquant, source),
             "split_outliers": _count(self.split_outliers, "split-outliers", source, minimum=0) or 0,
             "exclude": _strings(self.exclude, "exclude", source),
