@@ -137,7 +137,7 @@ def quantize(
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     _check_percentile_used(recipe, table)
-    with modelio.transaction(paths.values(), inputs):
+    with modelio.transaction(paths.values(), inputs), ort_rt.use_providers(recipe.providers):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
         calib_data = open_source(calib, spec, limit=recipe.calib_samples, batch=recipe.calib_batch) if calib is not None else None

@@ -9,7 +9,7 @@ memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -64,8 +64,10 @@ def augment_with_reductions(
     values: Collection[str] = (),
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Collection[str] = (),
+    build: Callable[[ir.Model], object] = modelio.to_proto,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
+    """``model`` as a proto (or what ``build`` makes of it: a session) whose outputs are (min,
+    max) of each float tensor in ``tensors``.
 
     Each tensor named in ``values`` is itself an output too (for its histogram). For each
     tensor in ``channel_axes`` (whose rank is known), ``ReduceMax(Abs(x))`` over every axis but the
@@ -132,7 +134,7 @@ def augment_with_reductions(
     original_outputs = list(graph.outputs)
     graph.outputs[:] = new_outputs
     try:
-        proto = modelio.to_proto(model)
+        proto = build(model)
     finally:
         graph.outputs[:] = original_outputs
         promotion.undo()
@@ -182,14 +184,15 @@ def collect(
     hist_names = set(tensors) if histograms is True else set(histograms) if histograms else set()
     channel_axes = dict(channel_axes or {})
     # one augmented model; a tensor's value is fetched only when it needs a histogram
-    augmented, observed = augment_with_reductions(
-        model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges
+    # the session is built from the augmented ir model itself (written with its weights in a side
+    # file): no protobuf copy of the weights
+    session, observed = augment_with_reductions(
+        model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges,
+        build=lambda augmented: ort_rt.create_session(augmented, threads=session_threads or cpu_count()),
     )
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
     if not observed:
         return table
-    session = ort_rt.create_session(augmented, threads=session_threads or cpu_count())
-    del augmented
     updates = _update_plan(session, table, observed, hist_names, channel_axes, reservoirs)
     inner = {name for name, v in _values_by_name(model.graph).items() if name in table.tensors and v.graph is not model.graph}
     promoted = {id(table.tensors[name]) for name in inner}  # defined inside an If/Loop/Scan body
