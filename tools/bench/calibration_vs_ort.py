@@ -72,20 +72,6 @@ def _job_onnxq(model, calib, method):
     return {"tensors": len(table.tensors), "samples": table.num_samples, "collect_s": t_collect, "ranges_s": time.perf_counter() - t}
 
 
-class _Reader:
-    def __init__(self, path):
-        self.data = np.load(path)
-        self.n = len(self.data[self.data.files[0]])
-        self.i = 0
-
-    def get_next(self):
-        if self.i >= self.n:
-            return None
-        feed = {k: self.data[k][self.i : self.i + 1] for k in self.data.files}
-        self.i += 1
-        return feed
-
-
 def _job_ort(model, calib, method, workdir):
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
@@ -99,7 +85,7 @@ def _job_ort(model, calib, method, workdir):
         calibrate_method=getattr(CalibrationMethod, method),
         extra_options=opts,
     )
-    reader = _Reader(calib)
+    reader = _MemoryReader(calib)
     cal.collect_data(reader)
     t_collect = time.perf_counter() - t
     t = time.perf_counter()
@@ -227,15 +213,15 @@ def _onnxq_calibration_job(model, calib, method):
 class _MemoryReader:
     """ORT's CalibrationDataReader over arrays read once (not an npz member re-read per sample)."""
 
-    def __init__(self, path, ranks):
+    def __init__(self, path, ranks=None):
         self.arrays = dict(np.load(path))
         self.n = len(next(iter(self.arrays.values())))
-        self.ranks, self.i = ranks, 0
+        self.ranks, self.i = ranks or {}, 0
 
     def get_next(self):
         if self.i >= self.n:
             return None
-        feed = {k: (v[self.i : self.i + 1] if v.ndim == self.ranks[k] else v[self.i]) for k, v in self.arrays.items()}
+        feed = {k: (v[self.i : self.i + 1] if v.ndim == self.ranks.get(k, v.ndim) else v[self.i]) for k, v in self.arrays.items()}
         self.i += 1
         return feed
 
