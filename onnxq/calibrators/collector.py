@@ -138,6 +138,7 @@ def augment_with_reductions(
     finally:
         graph.outputs[:] = original_outputs
         promotion.undo()
+        modelio.release_detached_values(model)
     return proto, observed
 
 
