@@ -200,6 +200,8 @@ def calibrate(
     method: MethodArg = None,
     percentile: float | None = None,
     calib_samples: int | None = None,
+    calib_batch: int | None = None,
+    providers: Sequence[str] = (),
 ) -> CalibrationTable:
     """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
     every tensor either target may quantize, and min/max of every other FP32 tensor (the FP16
@@ -217,10 +219,10 @@ def calibrate(
         resolve_methods(method, "tensorrt")
     if percentile is not None:
         percentile = check_percentile(percentile)
-    with modelio.transaction([output], [model, calib]):
+    with modelio.transaction([output], [model, calib]), ort_rt.use_providers(providers):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
-        data = open_source(calib, spec, limit=calib_samples)
+        data = open_source(calib, spec, limit=calib_samples, batch=calib_batch)
         tensors, axes = all_calibration_tensors(float_model)
         # The min/max of every other FP32 tensor too (two scalars each, no histogram): what the
         # FP16 overflow protection of quantize --table T --high-precision fp16 reads.

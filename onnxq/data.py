@@ -16,6 +16,7 @@ leading axis is the batch axis) and ``arr[i]`` when it has one more dimension th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -172,6 +173,8 @@ class DataSource:
     _factory: Callable[[], Iterator[Feed]]
     spec: InputSpec
     require_finite: bool = True
+    # samples per ORT call when calibrating on this source (None: chosen from memory; 1: one at a time)
+    batch: int | None = None
 
     def __len__(self) -> int:
         return self.length or 0
@@ -219,8 +222,15 @@ class DataSource:
             i += 1
 
 
-def open_source(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None = None, require_finite: bool = True) -> DataSource:
-    """Resolve a data source (see module docstring) against a model's input spec."""
+def open_source(
+    source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None = None, require_finite: bool = True, batch: int | None = None
+) -> DataSource:
+    """Resolve a data source (see module docstring) against a model's input spec; ``batch``: the
+    samples per ORT call calibration uses on it (:mod:`onnxq.calibrators.batching`)."""
+    return dataclasses.replace(_open(source, spec, limit=limit, require_finite=require_finite), batch=batch)
+
+
+def _open(source: str | os.PathLike | Iterable[Mapping[str, np.ndarray]], spec: InputSpec, *, limit: int | None, require_finite: bool) -> DataSource:
     if not isinstance(source, (str, os.PathLike)):
         items = source
 

@@ -140,19 +140,21 @@ def quantize(
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     _check_percentile_used(recipe, table)
-    with modelio.transaction(paths.values(), inputs):
+    with modelio.transaction(paths.values(), inputs), ort_rt.use_providers(recipe.providers):
         float_model = load_and_preprocess(model)
+        modelio.release_detached_values(float_model)  # the float weights are freed as they are quantized
         spec = ort_rt.model_input_spec(float_model)
-        calib_data = open_source(calib, spec, limit=recipe.calib_samples) if calib is not None else None
+        calib_data = open_source(calib, spec, limit=recipe.calib_samples, batch=recipe.calib_batch) if calib is not None else None
         # The evaluation data is opened (and its names and shapes checked) before the work.
         eval_data, eval_source = _evaluation_data(eval, calib, spec, recipe, evaluate)
         timings["load"] = time.perf_counter() - t0
 
         t = time.perf_counter()
         the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
-        proto = emit.checked_proto(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
-        quant_session = ort_rt.create_session(proto)
-        del proto
+        emit.checked_proto(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
+        # the session reads the model from a file with its weights beside it: the checked proto's
+        # bytes would be another copy of the weights
+        quant_session = ort_rt.create_session(float_model)
         timings["build"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -36,6 +36,7 @@ WEIGHT_ONLY = ("w4a16", "w8a16")
 BLOCK_SIZES = (32, 64, 128)
 WEIGHT_METHODS = ("rtn", "awq")
 HIGH_PRECISIONS = ("fp32", "fp16")
+PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
 
 
 class RecipeError(OnnxqError):
@@ -51,6 +52,8 @@ class Recipe:
     calib_method: str | dict[str, str] | None = None
     percentile: float | None = None
     calib_samples: int | None = None
+    calib_batch: int | None = None  # samples per ORT call while calibrating; None: chosen from memory
+    providers: tuple[str, ...] = ()  # ORT providers for calibration and evaluation, preferred first; (): CPU
     smoothquant: float | str | None = None
     split_outliers: int = 0
     exclude: tuple[str, ...] = ()  # node names or regular expressions (whole-name match)
@@ -116,6 +119,8 @@ class Recipe:
             "calib_method": _calib_method(self.calib_method, source),
             "percentile": _percentile(self.percentile, source),
             "calib_samples": _count(self.calib_samples, "calib-samples", source, minimum=1),
+            "calib_batch": _count(self.calib_batch, "calib-batch", source, minimum=1),
+            "providers": _providers(self.providers, source),
             "smoothquant": _alpha(self.smoothquant, source),
             "split_outliers": _count(self.split_outliers, "split-outliers", source, minimum=0) or 0,
             "exclude": _strings(self.exclude, "exclude", source),
@@ -258,6 +263,17 @@ def _flag(value, option: str, source: str) -> bool:
     if not isinstance(value, bool):
         raise RecipeError(f"{_at(source)}--{option} is true or false, got {value!r}")
     return value
+
+
+def _providers(value, source: str) -> tuple[str, ...]:
+    """A comma-separated string or a list of provider short names, lower case."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    names = tuple(v.strip().lower() for v in _strings(value, "providers", source))
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown:
+        raise RecipeError(f"{_at(source)}--providers: unknown provider {unknown[0]!r}; choose from {', '.join(PROVIDERS)}")
+    return names
 
 
 def _strings(value, option: str, source: str) -> tuple[str, ...]:

@@ -9,19 +9,20 @@ memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
+from onnxq.calibrators.batching import auto_batch, batchable, concat, cpu_count, group
 from onnxq.calibrators.histogram import Histogram
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
 from onnxq.calibrators.table import CalibrationTable, TensorStats
-from onnxq.errors import DataError
-from onnxq.progress import progress_bar
+from onnxq.errors import DataError, OnnxqError
+from onnxq.progress import log, progress_bar
 from onnxq.runtime import ort as ort_rt
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -63,8 +64,10 @@ def augment_with_reductions(
     values: Collection[str] = (),
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Collection[str] = (),
+    build: Callable[[ir.Model], object] = modelio.to_proto,
 ) -> tuple[onnx.ModelProto, list[str]]:
-    """``model`` as a proto whose outputs are (min, max) of each float tensor in ``tensors``.
+    """``model`` as a proto (or what ``build`` makes of it: a session) whose outputs are (min,
+    max) of each float tensor in ``tensors``.
 
     Each tensor named in ``values`` is itself an output too (for its histogram). For each
     tensor in ``channel_axes`` (whose rank is known), ``ReduceMax(Abs(x))`` over every axis but the
@@ -131,10 +134,11 @@ def augment_with_reductions(
     original_outputs = list(graph.outputs)
     graph.outputs[:] = new_outputs
     try:
-        proto = modelio.to_proto(model)
+        proto = build(model)
     finally:
         graph.outputs[:] = original_outputs
         promotion.undo()
+        modelio.release_detached_values(model)
     return proto, observed
 
 
@@ -164,6 +168,7 @@ def collect(
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Collection[str] = (),
     reservoirs: Mapping[str, RowReservoir] | None = None,
+    batch: int | None = None,
 ) -> CalibrationTable:
     """Run ``data`` through ``model`` once, collecting statistics of every tensor in ``tensors``.
 
@@ -172,25 +177,45 @@ def collect(
     dropped. ``channel_axes``: tensor -> axis for per-channel abs-max (reduced in the graph).
     ``channel_ranges``: tensors (with a channel axis) whose per-channel min and max are kept too.
     ``reservoirs``: tensor -> :class:`RowReservoir` offered every batch's rows (bounded memory).
-    Memory does not grow with the number of samples.
+    ``batch``: samples per ORT call (:mod:`onnxq.calibrators.batching`); None: the data source's
+    ``batch`` or, without one, chosen from memory; 1: one sample per call. Memory does not grow
+    with the number of samples.
     """
     reservoirs = dict(reservoirs or {})
-    if histograms is True:
-        hist_names = set(tensors)
-    elif histograms:
-        hist_names = set(histograms)
-    else:
-        hist_names = set()
+    hist_names = set(tensors) if histograms is True else set(histograms) if histograms else set()
     channel_axes = dict(channel_axes or {})
     # one augmented model; a tensor's value is fetched only when it needs a histogram
-    augmented, observed = augment_with_reductions(
-        model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges
+    # the session is built from the augmented ir model itself (written with its weights in a side
+    # file): no protobuf copy of the weights
+    session, observed = augment_with_reductions(
+        model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges,
+        build=lambda augmented: ort_rt.create_session(augmented, threads=session_threads or cpu_count()),
     )
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
     if not observed:
         return table
-    session = ort_rt.create_session(augmented, threads=session_threads)
-    del augmented
+    updates = _update_plan(session, table, observed, hist_names, channel_axes, reservoirs)
+    inner = {name for name, v in _values_by_name(model.graph).items() if name in table.tensors and v.graph is not model.graph}
+    promoted = {id(table.tensors[name]) for name in inner}  # defined inside an If/Loop/Scan body
+    total = len(data) if hasattr(data, "__len__") and len(data) else None
+    if batch is None:
+        batch = getattr(data, "batch", None)
+    if inner or not batchable(ort_rt.input_spec(session)):
+        batch = 1  # control-flow statistics are stacked per sample; a fixed batch axis takes one
+    bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
+    with bar:
+        for feeds, results in _batched_runs(session, iter(data), batch, total, updates):
+            _update_all(updates, promoted, results)
+            del results
+            table.num_samples += len(feeds)
+            bar.update(len(feeds))
+    if table.num_samples == 0:
+        raise DataError("the calibration data holds no samples; give at least one")
+    return table
+
+
+def _update_plan(session, table: CalibrationTable, observed, hist_names, channel_axes, reservoirs) -> list[tuple]:
+    """Per observed tensor: its stats and the session output indices each statistic reads."""
     out_index = {o.name: i for i, o in enumerate(session.get_outputs())}
     plan = []
     for name in observed:
@@ -203,34 +228,68 @@ def collect(
             stats.channel_axis = channel_axes[name]
         rng = (out_index.get(f"{name}::onnxq_channel_min"), out_index.get(f"{name}::onnxq_channel_max"))
         plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci, rng, reservoirs.get(name)))
-    inner = {name for name, v in _values_by_name(model.graph).items() if name in table.tensors and v.graph is not model.graph}
-    promoted = {id(table.tensors[name]) for name in inner}  # defined inside an If/Loop/Scan body
-    total = len(data) if hasattr(data, "__len__") and len(data) else None
-    bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
-    with bar:
-        for feed in data:
-            results = ort_rt.run(session, feed)
-            for stats, mi, ma, vi, ci, (cmin, cmax), reservoir in plan:
-                if id(stats) in promoted:
-                    _update_promoted(stats, results, mi, ma, vi, ci, cmin, cmax)
-                    continue
-                lo, hi = results[mi], results[ma]
-                stats.update(lo, hi)
-                if stats.histogram is not None:
-                    stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
-                if ci is not None:
-                    stats.update_channels(results[ci])
-                if cmin is not None:
-                    stats.update_channel_range(results[cmin], results[cmax])
-                if reservoir is not None and vi is not None:
-                    reservoir.update(results[vi])
-            del results
-            table.num_samples += 1
-            bar.update(1)
-    if table.num_samples == 0:
-        raise DataError("the calibration data holds no samples; give at least one")
-    return table
+    return plan
 
+
+def _update_all(updates: list[tuple], promoted: set[int], results: list) -> None:
+    """Fold one batch's outputs into every tensor's statistics."""
+    for stats, mi, ma, vi, ci, (cmin, cmax), reservoir in updates:
+        if id(stats) in promoted:
+            _update_promoted(stats, results, mi, ma, vi, ci, cmin, cmax)
+            continue
+        lo, hi = results[mi], results[ma]
+        stats.update(lo, hi)
+        if stats.histogram is not None:
+            stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
+        if ci is not None:
+            stats.update_channels(results[ci])
+        if cmin is not None:
+            stats.update_channel_range(results[cmin], results[cmax])
+        if reservoir is not None and vi is not None:
+            reservoir.update(results[vi])
+
+
+def _batched_runs(session, feeds, batch: int | None, total: int | None, updates: list[tuple]):
+    """(feeds, outputs) of each ORT call. The first samples run one at a time: the first fixes
+    the automatic batch size (``batch`` None) from its fetched bytes, and the second, run alone
+    and again with the first, checks that batching leaves every tensor's min/max unchanged (a
+    graph that mixes samples across the batch axis, or refuses a batch, runs one at a time)."""
+    first = next(feeds, None)
+    if first is None:
+        return
+    results = ort_rt.run(session, first)
+    if batch is None:
+        batch = auto_batch(sum(np.asarray(r).nbytes for r in results) + sum(a.nbytes for a in first.values()), total)
+    if batch > 1:
+        second = next(feeds, None)
+        if second is not None:
+            second_results = ort_rt.run(session, second)
+            if not _batch_agrees(session, [first, second], [results, second_results], updates):
+                batch = 1
+            yield [first], results
+            results, first = second_results, second
+    log(f"onnxq: calibration runs {batch} sample{'s' if batch > 1 else ''} per ORT call")
+    yield [first], results
+    del results
+    for feeds_in_batch in group(feeds, batch):
+        yield feeds_in_batch, ort_rt.run(session, concat(feeds_in_batch))
+
+
+def _batch_agrees(session, feeds: list, singles: list[list], updates: list[tuple]) -> bool:
+    """Whether two samples run as one batch give the min/max (float-rounding close) that they
+    give one at a time."""
+    try:
+        together = ort_rt.run(session, concat(feeds))
+    except OnnxqError as exc:
+        log(f"onnxq: calibration runs one sample per ORT call: the model refuses a batch of two ({exc})")
+        return False
+    for _, mi, ma, *_ in updates:
+        lo = min(float(s[mi]) for s in singles)
+        hi = max(float(s[ma]) for s in singles)
+        if not np.allclose([float(together[mi]), float(together[ma])], [lo, hi], rtol=1e-3, atol=1e-5 * max(1.0, abs(lo), abs(hi))):
+            log("onnxq: calibration runs one sample per ORT call: the model's outputs change when samples share a batch")
+            return False
+    return True
 
 
 def _update_promoted(stats: TensorStats, results, mi, ma, vi, ci, cmin, cmax) -> None:

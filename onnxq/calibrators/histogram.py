@@ -100,10 +100,12 @@ class Histogram:
         # bins of width R/HALF: index = floor(x * HALF / R) + HALF; HALF / R is a power of two,
         # so the product is exact and the floor lands on the right side of every edge.
         scaled = flat * np.array(HALF / self.range, dtype=flat.dtype)
-        index = np.floor(scaled, out=scaled).astype(np.int32)
-        index += HALF
-        np.clip(index, 0, BINS - 1, out=index)  # x == R falls in the last bin
-        self.counts += np.bincount(index, minlength=BINS)
+        np.floor(scaled, out=scaled)
+        scaled += np.array(HALF, dtype=flat.dtype)  # integers below 2**24: exact
+        # in [0, BINS]: no clip pass; x == R lands in bin BINS, folded into the last bin
+        counts = np.bincount(scaled.astype(np.intp), minlength=BINS + 1)
+        counts[BINS - 1] += counts[BINS]
+        self.counts += counts[:BINS]
 
     def merge(self, other: Histogram) -> None:
         """Add another histogram's counts (exact)."""

@@ -39,8 +39,10 @@ class RowReservoir:
             rows = rows[take:]
         if len(rows):
             # row t (0-based over all rows seen) replaces a random slot with probability capacity / (t + 1)
+            # one 64-bit draw per row (not Generator.integers, whose 32-bit draws are buffered per
+            # call): the rows kept do not depend on how the rows were split into batches
             t = self.seen + np.arange(len(rows))
-            slots = self._rng.integers(0, t + 1)
+            slots = np.floor(self._rng.random(len(rows)) * (t + 1)).astype(np.int64)
             keep = slots < self.capacity
             self.rows[slots[keep]] = rows[keep]
             self.seen += len(rows)

@@ -13,9 +13,11 @@ ORT is onnxq's reference executor. Two of its behaviours shape this module:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxq import modelio
-from onnxq.errors import DataError, UnsupportedModelError, one_line
+from onnxq.errors import DataError, OnnxqError, UnsupportedModelError, one_line
+from onnxq.progress import log
 
 _FP8_TYPES = {
     onnx.TensorProto.FLOAT8E4M3FN,
@@ -87,6 +90,45 @@ def fp8_relu_quantize_nodes(model: ir.Model) -> list[str]:
     return found
 
 
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+# The providers of sessions made without an explicit list (calibration, the closing comparison):
+# set for the duration of a job by :func:`use_providers`.
+_DEFAULT_PROVIDERS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("onnxq_providers", default=("CPUExecutionProvider",))
+
+
+def select_providers(requested: Sequence[str], have: Sequence[str] | None = None) -> list[str]:
+    """The ORT providers to run on, in preference order, from short names (``cuda``, ``cpu``,
+    ``tensorrt``): those this onnxruntime has (``have``: ``ort.get_available_providers()``), CPU
+    last as the fallback of every other. A provider it lacks is skipped with a message; an
+    unknown name is an error."""
+    have = list(ort.get_available_providers() if have is None else have)
+    chosen = []
+    for short in requested:
+        full = PROVIDER_ALIASES.get(short.strip().lower())
+        if full is None:
+            raise OnnxqError(f"unknown provider {short!r}; choose from {', '.join(PROVIDER_ALIASES)}")
+        if full not in have:
+            log(f"onnxq: {full} is not available in this onnxruntime (it has {', '.join(have)}); install the onnxruntime build that provides it (e.g. onnxruntime-gpu); falling back")
+            continue
+        chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    log(f"onnxq: ONNX Runtime providers: {', '.join(chosen)}")
+    return list(dict.fromkeys(chosen))
+
+
+@contextlib.contextmanager
+def use_providers(requested: Sequence[str] | None) -> Iterator[None]:
+    """Sessions made without ``providers`` inside the block use :func:`select_providers` of
+    ``requested`` (None or empty: CPU only, without a message)."""
+    token = _DEFAULT_PROVIDERS.set(tuple(select_providers(requested)) if requested else ("CPUExecutionProvider",))
+    try:
+        yield
+    finally:
+        _DEFAULT_PROVIDERS.reset(token)
+
+
 def session_options(*, fp8: bool = False, fp16_qdq: bool = False, threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -107,14 +149,17 @@ def create_session(
 ) -> ort.InferenceSession:
     """An InferenceSession for a path, an ``ir.Model`` or a ModelProto.
 
-    Raises :class:`UnsupportedModelError` with ORT's reason when ORT cannot load the model (an op
+    An ``ir.Model`` is written to a temporary file with its weights in a side file, which ORT
+    reads: no protobuf copy of the weights is made (a proto's bytes would be a second copy and a
+    third with ORT's own). Raises :class:`UnsupportedModelError` with ORT's reason when ORT cannot load the model (an op
     or type it does not implement, an invalid graph).
     """
-    providers = list(providers or ["CPUExecutionProvider"])
+    providers = list(providers or _DEFAULT_PROVIDERS.get())
     tmpdir = None
     try:
         if isinstance(model, ir.Model):
-            model = modelio.to_proto(model)
+            tmpdir = tempfile.TemporaryDirectory(prefix="onnxq-session-")
+            model = _saved_for_session(model, tmpdir.name)
         if isinstance(model, onnx.ModelProto):
             fp8, fp16_qdq = _uses_fp8(model), _uses_fp16_qdq(model)
             unranked = _unranked_inputs(model)
@@ -153,6 +198,19 @@ def create_session(
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
+
+
+def _saved_for_session(model: ir.Model, folder: str) -> str:
+    """``model`` saved in ``folder`` (weights in ``model.onnx.data``, page-aligned) at the IR
+    version ORT needs; the model itself is left as it was."""
+    path = os.path.join(folder, "model.onnx")
+    saved_version = model.ir_version
+    model.ir_version = modelio.required_ir_version(model)
+    try:
+        ir.save(model, path, external_data="model.onnx.data", alignment=4096)
+    finally:
+        model.ir_version = saved_version
+    return path
 
 
 def _unranked_inputs(model: onnx.ModelProto) -> frozenset[str]:

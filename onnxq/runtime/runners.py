@@ -19,7 +19,7 @@ import numpy as np
 from onnxq.errors import DataError, OnnxqError, one_line
 from onnxq.runtime import ort as ort_rt
 
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ALIASES = ort_rt.PROVIDER_ALIASES
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
