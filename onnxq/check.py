@@ -138,7 +138,8 @@ class CandidateResult:
         if self.task_metric is not None:
             d["task_metric"] = self.task_metric
         if self.layers is not None:
-            d["layers"] = [layer.to_json() for layer in self.layers]
+            d["layers"] = [layer.to_json() for layer in self.layers.stats]
+            d["layers_matched"] = self.layers.to_json()
         return d
 
 

@@ -259,7 +259,7 @@ def _check(args: argparse.Namespace) -> int:
             for lat in cand.latency:
                 print(f"  latency batch {lat.batch}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f}, p99 {lat.p99_ms:.3f} "
                       f"(x{cand.latency_ratio.get(lat.batch, float('nan')):.3f} of FP32)")
-            if cand.layers:
+            if cand.layers is not None:
                 print("  lowest per-layer SNR:")
                 print(format_layers(cand.layers, top=args.layer_top))
             print(f"  {'PASS' if cand.passed else 'FAIL: ' + '; '.join(cand.failures)}")

@@ -112,9 +112,10 @@ def to_markdown(report, layer_rows: int = 20) -> str:
     if metrics:
         parts += ["", "## Task metric", "", _md_table(["model", "metric"], metrics)]
     for c in report.candidates:
-        if c.layers:
-            parts += ["", f"## Per-layer SNR: {c.label} (lowest {min(layer_rows, len(c.layers))} of {len(c.layers)})", "",
-                      _md_table(LAYER_HEADER, _layer_rows(c.layers, layer_rows))]
+        if c.layers is not None:
+            parts += ["", f"## Per-layer SNR: {c.label} (lowest {min(layer_rows, c.layers.matched)} of {c.layers.matched})", "",
+                      f"{c.layers.summary()}.", "", _md_table(LAYER_HEADER, _layer_rows(c.layers.stats, layer_rows))]
+            parts += [""] * bool(c.layers.unmatched) + [f"- unmatched: `{t}` ({r})" for t, r in c.layers.unmatched]
     return "\n".join(parts) + "\n"
 
 
@@ -235,10 +236,11 @@ def to_html(report, layer_rows: int = 20) -> str:
     if metrics:
         body += ["<h2>Task metric</h2>", _html_table(["model", "metric"], metrics)]
     for c in report.candidates:
-        if c.layers:
+        if c.layers is not None:
             body += [f"<h2>Per-layer SNR: {html.escape(c.label)}</h2>",
-                     f"<p>lowest {min(layer_rows, len(c.layers))} of {len(c.layers)} quantized activations</p>",
-                     _html_table(LAYER_HEADER, _layer_rows(c.layers, layer_rows))]
+                     f"<p>lowest {min(layer_rows, c.layers.matched)} of {c.layers.matched} quantized activations; {html.escape(c.layers.summary())}</p>",
+                     _html_table(LAYER_HEADER, _layer_rows(c.layers.stats, layer_rows))]
+            body += [f"<p>unmatched: {html.escape(t)} ({html.escape(r)})</p>" for t, r in c.layers.unmatched]
     body.append("<h2>Plots</h2>")
     try:
         import matplotlib  # noqa: F401
