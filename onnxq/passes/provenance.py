@@ -1,6 +1,8 @@
-"""Record in the model's metadata what the plan did to tensors that keep their names.
+"""Record in the model who made it, from which request, and what the plan did to tensors that
+keep their names.
 
-Rule: every activation whose channels the plan rescales in place — a SmoothQuant group folded
+Rule: ``producer_name`` is ``onnxq`` and ``producer_version`` its version; the plan's recipe (the
+request, as in the plan's JSON) is the ``onnxq.recipe`` metadata entry. Every activation whose channels the plan rescales in place — a SmoothQuant group folded
 into its producer (no inserted ``Mul``), the outputs of a cross-layer equalization pair's first
 node and of the nodes it passes through — gets an entry in the ``onnxq.rescaled`` metadata:
 ``{tensor: {"axis": negative channel axis, "multiplier_f32": base64 of the float32 per-channel
@@ -18,8 +20,10 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from onnxq import __version__
 from onnxq.plan import QuantPlan
 
+RECIPE_KEY = "onnxq.recipe"
 RESCALED_KEY = "onnxq.rescaled"
 
 
@@ -29,12 +33,15 @@ class RecordProvenancePass(ir.passes.InPlacePass):
         self.plan = plan
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.producer_name, model.producer_version = "onnxq", __version__
+        if self.plan.recipe is not None:
+            model.metadata_props[RECIPE_KEY] = json.dumps(self.plan.recipe, sort_keys=True)
         rescaled = _rescaled_tensors(model, self.plan)
         if rescaled:
             model.metadata_props[RESCALED_KEY] = json.dumps(
                 {t: {"axis": axis, "multiplier_f32": base64.b64encode(m.astype("<f4").tobytes()).decode()} for t, (axis, m) in rescaled.items()},
                 sort_keys=True)
-        return ir.passes.PassResult(model, bool(rescaled))
+        return ir.passes.PassResult(model, True)
 
 
 def _rescaled_tensors(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[int, np.ndarray]]:
