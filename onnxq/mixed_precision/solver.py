@@ -3,8 +3,10 @@
 Inputs: a sweep (:mod:`.sweep`), the model, calibration and held-out data, and a cost
 per layer and precision. The solver
 
-1. gives each layer its best 8-bit precision (the candidate with the smallest sweep error; 8-bit
-   formats cost the same);
+1. evaluates every all-8-bit plan first: each layer at its best 8-bit precision (the candidate
+   with the smallest sweep error; 8-bit formats cost the same) and each precision for every layer
+   (all INT8, all FP8: per-layer sweep errors do not add up to the end-to-end error, so the
+   per-layer best can lose to a uniform plan); promotions start from the most accurate of them;
 2. orders the layers for promotion to high precision ("float") by sensitivity (the sweep's
    end-to-end noise-to-signal ratio when it has one, else the local one), or with
    ``order_by="per-cost"`` by sensitivity per unit of cost the promotion adds, so cheap
@@ -15,7 +17,9 @@ per layer and precision. The solver
    summed NSR of the layers left in 8 bits stays within the target cosine's NSR, 1/c² − 1:
    independent noises add), then verifies each candidate end to end on held-out data and moves
    the count until the target holds — up by doubling steps, then down by bisection to the
-   smallest count that holds (accuracy is taken as monotone in the count);
+   smallest count that holds (accuracy is taken as monotone in the count); the plan returned is
+   the cheapest candidate evaluated that meets the target, so none evaluated dominates it (no
+   cheaper-or-equal one is more accurate);
 4. writes the QuantPlan (replay with ``onnxq quantize --plan``), a JSON report of every candidate
    it evaluated and an accuracy-versus-cost curve (PNG).
 
