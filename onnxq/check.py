@@ -19,6 +19,7 @@ last axis.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,19 @@ class Thresholds:
     min_snr: float | None = None  # dB, on every output
     max_latency_ratio: float | None = None  # candidate median / reference median, at every batch size
 
+    def describe(self) -> str:
+        """The thresholds applied, in words (printed next to every PASS/FAIL)."""
+        parts = []
+        if self.min_cosine is not None:
+            parts.append(f"mean cosine >= {self.min_cosine} on every output")
+        if self.min_snr is not None:
+            parts.append(f"SNR >= {self.min_snr} dB on every output")
+        if self.max_latency_ratio is not None:
+            parts.append(f"latency <= {self.max_latency_ratio} x FP32 at every batch size")
+        if not parts:
+            return "no thresholds given (--min-cosine, --min-snr, --max-latency-ratio): PASS only says every model ran"
+        return "; ".join(parts)
+
     def failures(self, outputs: Sequence[OutputAccuracy], ratios: Mapping[int, float]) -> list[str]:
         out = []
         for acc in outputs:
@@ -138,7 +152,8 @@ class CandidateResult:
         if self.task_metric is not None:
             d["task_metric"] = self.task_metric
         if self.layers is not None:
-            d["layers"] = [layer.to_json() for layer in self.layers]
+            d["layers"] = [layer.to_json() for layer in self.layers.stats]
+            d["layers_matched"] = self.layers.to_json()
         return d
 
 
@@ -158,9 +173,23 @@ class CheckReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.candidates)
 
+    def verdict(self, candidate: CandidateResult) -> str:
+        """PASS or FAIL with the failures, and the thresholds applied."""
+        result = "PASS" if candidate.passed else "FAIL: " + "; ".join(candidate.failures)
+        return f"{result} (thresholds: {self.thresholds.describe()})"
+
+    def metric_table(self) -> tuple[list[str], list[list[str]]]:
+        """The task metric as a table: a column per metric value, a row per model (the reference first)."""
+        named = ([(Path(self.reference).name + " (reference)", self.task_metric_reference)] if self.task_metric_reference is not None else [])
+        named += [(c.label, c.task_metric) for c in self.candidates if c.task_metric is not None]
+        keys = list(dict.fromkeys(k for _, values in named for k in values))
+        rows = [[label, *(_metric_cell(values.get(k)) for k in keys)] for label, values in named]
+        return ["model", *keys], rows
+
     def to_json(self) -> dict:
         return {
             "passed": self.passed,
+            "thresholds_applied": self.thresholds.describe(),
             "reference": self.reference,
             "data": self.data,
             "samples": self.samples,
@@ -169,8 +198,26 @@ class CheckReport:
             "thresholds": asdict(self.thresholds),
             "reference_latency": [lat.to_json() for lat in self.reference_latency],
             "task_metric_reference": self.task_metric_reference,
-            "candidates": [c.to_json() for c in self.candidates],
+            "candidates": [{**c.to_json(), "verdict": self.verdict(c)} for c in self.candidates],
         }
+
+
+def _metric_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}" if isinstance(value, float) and abs(value) < 1e4 else f"{value:.6g}"
+    return json.dumps(value)
+
+
+def format_metric_table(report: CheckReport) -> str:
+    """The task metric table for the terminal ("" without a task metric)."""
+    header, rows = report.metric_table()
+    if not rows:
+        return ""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["task metric:"] + ["  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
 
 
 def _environment(threads: int) -> dict:

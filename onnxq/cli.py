@@ -33,9 +33,10 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     if not args.quiet and result.accuracy:
         from onnxq.check import format_table
+        from onnxq.pipeline import precision_label
 
         plan = result.plan
-        print(format_table(result.accuracy, f"ORT FP32 vs ORT {plan.precision} ({plan.target}) on {result.eval_source}:"))
+        print(format_table(result.accuracy, f"ORT FP32 vs ORT {precision_label(plan)} ({plan.target}) on {result.eval_source}:"))
     print(f"wrote {result.output}" + (f" and {result.report_path}" if result.report_path else ""))
     return 0
 
@@ -245,7 +246,7 @@ def _run_check(args: argparse.Namespace, check, thresholds):
 
 
 def _check(args: argparse.Namespace) -> int:
-    from onnxq.check import EXIT_FAILED, Thresholds, check, format_table
+    from onnxq.check import EXIT_FAILED, Thresholds, check, format_metric_table, format_table
     from onnxq.localize import format_layers
     from onnxq.modelio import transaction
     from onnxq.report import report_paths, write_reports
@@ -260,10 +261,12 @@ def _check(args: argparse.Namespace) -> int:
             for lat in cand.latency:
                 print(f"  latency batch {lat.batch}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f}, p99 {lat.p99_ms:.3f} "
                       f"(x{cand.latency_ratio.get(lat.batch, float('nan')):.3f} of FP32)")
-            if cand.layers:
+            if cand.layers is not None:
                 print("  lowest per-layer SNR:")
                 print(format_layers(cand.layers, top=args.layer_top))
-            print(f"  {'PASS' if cand.passed else 'FAIL: ' + '; '.join(cand.failures)}")
+            print(f"  {report.verdict(cand)}")
+        if format_metric_table(report):
+            print(format_metric_table(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.passed else EXIT_FAILED
 

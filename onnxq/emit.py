@@ -8,7 +8,8 @@ Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
 2. ``quantize``: bias corrections (``plan.bias_correction``), the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
    weights);
 3. ``finish``: FP16 casts for the high-precision regions (``plan.high_precision``,
-   ``plan.fp32_nodes``), unused nodes removed, topological order.
+   ``plan.fp32_nodes``), unused nodes removed, topological order, the provenance metadata
+   (:mod:`onnxq.passes.provenance`).
 
 ``onnxq quantize`` makes its decisions between the stages (ranges of smoothed tensors after
 ``fold``, the FP16 regions after ``quantize``) and then runs the next stage, so the model it
@@ -31,6 +32,7 @@ from onnxq.passes.bias_correction import BiasCorrectionPass
 from onnxq.passes.cast_fp16 import CastFloat16Pass
 from onnxq.passes.equalize import EqualizePass
 from onnxq.passes.opset import RequireOpsetPass
+from onnxq.passes.provenance import RecordProvenancePass
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.smoothquant import SmoothQuantPass
 from onnxq.plan import QuantPlan
@@ -53,7 +55,7 @@ def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
             if plan.fp32_nodes is None:
                 raise PlanError("the plan asks for FP16 high precision but has no FP32 decisions (fp32_nodes); make it with onnxq quantize --high-precision fp16")
             cast = [CastFloat16Pass(plan.fp32_nodes)]
-        return [*cast, ir.passes.common.RemoveUnusedNodesPass(), ir.passes.common.TopologicalSortPass()]
+        return [*cast, ir.passes.common.RemoveUnusedNodesPass(), ir.passes.common.TopologicalSortPass(), RecordProvenancePass(plan)]
     raise ValueError(f"unknown emit stage {stage!r}; stages are {STAGES}")
 
 

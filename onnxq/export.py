@@ -302,7 +302,8 @@ def random_feeds(example: Mapping[str, np.ndarray], dynamic: Sequence[DynamicDim
     """``count`` fresh random feeds shaped like ``example``, dynamic dims drawn within their ranges.
 
     A dynamic dimension takes one size per feed for every input that shares its name, drawn in
-    ``[min, min(max, 2 x example size)]`` (min defaults to 1).
+    ``[min, min(max, 2 x example size)]`` (min defaults to 1; at least 2 when the example's size is
+    1, so that a size the exporter fixed to 1 is caught).
     Integer inputs draw values within the example's own ``[min, max]`` (token ids stay in the
     vocabulary, masks stay 0/1) unless ``ranges`` gives one; float inputs are N(mean, std) of the example.
     """
@@ -317,6 +318,8 @@ def random_feeds(example: Mapping[str, np.ndarray], dynamic: Sequence[DynamicDim
             here = example[d.input].shape[d.axis]
             lo = d.min if d.min is not None else 1
             hi = min(d.max if d.max is not None else 2 * here, max(2 * here, lo))
+            if here == 1 and hi >= 2:  # an example of 1: check that other sizes run
+                lo = max(lo, 2)
             sizes[d.name] = int(rng.integers(lo, hi + 1))
         feed = {}
         for name, arr in example.items():
@@ -457,15 +460,23 @@ def export(module, example_inputs, output: str | os.PathLike, *, input_names: Se
         except Exception as exc:  # the exporters raise all sorts of things
             errors[exporter] = f"{type(exc).__name__}: {_first_line(exc)}"
             continue
+        fixed = _fixed_dynamic_dims(model, dims, feed)
+        if fixed:
+            errors[exporter] = fixed
+            continue
         if not verify_outputs:
             break
         feeds = [("example", feed)] + [
             (f"random #{k + 1}", f) for k, f in enumerate(random_feeds(feed, dims, random_checks, seed, input_ranges))
         ]
-        verification = verify(model, module, feeds, min_cosine=min_cosine, atol=atol)
+        try:
+            verification = verify(model, module, feeds, min_cosine=min_cosine, atol=atol)
+        except Exception as exc:  # ORT or torch could not run another size of a dynamic dim
+            errors[exporter] = f"{exc if isinstance(exc, OnnxqError) else type(exc).__name__ + ': ' + _first_line(exc)}{_size_one_hint(dims, feed)}"
+            continue
         if verification.passed:
             break
-        errors[exporter] = f"the exported model differs from torch: {verification.failure()}"
+        errors[exporter] = f"the exported model differs from torch: {verification.failure()}{_size_one_hint(dims, feed)}"
     else:
         hint = ("; pass --no-verify (verify_outputs=False) to keep it anyway, or loosen --atol/--min-cosine"
                 if verification is not None else "")
@@ -475,6 +486,28 @@ def export(module, example_inputs, output: str | os.PathLike, *, input_names: Se
             "inputs": {n: {"shape": list(feed[n].shape), "dtype": str(feed[n].dtype)} for n in names},
             "dynamic": [asdict(d) for d in dims]}
     return ExportResult(out, exporter, model.opset_imports.get("", opset), verification, info)
+
+
+def _fixed_dynamic_dims(model, dims: Sequence[DynamicDim], feed: Mapping[str, np.ndarray]) -> str:
+    """Why the exported ``model`` does not keep the declared dynamic dims ("" when it does): the
+    exporter made an axis a fixed size (torch specializes an example size of 1 the code depends on)."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    fixed = [(d, inputs[d.input].shape[d.axis]) for d in dims
+             if inputs[d.input].shape is not None and isinstance(inputs[d.input].shape[d.axis], int)]
+    return "; ".join(
+        f"input {d.input!r} axis {d.axis} is declared dynamic ({d.name!r}) but the exported model fixes it to {size}"
+        + (f"{_size_one_hint([d], feed)}" if feed[d.input].shape[d.axis] == 1 else "")
+        for d, size in fixed)
+
+
+def _size_one_hint(dims: Sequence[DynamicDim], feed: Mapping[str, np.ndarray]) -> str:
+    """The hint for dynamic dims whose example size is 1 ("" when none is)."""
+    ones = [d for d in dims if feed[d.input].shape[d.axis] == 1]
+    if not ones:
+        return ""
+    where = ", ".join(f"axis {d.axis} of {d.input!r} ({d.name!r})" for d in ones)
+    return (f" (the example has size 1 on the dynamic {where}: torch specializes a size-1 example dimension "
+            "to a fixed 1 when the model's code depends on it; give an example with size >= 2 on that axis)")
 
 
 def _dynamic_specs(dims: Sequence[DynamicDim], names: Sequence[str]):

@@ -17,6 +17,15 @@ and one within the quantized model:
   rows are the quantizers that lose the most (the accumulated SNRs fall along the graph and would
   mostly name the last layers).
 
+Tensors the quantized graph carries rescaled or recast are matched to their float source and
+compared after undoing that: an FP16 region's ``Cast`` is looked through; a SmoothQuant ``Mul``
+by a constant inserted before the Q (``X_smoothed = X · m``) is looked through and the float ``X``
+multiplied by ``m``; a tensor whose channels were rescaled in place (SmoothQuant folded into a
+norm, cross-layer equalization) is compared with the float tensor times the per-channel multiplier
+recorded in the model's ``onnxq.rescaled`` metadata (:mod:`onnxq.passes.provenance`). A Q/DQ pair
+whose input still has no float counterpart is listed as unmatched with the reason, and the report
+says how many of all the activation pairs were matched.
+
 When a ReLU/Clip was folded into the quantization (the float graph has ``X → Relu → Y`` and the
 quantized graph has ``X → Q → DQ`` with ``Y`` gone), the DQ output stands for ``Y`` and is compared
 with the float ``Y``, not with the pre-activation ``X`` (ORT's qdq_loss_debug compares with ``X``).
@@ -27,6 +36,8 @@ sums (Σref², Σerr²) are kept, so memory is one sample's activations, whateve
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -51,6 +62,47 @@ class LayerPair:
     consumers: list[str]
     folded: str | None = None  # "Relu"/"Clip" when the DQ output stands for that op's output
     clip: tuple[float, float] | None = None
+    float_tensor: str = ""  # the float graph's name of the Q input (``tensor`` unless recast or rescaled)
+    multiplier: np.ndarray | None = None  # the float tensors times this is what the quantized graph carries
+
+    def __post_init__(self):
+        self.float_tensor = self.float_tensor or self.tensor
+
+    def rescaled(self, float_value: np.ndarray) -> np.ndarray:
+        return float_value if self.multiplier is None else float_value * self.multiplier
+
+
+@dataclass
+class LayerComparison:
+    """The per-layer statistics, lowest local SNR first, and the activation Q/DQ pairs that could
+    not be matched to a float tensor: (tensor, reason)."""
+
+    stats: list[LayerStat]
+    unmatched: list[tuple[str, str]]
+
+    def __iter__(self):  # reads as the list of statistics
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    def __getitem__(self, index):
+        return self.stats[index]
+
+    @property
+    def matched(self) -> int:
+        return len(self.stats)
+
+    @property
+    def total(self) -> int:
+        return len(self.stats) + len(self.unmatched)
+
+    def summary(self) -> str:
+        return f"{self.matched} of {self.total} quantized activations matched to the float model"
+
+    def to_json(self) -> dict:
+        return {"matched": self.matched, "total": self.total,
+                "unmatched": [{"tensor": t, "reason": r} for t, r in self.unmatched]}
 
 
 @dataclass
@@ -103,7 +155,7 @@ class LayerStat:
 
         return {
             "tensor": self.pair.tensor,
-            "compared_with": self.pair.float_ref,
+            "compared_with": self.pair.float_ref + (" (rescaled as the quantized graph)" if self.pair.multiplier is not None else ""),
             "consumers": self.pair.consumers,
             "snr_local_db": num(self.snr_local_db),
             "snr_dq_db": num(self.snr_dq_db),
@@ -113,26 +165,76 @@ class LayerStat:
 
 
 def match_pairs(float_model: ir.Model, quant_model: ir.Model) -> list[LayerPair]:
-    """The quantized graph's activation Q→DQ pairs whose input also exists in the float graph."""
+    """The quantized graph's activation Q→DQ pairs matched to a float tensor (see the module doc)."""
+    return match_all(float_model, quant_model)[0]
+
+
+def match_all(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[LayerPair], list[tuple[str, str]]]:
+    """The matched activation Q→DQ pairs, and the unmatched ones as (tensor, reason)."""
     float_values = {v.name: v for n in float_model.graph for v in n.outputs}
     float_values.update({v.name: v for v in float_model.graph.inputs})
     quant_names = {v.name for n in quant_model.graph for v in n.outputs} | {v.name for v in quant_model.graph.inputs}
+    rescaled = recorded_rescaling(quant_model)
     pairs: dict[str, LayerPair] = {}
+    unmatched: dict[str, str] = {}
     for q in quant_model.graph:
         if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx"):
             continue
         x = q.inputs[0]
-        if x is None or x.const_value is not None or x.name not in float_values:
-            continue
+        if x is None or x.const_value is not None:
+            continue  # a weight
+        source, multiplier, reason = _float_source(x, float_values, rescaled)
         for dq in (u for u, _ in q.outputs[0].uses() if u.op_type == "DequantizeLinear"):
-            ref, folded, clip = x.name, None, None
-            users = [u for u, _ in float_values[x.name].uses()]
+            if source is None:
+                unmatched.setdefault(x.name, reason)
+                continue
+            ref, folded, clip = source, None, None
+            users = [u for u, _ in float_values[source].uses()]
             if len(users) == 1 and users[0].op_type in _FOLDABLE and users[0].outputs[0].name not in quant_names:
                 # ReLU/Clip folded into the quantization
                 ref, folded, clip = users[0].outputs[0].name, users[0].op_type, _clip_bounds(users[0])
             consumers = sorted({u.name or u.op_type for u, _ in dq.outputs[0].uses()})
-            pairs.setdefault(dq.outputs[0].name, LayerPair(x.name, ref, dq.outputs[0].name, consumers, folded, clip))
-    return list(pairs.values())
+            pairs.setdefault(dq.outputs[0].name, LayerPair(x.name, ref, dq.outputs[0].name, consumers, folded, clip, source, multiplier))
+    return list(pairs.values()), sorted(unmatched.items())
+
+
+def recorded_rescaling(model: ir.Model) -> dict[str, np.ndarray]:
+    """{tensor: multiplier, broadcastable against it}: the channels the quantizer rescaled in
+    place, from the model's ``onnxq.rescaled`` metadata (empty without it)."""
+    text = model.metadata_props.get("onnxq.rescaled")
+    if not text:
+        return {}
+    out = {}
+    for tensor, entry in json.loads(text).items():
+        m = np.frombuffer(base64.b64decode(entry["multiplier_f32"]), dtype="<f4").astype(np.float64)
+        out[tensor] = m.reshape((-1,) + (1,) * (-1 - entry["axis"]))
+    return out
+
+
+def _float_source(x: ir.Value, float_values: Mapping[str, ir.Value], rescaled: Mapping[str, np.ndarray]):
+    """(float tensor, multiplier or None, None) for the quantized graph's tensor ``x``, looking
+    through Casts and constant Muls the float graph does not have; (None, None, reason) when
+    there is no float counterpart."""
+    multiplier, value = None, x
+    for _ in range(8):
+        if value.name in float_values:
+            m = rescaled.get(value.name)
+            multiplier = m if multiplier is None else (multiplier if m is None else multiplier * m)
+            return value.name, multiplier, None
+        producer = value.producer()
+        if producer is None:
+            return None, None, f"{value.name!r} is an input the float model does not have"
+        inputs = [v for v in producer.inputs if v is not None]
+        constants = [v for v in inputs if v.const_value is not None]
+        if producer.op_type == "Cast" and inputs:
+            value = inputs[0]
+        elif producer.op_type == "Mul" and len(inputs) == 2 and len(constants) == 1:
+            c = constants[0].const_value.numpy().astype(np.float64)
+            multiplier = c if multiplier is None else multiplier * c
+            value = inputs[0] if inputs[1] is constants[0] else inputs[1]
+        else:
+            return None, None, f"made by {producer.op_type} {producer.name!r}, which the float model does not have"
+    return None, None, "more than 8 inserted Cast/Mul nodes before the quantizer"
 
 
 def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
@@ -181,10 +283,10 @@ def layer_snr(
     """Per quantized activation, the SNR of the candidate against the float model (see module doc)."""
     float_model = reference if isinstance(reference, ir.Model) else modelio.load(reference)
     quant_model = candidate if isinstance(candidate, ir.Model) else modelio.load(candidate)
-    pairs = match_pairs(float_model, quant_model)
+    pairs, unmatched = match_all(float_model, quant_model)
     if not pairs:
-        return []
-    float_names = list(dict.fromkeys([p.tensor for p in pairs] + [p.float_ref for p in pairs]))
+        return LayerComparison([], unmatched)
+    float_names = list(dict.fromkeys([p.float_tensor for p in pairs] + [p.float_ref for p in pairs]))
     quant_names = list(dict.fromkeys([p.tensor for p in pairs] + [p.dq_output for p in pairs]))
     float_session = _expose(float_model, float_names)
     del float_model
@@ -198,16 +300,17 @@ def layer_snr(
             q = _fetch(quant_session, feed, quant_names)
             for s in stats:
                 p = s.pair
-                s.update(f[p.tensor], f[p.float_ref], q[p.tensor], q[p.dq_output])
+                s.update(p.rescaled(f[p.float_tensor]), p.rescaled(f[p.float_ref]), q[p.tensor], q[p.dq_output])
             del f, q
             bar.update(1)
     stats.sort(key=lambda s: (s.snr_local_db, s.snr_dq_db))
-    return stats
+    return LayerComparison(stats, unmatched)
 
 
-def format_layers(stats: list[LayerStat], top: int | None = 10) -> str:
-    rows = stats[:top] if top else stats
-    lines = [f"  {'local dB':>9} {'at DQ dB':>9} {'Q in dB':>9}  tensor → consumers"]
+def format_layers(layers: LayerComparison, top: int | None = 10) -> str:
+    rows = layers.stats[:top] if top else layers.stats
+    lines = [f"  {layers.summary()}", f"  {'local dB':>9} {'at DQ dB':>9} {'Q in dB':>9}  tensor → consumers"]
     for s in rows:
         lines.append(f"  {s.snr_local_db:>9.2f} {s.snr_dq_db:>9.2f} {s.snr_input_db:>9.2f}  {s.pair.tensor} → {', '.join(s.pair.consumers)}")
+    lines += [f"  unmatched: {tensor} ({reason})" for tensor, reason in layers.unmatched]
     return "\n".join(lines)

@@ -67,7 +67,8 @@ class QuantizeResult:
         return {
             "output": str(self.output),
             "target": self.plan.target,
-            "precision": self.plan.precision,
+            "precision": precision_label(self.plan),
+            "precision_counts": precision_counts(self.plan),
             "high_precision": self.high_precision,
             "recipe": self.plan.recipe,
             "plan_summary": self.plan.summary(),
@@ -81,6 +82,19 @@ class QuantizeResult:
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
         }
+
+
+def precision_counts(plan: QuantPlan) -> dict[str, int]:
+    """How many of the plan's nodes run at each precision ("float": placed but kept in float)."""
+    return dict(Counter(d.precision for d in plan.nodes.values()).most_common())
+
+
+def precision_label(plan: QuantPlan) -> str:
+    """The plan's precision, e.g. "int8"; for a plan that mixes quantized precisions, the mix:
+    "mixed (int8 12, fp8 4, float 3)"."""
+    if len(plan.precisions()) <= 1:
+        return next(iter(plan.precisions()), plan.precision)
+    return "mixed (" + ", ".join(f"{p} {n}" for p, n in precision_counts(plan).items()) + ")"
 
 
 def make_recipe(recipe: Recipe | str | os.PathLike | None, options: Mapping[str, object]) -> Recipe:

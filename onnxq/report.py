@@ -65,21 +65,8 @@ def _layer_rows(stats, top: int) -> list[list[str]]:
     ]
 
 
-def _metric_rows(report) -> list[list[str]]:
-    rows = []
-    if report.task_metric_reference is not None:
-        rows.append([Path(report.reference).name + " (reference)", json.dumps(report.task_metric_reference)])
-    for c in report.candidates:
-        if c.task_metric is not None:
-            rows.append([c.label, json.dumps(c.task_metric)])
-    return rows
-
-
 def _verdict_lines(report) -> list[str]:
-    lines = []
-    for c in report.candidates:
-        lines.append(f"{c.label}: " + ("PASS" if c.passed else "FAIL — " + "; ".join(c.failures)))
-    return lines
+    return [f"{c.label}: {report.verdict(c)}" for c in report.candidates]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -108,13 +95,14 @@ def to_markdown(report, layer_rows: int = 20) -> str:
     ]
     if report.reference_latency:
         parts += ["", "## Latency", "", _md_table(LATENCY_HEADER, _latency_rows(report))]
-    metrics = _metric_rows(report)
+    header, metrics = report.metric_table()
     if metrics:
-        parts += ["", "## Task metric", "", _md_table(["model", "metric"], metrics)]
+        parts += ["", "## Task metric", "", _md_table(header, metrics)]
     for c in report.candidates:
-        if c.layers:
-            parts += ["", f"## Per-layer SNR: {c.label} (lowest {min(layer_rows, len(c.layers))} of {len(c.layers)})", "",
-                      _md_table(LAYER_HEADER, _layer_rows(c.layers, layer_rows))]
+        if c.layers is not None:
+            parts += ["", f"## Per-layer SNR: {c.label} (lowest {min(layer_rows, c.layers.matched)} of {c.layers.matched})", "",
+                      f"{c.layers.summary()}.", "", _md_table(LAYER_HEADER, _layer_rows(c.layers.stats, layer_rows))]
+            parts += [""] * bool(c.layers.unmatched) + [f"- unmatched: `{t}` ({r})" for t, r in c.layers.unmatched]
     return "\n".join(parts) + "\n"
 
 
@@ -231,14 +219,15 @@ def to_html(report, layer_rows: int = 20) -> str:
     ]
     if report.reference_latency:
         body += ["<h2>Latency</h2>", _html_table(LATENCY_HEADER, _latency_rows(report))]
-    metrics = _metric_rows(report)
+    header, metrics = report.metric_table()
     if metrics:
-        body += ["<h2>Task metric</h2>", _html_table(["model", "metric"], metrics)]
+        body += ["<h2>Task metric</h2>", _html_table(header, metrics)]
     for c in report.candidates:
-        if c.layers:
+        if c.layers is not None:
             body += [f"<h2>Per-layer SNR: {html.escape(c.label)}</h2>",
-                     f"<p>lowest {min(layer_rows, len(c.layers))} of {len(c.layers)} quantized activations</p>",
-                     _html_table(LAYER_HEADER, _layer_rows(c.layers, layer_rows))]
+                     f"<p>lowest {min(layer_rows, c.layers.matched)} of {c.layers.matched} quantized activations; {html.escape(c.layers.summary())}</p>",
+                     _html_table(LAYER_HEADER, _layer_rows(c.layers.stats, layer_rows))]
+            body += [f"<p>unmatched: {html.escape(t)} ({html.escape(r)})</p>" for t, r in c.layers.unmatched]
     body.append("<h2>Plots</h2>")
     try:
         import matplotlib  # noqa: F401

@@ -48,3 +48,12 @@ def broken():
 
 def not_a_module():
     return 42
+
+
+class BranchOnBatch(torch.nn.Module):
+    def forward(self, x):  # code that depends on the size: torch specializes an example size of 1
+        return x * 2 if x.shape[0] == 1 else x * 3
+
+
+def branch_on_batch():
+    return BranchOnBatch().eval()

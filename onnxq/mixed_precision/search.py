@@ -80,3 +80,22 @@ def _bisect(passes: Callable[[int], bool], failing: int, passing: int) -> int:
         else:
             failing = mid
     return passing
+
+
+def cheapest_meeting(candidates: Sequence[Mapping], met: Callable[[float], bool], score: Callable[[float], float]) -> Mapping | None:
+    """The cheapest candidate whose ``accuracy`` meets the target (the higher ``score`` on equal
+    cost), None when none does. No candidate dominates it: one at least as accurate also meets
+    the target, so it costs more, or the same with no better score."""
+    meeting = [c for c in candidates if met(c["accuracy"])]
+    return min(meeting, key=lambda c: (c["cost"], -score(c["accuracy"])), default=None)
+
+
+def undominated(chosen: Mapping, candidates: Sequence[Mapping], score: Callable[[float], float]) -> Mapping:
+    """``chosen``, or when candidates cost no more and score at least as well with one of the two
+    strictly better, the best-scoring of them (the cheaper on equal score)."""
+    def dominates(c: Mapping) -> bool:
+        cheaper_or_same, better_or_same = c["cost"] <= chosen["cost"], score(c["accuracy"]) >= score(chosen["accuracy"])
+        return cheaper_or_same and better_or_same and (c["cost"] < chosen["cost"] or score(c["accuracy"]) > score(chosen["accuracy"]))
+
+    rivals = [c for c in candidates if dominates(c)]
+    return max(rivals, key=lambda c: (score(c["accuracy"]), -c["cost"])) if rivals else chosen

@@ -3,8 +3,10 @@
 Inputs: a sweep (:mod:`.sweep`), the model, calibration and held-out data, and a cost
 per layer and precision. The solver
 
-1. gives each layer its best 8-bit precision (the candidate with the smallest sweep error; 8-bit
-   formats cost the same);
+1. evaluates every all-8-bit plan first: each layer at its best 8-bit precision (the candidate
+   with the smallest sweep error; 8-bit formats cost the same) and each precision for every layer
+   (all INT8, all FP8: per-layer sweep errors do not add up to the end-to-end error, so the
+   per-layer best can lose to a uniform plan); promotions start from the most accurate of them;
 2. orders the layers for promotion to high precision ("float") by sensitivity (the sweep's
    end-to-end noise-to-signal ratio when it has one, else the local one), or with
    ``order_by="per-cost"`` by sensitivity per unit of cost the promotion adds, so cheap
@@ -15,7 +17,9 @@ per layer and precision. The solver
    summed NSR of the layers left in 8 bits stays within the target cosine's NSR, 1/c² − 1:
    independent noises add), then verifies each candidate end to end on held-out data and moves
    the count until the target holds — up by doubling steps, then down by bisection to the
-   smallest count that holds (accuracy is taken as monotone in the count);
+   smallest count that holds (accuracy is taken as monotone in the count); the plan returned is
+   the cheapest candidate evaluated that meets the target, so none evaluated dominates it (no
+   cheaper-or-equal one is more accurate);
 4. writes the QuantPlan (replay with ``onnxq quantize --plan``), a JSON report of every candidate
    it evaluated and an accuracy-versus-cost curve (PNG).
 
@@ -59,7 +63,7 @@ from .e2e import Evaluator
 from .groups import Layer, layer_groups
 from .options import SolverError, SweepError, check_precisions
 from .ranges import Ranges, calibrate_ranges
-from .search import ORDERS, apply_macs_floor, best_precisions, initial_count, promotion_order, smallest_passing_count
+from .search import ORDERS, apply_macs_floor, best_precisions, cheapest_meeting, initial_count, promotion_order, smallest_passing_count, undominated
 from .sweep import SweepResult
 
 
@@ -89,6 +93,10 @@ class _Target:
         if self.metric[0] not in values:
             raise SolverError(f"--target-metric names {self.metric[0]!r} but the metric returns {sorted(values)}; name one of them")
         return float(values[self.metric[0]])
+
+    def score(self, accuracy: float) -> float:
+        """Higher is better."""
+        return -accuracy if self.metric is not None and self.metric[1] == "<=" else accuracy
 
     def met(self, accuracy: float) -> bool:
         if self.metric is None:
@@ -229,12 +237,14 @@ def _promotion(swept: SweepResult, layers: list[Layer], precisions: list[str], c
 
 
 class _Candidates:
-    """The candidates by how many layers of the promotion order they promote; each is built and
-    evaluated once."""
+    """One family of candidates: an 8-bit precision per layer (``base``: each layer's best, or one
+    precision for all) with the first k layers of its promotion order in high precision, by k;
+    each is built and evaluated once. Costs are relative to ``reference`` (the per-layer best
+    all-8-bit cost), the same for every family."""
 
-    def __init__(self, problem: _Problem, ranges: Ranges, evaluator: Evaluator, costs: dict, promotion: _Promotion, target: _Target):
+    def __init__(self, problem: _Problem, ranges: Ranges, evaluator: Evaluator, costs: dict, promotion: _Promotion, target: _Target, base: str, reference: float):
         self.problem, self.ranges, self.evaluator, self.costs = problem, ranges, evaluator, costs
-        self.promotion, self.target = promotion, target
+        self.promotion, self.target, self.base, self.reference = promotion, target, base, reference
         self.by_count: dict[int, dict] = {}
         layers = problem.layers
         self.all8 = sum(costs[la.name][promotion.best8[la.name]] for la in layers)
@@ -267,16 +277,17 @@ class _Candidates:
         mm8 = self.total_macs - self.always_high_macs - sum(self.matmul_macs[n] for n in promoted)
         acc = self.target.accuracy(r)
         c = {
+            "base": self.base,
             "high_precision_layers": k,
             "promoted": promoted,
-            "cost": cost / self.all8 if self.all8 else 0.0,
+            "cost": cost / self.reference if self.reference else 0.0,
             "accuracy": acc,
             "cosine": r["cosine"],
             "snr_db": r["snr_db"] if r["snr_db"] is not None and math.isfinite(r["snr_db"]) else None,
             "metric": r.get("metric"),
             "matmul_macs_8bit_fraction": mm8 / self.total_macs if self.total_macs else 1.0,
         }
-        log(f"onnxq: {k} layers in high precision: accuracy {acc:.4f}, cost x{c['cost']:.3f}, 8-bit MatMul/Gemm MACs {c['matmul_macs_8bit_fraction']:.1%}")
+        log(f"onnxq: {self.base}, {k} layers in high precision: accuracy {acc:.4f}, cost x{c['cost']:.3f}, 8-bit MatMul/Gemm MACs {c['matmul_macs_8bit_fraction']:.1%}")
         return c
 
 
@@ -296,6 +307,45 @@ def _reasons(layers: list[Layer], promotion: _Promotion, k: int) -> dict[str, st
     return out
 
 
+def _families(problem: _Problem, ranges: Ranges, evaluator: Evaluator, costs: dict, target: _Target, swept: SweepResult, precisions: list[str], order_by: str, min_8bit_macs: float | None) -> list[_Candidates]:
+    """Each layer at its best 8-bit precision first, then each precision for every layer (the
+    uniform plans ``onnxq quantize --precision P`` makes), skipping a duplicate of the first."""
+    def family(precisions: list[str]) -> tuple[str, _Promotion]:
+        promotion = _promotion(swept, problem.layers, precisions, costs, order_by, min_8bit_macs)
+        used = set(promotion.best8.values())
+        return (f"all {used.pop()}" if len(used) == 1 else "per-layer best"), promotion
+
+    bases = dict([family(precisions)])
+    for p in precisions:
+        label, promotion = family([p])
+        bases.setdefault(label, promotion)
+    best8 = next(iter(bases.values())).best8
+    reference = sum(costs[la.name][best8[la.name]] for la in problem.layers)
+    return [_Candidates(problem, ranges, evaluator, costs, promotion, target, label, reference) for label, promotion in bases.items()]
+
+
+def _choose(families: list[_Candidates], swept: SweepResult, max_high_precision_layers: int | None) -> tuple[_Candidates, int] | None:
+    """The chosen family and count: every all-8-bit candidate is evaluated first; promotions
+    start from the most accurate of them; the choice is never dominated by a candidate evaluated
+    (costs no more and is no less accurate). None: no candidate meets the target."""
+    score = families[0].target.score
+    search = max(families, key=lambda f: score(f.evaluate(0)["accuracy"]))  # ties: the first
+    k = _choose_count(search, swept, max_high_precision_layers)
+    evaluated = _evaluated(families)
+    if max_high_precision_layers is not None:
+        chosen = undominated(search.by_count[k], evaluated, score)
+    else:
+        chosen = cheapest_meeting(evaluated, search.target.met, score)
+    if chosen is None:
+        return None
+    family = next(f for f in families if f.base == chosen["base"])
+    return family, chosen["high_precision_layers"]
+
+
+def _evaluated(families: list[_Candidates]) -> list[dict]:
+    return [c for f in families for c in f.listed()]
+
+
 def _choose_count(cands: _Candidates, swept: SweepResult, max_high_precision_layers: int | None) -> int | None:
     """How many layers to promote: the given number, or the smallest that meets the target (None: not even all)."""
     promotion, n = cands.promotion, len(cands.promotion.order)
@@ -309,7 +359,8 @@ def _choose_count(cands: _Candidates, swept: SweepResult, max_high_precision_lay
     return smallest_passing_count(cands.passes, n, start)
 
 
-def _unmet(cands: _Candidates, n_layers: int) -> str:
+def _unmet(families: list[_Candidates], n_layers: int) -> str:
+    cands = next(f for f in families if len(f.promotion.order) in f.by_count)  # the family searched up to all layers
     n = len(cands.promotion.order)
     floor = f" the --min-8bit-macs floor allows to promote ({n} of {n_layers})" if cands.promotion.min_8bit_macs is not None else ""
     return f"the target is not met even with every layer{floor} in high precision (accuracy {cands.by_count[n]['accuracy']:.4f}); lower the target" + (" or the floor" if floor else "")
@@ -370,20 +421,20 @@ def solve(
         ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
         float_proto = modelio.to_proto(problem.model)
         evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, outputs=target.metric is None)
-        promotion = _promotion(swept, problem.layers, precisions, costs, order_by, min_8bit_macs)
-        cands = _Candidates(problem, ranges, evaluator, costs, promotion, target)
-        chosen_k = _choose_count(cands, swept, max_high_precision_layers)
-        if chosen_k is None:
+        families = _families(problem, ranges, evaluator, costs, target, swept, precisions, order_by, min_8bit_macs)
+        choice = _choose(families, swept, max_high_precision_layers)
+        if choice is None:
             # The candidates evaluated stay for the user to look at: they are written, and the
             # error is raised once they are in place.
-            report = _write_outputs(SolveResult(None, None, cands.listed(), promotion.order), output, target, plot)
-            unmet = SolverError(_unmet(cands, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
+            report = _write_outputs(SolveResult(None, None, _evaluated(families), families[0].promotion.order), output, target, plot)
+            unmet = SolverError(_unmet(families, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
         else:
             unmet = None
-            plan = cands.plan(chosen_k, _reasons(problem.layers, promotion, chosen_k))
+            cands, chosen_k = choice
+            plan = cands.plan(chosen_k, _reasons(problem.layers, cands.promotion, chosen_k))
             chosen = dict(cands.by_count[chosen_k])
             cands.by_count[chosen_k]["chosen"] = True
-            result = SolveResult(plan, chosen, cands.listed(), promotion.order, metric=task_metric.spec if task_metric else None)
+            result = SolveResult(plan, chosen, _evaluated(families), cands.promotion.order, metric=task_metric.spec if task_metric else None)
             if swept.smoothquant is not None:
                 result.smoothquant = {"alpha": swept.smoothquant, "split_outliers": swept.split_outliers}
             if save_model is not None:

@@ -1,0 +1,84 @@
+"""Record in the model who made it, from which request, and what the plan did to tensors that
+keep their names.
+
+Rule: ``producer_name`` is ``onnxq`` and ``producer_version`` its version; the plan's recipe (the
+request, as in the plan's JSON) is the ``onnxq.recipe`` metadata entry. Every activation whose channels the plan rescales in place — a SmoothQuant group folded
+into its producer (no inserted ``Mul``), the outputs of a cross-layer equalization pair's first
+node and of the nodes it passes through — gets an entry in the ``onnxq.rescaled`` metadata:
+``{tensor: {"axis": negative channel axis, "multiplier_f32": base64 of the float32 per-channel
+multiplier}}``, the quantized graph's tensor being the float one times the multiplier. ``onnxq
+check --layers`` (:mod:`onnxq.localize`) undoes it before comparing with the float model. The
+pass decides nothing; the entries follow from the plan alone, so a replayed plan writes the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq import __version__
+from onnxq.plan import QuantPlan
+
+RECIPE_KEY = "onnxq.recipe"
+RESCALED_KEY = "onnxq.rescaled"
+
+
+class RecordProvenancePass(ir.passes.InPlacePass):
+    def __init__(self, plan: QuantPlan):
+        super().__init__()
+        self.plan = plan
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.producer_name, model.producer_version = "onnxq", __version__
+        if self.plan.recipe is not None:
+            model.metadata_props[RECIPE_KEY] = json.dumps(self.plan.recipe, sort_keys=True)
+        rescaled = _rescaled_tensors(model, self.plan)
+        if rescaled:
+            model.metadata_props[RESCALED_KEY] = json.dumps(
+                {t: {"axis": axis, "multiplier_f32": base64.b64encode(m.astype("<f4").tobytes()).decode()} for t, (axis, m) in rescaled.items()},
+                sort_keys=True)
+        return ir.passes.PassResult(model, True)
+
+
+def _rescaled_tensors(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[int, np.ndarray]]:
+    """{tensor: (negative channel axis, multiplier)} of the activations rescaled in place."""
+    out: dict[str, tuple[int, np.ndarray]] = {}
+
+    def add(tensor: str, axis: int, multiplier: np.ndarray) -> None:
+        if tensor in out:
+            multiplier = out[tensor][1] * multiplier  # equalization iterations compound
+        out[tensor] = (axis, multiplier.astype(np.float32))
+
+    if plan.smoothquant is not None:
+        for group in plan.smoothquant.active():
+            if group.alpha is not None and not group.inserts_mul:
+                add(group.activation, group.channel_axis - group.rank, group.inverse_scale())
+    if plan.equalization is not None:
+        by_name = {node.name: node for node in model.graph}
+        for pair in plan.equalization.pairs:
+            first = by_name.get(pair.first)
+            if first is None:
+                continue
+            rank = _rank(first)
+            inverse = 1.0 / np.asarray(pair.scale, dtype=np.float64)
+            for name in (pair.first, *pair.through):
+                if name in by_name:
+                    add(by_name[name].outputs[0].name, 1 - rank, inverse)
+    return out
+
+
+def _rank(node: ir.Node) -> int:
+    """The rank of a Conv's or Gemm's output: from its shape, else its (possibly quantized) weight's."""
+    if node.outputs[0].shape is not None:
+        return len(node.outputs[0].shape)
+    if node.op_type != "Conv":
+        return 2
+    weight = node.inputs[1]
+    producer = weight.producer()
+    if weight.const_value is None and producer is not None and producer.op_type == "DequantizeLinear":
+        weight = producer.inputs[0]
+    return len(weight.const_value.shape) if weight.const_value is not None else 4
