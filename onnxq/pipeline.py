@@ -45,6 +45,7 @@ from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan, SmoothPlan
 from onnxq.progress import log, quiet_option, warn
 from onnxq.recipe import Recipe
+from onnxq.rotation import find_residual_stream
 from onnxq.runtime import ort as ort_rt
 
 
@@ -259,6 +260,7 @@ def build(
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
+    _rotate(model, plan, recipe)
     _equalize(model, plan, recipe)
     t = time.perf_counter()
     if plan.smoothquant is None and recipe.weight_method == "awq":
@@ -299,6 +301,16 @@ def build(
         log(f"onnxq: FP16 high-precision regions; {len(plan.fp32_nodes)} nodes kept in FP32")
     emit.emit(model, plan, ["finish"])
     return plan, table
+
+
+def _rotate(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
+    """Decide the residual stream's rotation if asked and absent, and fold it: before
+    calibration, which must see the rotated activations."""
+    if recipe.rotate and plan.rotation is None:
+        plan.rotation = find_residual_stream(model)
+    if plan.rotation is not None:
+        log(f"onnxq: rotation: {plan.rotation.summary()}")
+    emit.emit(model, plan, ["rotate"])
 
 
 def _equalize(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:

@@ -59,6 +59,7 @@ class Recipe:
     include_op: tuple[str, ...] = ()  # only these op types may be quantized
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs before calibration
+    rotate: bool = False  # rotate a decoder's residual stream by a randomized Hadamard matrix (exact in float)
     bias_correction: bool = False  # per-channel bias shift by the measured mean output error
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
@@ -123,6 +124,7 @@ class Recipe:
             "include_op": _strings(self.include_op, "include-op", source),
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "equalize": _flag(self.equalize, "equalize", source),
+            "rotate": _flag(self.rotate, "rotate", source),
             "bias_correction": _flag(self.bias_correction, "bias-correction", source),
             "block_size": _block_size(self.block_size, source),
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
