@@ -307,7 +307,7 @@ def _rotate(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
     """Decide the residual stream's rotation if asked and absent, and fold it: before
     calibration, which must see the rotated activations."""
     if recipe.rotate and plan.rotation is None:
-        plan.rotation = find_residual_stream(model)
+        plan.rotation = find_residual_stream(model, online_block=recipe.rotate_online)
     if plan.rotation is not None:
         log(f"onnxq: rotation: {plan.rotation.summary()}")
     emit.emit(model, plan, ["rotate"])

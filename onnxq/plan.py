@@ -339,6 +339,10 @@ class RotationPlan:
     writers: list[str] = field(default_factory=list)  # MatMul nodes: W · Q
     biases: list[str] = field(default_factory=list)  # their bias Adds: b · Q
     norms: list[RotatedNorm] = field(default_factory=list)
+    # online rotation: each of these writers' input is multiplied by blockdiag(H_b/√b) by an
+    # inserted MatMul (b = online_block) and its weight by the transpose (0: none)
+    online_block: int = 0
+    online: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -355,6 +359,7 @@ class RotationPlan:
         return (
             f"residual stream of size {self.size} rotated by a {'randomized Hadamard' if self.kind == 'hadamard' else 'random orthogonal'} matrix ({shape}): "
             f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writers, {len(self.norms)} norms folded into {readers} readers"
+            + (f"; online Hadamard (block {self.online_block}) before {len(self.online)} MLP down projections" if self.online else "")
         )
 
 

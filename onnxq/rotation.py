@@ -241,8 +241,9 @@ def _stream_start(x: ir.Value, hidden: int) -> str | None:
     return node.name if table.const_value.numpy().shape[1] == hidden else None
 
 
-def find_residual_stream(model: ir.Model, seed: int = DEFAULT_SEED) -> RotationPlan:
-    """The rotation of ``model``'s residual stream: Q, the embeddings, writers and norms."""
+def find_residual_stream(model: ir.Model, seed: int = DEFAULT_SEED, online_block: int = 0) -> RotationPlan:
+    """The rotation of ``model``'s residual stream: Q, the embeddings, writers and norms; with
+    ``online_block``, the MLP down projections that get an online block Hadamard too."""
     graph = model.graph
     layer_norms = [n.name for n in graph if n.op_type == "LayerNormalization"]
     if layer_norms:
@@ -276,7 +277,39 @@ def find_residual_stream(model: ir.Model, seed: int = DEFAULT_SEED) -> RotationP
     plan.embeddings, plan.writers, plan.biases = embeddings, writers, biases
     rank = {id(s.nodes[0].inputs[0]): (len(s.nodes[0].inputs[0].shape) if s.nodes[0].inputs[0].shape is not None else None) for s in stats}
     plan.norms = [_norm(s, hidden, rank[id(s.nodes[0].inputs[0])]) for s in stats]
+    if online_block:
+        plan.online_block = online_block
+        plan.online = _online_writers(graph, writers, online_block)
     return plan
+
+
+def block_hadamard(block: int) -> np.ndarray:
+    """``H_b/√b`` (float64, orthogonal, no signs): the online rotation's block."""
+    return hadamard(hadamard_factors(block)).astype(np.float64) / math.sqrt(block)
+
+
+def _online_writers(graph: ir.Graph, writers: list[str], block: int) -> list[str]:
+    """The MLP down projections among ``writers`` (their input is not attention's reshaped
+    context), each with a static rank and a width that ``block`` divides."""
+    if hadamard_factors(block) is None:
+        raise UnsupportedModelError(f"--rotate-online {block}: no Hadamard matrix of order {block} is built here; pass a power of two (64, 128, ...)")
+    by_name = {n.name: n for n in graph}
+    online = []
+    for name in writers:
+        node = by_name[name]
+        x = node.inputs[0]
+        producer = x.producer()
+        if producer is None or producer.op_type in ("Reshape", "Transpose", "Flatten"):
+            continue
+        width = _linear_shape(node, x)[0]
+        if width % block or x.shape is None:
+            raise UnsupportedModelError(f"--rotate-online {block} does not divide the width {width} of {name!r}'s input (or its rank is unknown); pass a block that divides it")
+        online.append(name)
+    if not online:
+        raise _refuse("--rotate-online found no MLP down projection among the writers")
+    return online
+
+
 
 
 def _hidden_size(stats: list[NormStatistic]) -> int:

@@ -97,7 +97,7 @@ def test_int8_error_falls_with_rotation(tmp_path):
     assert errors[True] < errors[False], errors
 
 
-@pytest.mark.parametrize("extra", [[], ["--smoothquant", "auto", "--precision", "fp8"]])
+@pytest.mark.parametrize("extra", [[], ["--smoothquant", "auto", "--precision", "fp8", "--rotate-online", "32"]])
 def test_rotated_plan_replays_byte_for_byte(tmp_path, extra):
     path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")
     calib = tmp_path / "calib.npz"
@@ -119,3 +119,28 @@ def test_layernorm_model_is_refused_in_one_line(tmp_path, capsys):
     assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib), "--rotate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("onnxq: error: --rotate needs") and "LayerNormalization" in err, err
+
+
+def test_online_rotation_before_down_proj_is_exact_and_lowers_its_amax(tmp_path):
+    path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")  # MLP width 96 = 6 blocks of 16
+    model = load_and_preprocess(path)
+    reference = modelio.to_proto(model)
+    plan = QuantPlan(target="tensorrt")
+    plan.rotation = find_residual_stream(model, online_block=16)
+    assert plan.rotation.online == ["layers.0.down_proj", "layers.1.down_proj"]  # not the o_projs
+    emit.emit(model, plan, ["rotate"])
+    rotated = modelio.to_proto(model)
+    downs = {n.name: n.input[0] for n in rotated.graph.node if n.name.endswith("down_proj")}
+    assert all(t.endswith("_rotated") for t in downs.values())
+    ids = _ids()
+    before = _run(reference, ["logits", "layers.0_m", "layers.1_m"], ids)
+    after = _run(rotated, ["logits", *downs.values()], ids)
+    assert np.abs(after["logits"] - before["logits"]).max() / np.abs(before["logits"]).max() < 1e-4
+    for i in range(2):
+        assert np.abs(after[downs[f"layers.{i}.down_proj"]]).max() < np.abs(before[f"layers.{i}_m"]).max()
+
+
+def test_online_block_must_divide_the_width(tmp_path):
+    path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")
+    with pytest.raises(UnsupportedModelError, match="does not divide the width 96"):
+        find_residual_stream(load_and_preprocess(path), online_block=64)
