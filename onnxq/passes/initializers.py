@@ -42,6 +42,9 @@ def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarr
         init.shape = ir.Shape(array.shape)
         return
     node.replace_input_with(index, add_initializer(graph, f"{node.name}/{init.name}_{suffix}", array))
+    transpose = source.transpose
+    if transpose is not None and not transpose.outputs[0].uses() and not transpose.outputs[0].is_graph_output():
+        graph.remove(transpose, safe=True)  # a dead Transpose would keep the original (an LM head's 28M table) alive
 
 
 def drop_unused_initializers(graph: ir.Graph) -> None:
