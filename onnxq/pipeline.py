@@ -80,6 +80,7 @@ class QuantizeResult:
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
+            **({"rotation": {"summary": self.plan.rotation.summary(), **self.plan.rotation.to_json()}} if self.plan.rotation is not None else {}),
         }
 
 

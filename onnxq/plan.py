@@ -359,7 +359,7 @@ class RotationPlan:
         return (
             f"residual stream of size {self.size} rotated by a {'randomized Hadamard' if self.kind == 'hadamard' else 'random orthogonal'} matrix ({shape}): "
             f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writers, {len(self.norms)} norms folded into {readers} readers"
-            + (f"; online Hadamard (block {self.online_block}) before {len(self.online)} MLP down projections" if self.online else "")
+            + (f"; online Hadamard (block {self.online_block}: {self.online_block} float MACs per input channel per token) before {len(self.online)} MLP down projections" if self.online else "")
         )
 
 

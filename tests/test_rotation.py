@@ -108,6 +108,8 @@ def test_rotated_plan_replays_byte_for_byte(tmp_path, extra):
     assert saved["kind"] == "hadamard" and saved["size"] == 48 and len(saved["signs"]) == 12  # 48 bits in hex
     assert main(["quantize", str(path), "-o", str(b), "--plan", str(plan), "--no-eval", "-q"]) == 0
     assert a.read_bytes() == b.read_bytes()
+    report = json.loads((tmp_path / "a.report.json").read_text())["rotation"]
+    assert report["summary"].startswith("residual stream of size 48") and report["writers"] == saved["writers"]
 
 
 def test_layernorm_model_is_refused_in_one_line(tmp_path, capsys):
