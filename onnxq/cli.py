@@ -296,13 +296,15 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
     "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
     "equalize": (("--equalize",), {"action": "store_true", "help": "cross-layer equalization: rescale the channels of consecutive Conv/Gemm pairs so their weight ranges match (exact in float; before calibration)"}),
+    "rotate": (("--rotate",), {"action": "store_true", "help": "rotate a pre-norm decoder's residual stream by a randomized Hadamard matrix folded into the weights (QuaRot-style; exact in float; before calibration)"}),
+    "rotate_online": (("--rotate-online",), {"type": int, "metavar": "B", "help": "with --rotate: a block-diagonal Hadamard (blocks of B, a power of two) inserted before each MLP down projection as a MatMul, its transpose folded into the weight"}),
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }
 PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
-CORRECTIONS = ("equalize", "bias_correction", "depthwise_min_snr")
+CORRECTIONS = ("equalize", "rotate", "rotate_online", "bias_correction", "depthwise_min_snr")
 
 
 def _add_recipe(p: argparse.ArgumentParser, names) -> None:

@@ -2,7 +2,9 @@
 
 Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
 
-0. ``equalize``: cross-layer equalization (``plan.equalization``); a stage of its own because it
+0. ``rotate``: the rotation of a decoder's residual stream (``plan.rotation``), before
+   calibration like ``equalize`` (it changes every range after it);
+   ``equalize``: cross-layer equalization (``plan.equalization``); a stage of its own because it
    runs before calibration (it changes the activations' ranges; SmoothQuant's fold needs them);
 1. ``fold``: SmoothQuant scales and split-off outlier channels (``plan.smoothquant``);
 2. ``quantize``: bias corrections (``plan.bias_correction``), the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
@@ -34,14 +36,17 @@ from onnxq.passes.equalize import EqualizePass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.provenance import RecordProvenancePass
 from onnxq.passes.qdq import InsertQDQPass
+from onnxq.passes.rotate import RotatePass
 from onnxq.passes.smoothquant import SmoothQuantPass
 from onnxq.plan import QuantPlan
 
-STAGES = ("equalize", "fold", "quantize", "finish")
+STAGES = ("rotate", "equalize", "fold", "quantize", "finish")
 
 
 def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
     """The passes of one emit stage for ``plan``."""
+    if stage == "rotate":
+        return [RotatePass(plan.rotation)] if plan.rotation is not None else []
     if stage == "equalize":
         return [EqualizePass(plan.equalization)] if plan.equalization is not None and plan.equalization.pairs else []
     if stage == "fold":

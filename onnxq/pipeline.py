@@ -46,6 +46,7 @@ from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan, SmoothPlan
 from onnxq.progress import log, quiet_option, warn
 from onnxq.recipe import Recipe
+from onnxq.rotation import find_residual_stream
 from onnxq.runtime import ort as ort_rt
 
 
@@ -81,6 +82,7 @@ class QuantizeResult:
             "evaluation": {"data": self.eval_source, "outputs": [a.to_json() for a in self.accuracy]},
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
             **({"smoothquant": self.smoothquant.to_json()} if self.smoothquant is not None else {}),
+            **({"rotation": {"summary": self.plan.rotation.summary(), **self.plan.rotation.to_json()}} if self.plan.rotation is not None else {}),
         }
 
 
@@ -278,6 +280,7 @@ def build(
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
+    _rotate(model, plan, recipe)
     fold_equalization(model, plan, recipe)
     t = time.perf_counter()
     if plan.smoothquant is None and recipe.weight_method == "awq":
@@ -331,6 +334,16 @@ def _measured_placement(model: ir.Model, plan: QuantPlan, recipe: Recipe, data, 
     floated = keep_float_below(model, plan, plan.local_snr, recipe.depthwise_min_snr)
     timings["measured_placement"] = time.perf_counter() - t
     log(f"onnxq: measured placement: {len(floated)} of {len(plan.local_snr)} depthwise convs below {recipe.depthwise_min_snr:g} dB kept in float")
+
+
+def _rotate(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
+    """Decide the residual stream's rotation if asked and absent, and fold it: before
+    calibration, which must see the rotated activations."""
+    if recipe.rotate and plan.rotation is None:
+        plan.rotation = find_residual_stream(model, online_block=recipe.rotate_online)
+    if plan.rotation is not None:
+        log(f"onnxq: rotation: {plan.rotation.summary()}")
+    emit.emit(model, plan, ["rotate"])
 
 
 def fold_equalization(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:

@@ -48,6 +48,9 @@ The plan is the whole contract: besides the per-node decisions it carries
   error of its quantized output, measured on calibration data), folded before Q/DQ insertion;
 - ``local_snr``: per depthwise conv, the SNR of its own quantized output measured on calibration
   data (``--depthwise-min-snr``: those below the threshold were set to float in ``nodes``);
+- ``rotation``: the rotation of a decoder's residual stream (:class:`RotationPlan`: Q's kind,
+  size, seed and signs, and the embeddings, writers and norms it rewrites), folded into the float
+  model before calibration;
 - ``min_opset``: the opset the model is raised to before Q/DQ insertion (FP8: 19), if any;
 - ``recipe``: the request that produced the plan (for the record; replay does not read it).
 
@@ -308,6 +311,60 @@ class EqualizationPlan:
         return cls(iterations=data.get("iterations", 0), clips=data.get("clips", "skip"), pairs=pairs)
 
 
+# --- rotation of the residual stream (decided by onnxq.rotation, executed by passes/rotate.py) ---
+
+
+@dataclass
+class RotatedNorm:
+    """A norm on the residual stream: its per-channel weight (input ``scale_input`` of the Mul
+    ``scale_node``; None: the norm has none) goes into ``readers`` and becomes 1, and each
+    reader's weight is rotated on its input side (``Qᵀ·diag(γ)·W``)."""
+
+    statistic: str  # the Pow node of the norm's statistic (for the report)
+    scale_node: str | None = None
+    scale_input: int | None = None
+    readers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RotationPlan:
+    """``Q`` (``kind`` "hadamard": ``diag(±1)·H/√size``, H the Kronecker product of the Hadamard
+    matrices of orders ``factors``, the minus signs where the bits of ``signs`` (hex) are set;
+    "orthogonal": the QR of a Gaussian drawn with ``seed``) and the nodes it rewrites."""
+
+    kind: str
+    size: int
+    seed: int = 0
+    factors: list[int] = field(default_factory=list)
+    signs: str = ""
+    embeddings: list[str] = field(default_factory=list)  # Gather nodes: table · Q
+    writers: list[str] = field(default_factory=list)  # MatMul nodes: W · Q
+    biases: list[str] = field(default_factory=list)  # their bias Adds: b · Q
+    norms: list[RotatedNorm] = field(default_factory=list)
+    # online rotation: each of these writers' input is multiplied by blockdiag(H_b/√b) by an
+    # inserted MatMul (b = online_block) and its weight by the transpose (0: none)
+    online_block: int = 0
+    online: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RotationPlan:
+        data = dict(data)
+        data["norms"] = [RotatedNorm(**n) for n in data.get("norms", [])]
+        return cls(**data)
+
+    def summary(self) -> str:
+        readers = sum(len(n.readers) for n in self.norms)
+        shape = "x".join(map(str, self.factors)) if self.kind == "hadamard" else f"seed {self.seed}"
+        return (
+            f"residual stream of size {self.size} rotated by a {'randomized Hadamard' if self.kind == 'hadamard' else 'random orthogonal'} matrix ({shape}): "
+            f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writers, {len(self.norms)} norms folded into {readers} readers"
+            + (f"; online Hadamard (block {self.online_block}: {self.online_block} float MACs per input channel per token) before {len(self.online)} MLP down projections" if self.online else "")
+        )
+
+
 @dataclass
 class QuantPlan:
     target: str
@@ -330,6 +387,7 @@ class QuantPlan:
     bias_correction: dict[str, list[float]] | None = None
     # depthwise conv -> its own quantized output's SNR (dB) on the calibration data (None: not measured)
     local_snr: dict[str, float] | None = None
+    rotation: RotationPlan | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -414,6 +472,7 @@ class QuantPlan:
             **({"equalization": self.equalization.to_json()} if self.equalization is not None else {}),
             **({"bias_correction": self.bias_correction} if self.bias_correction is not None else {}),
             **({"local_snr": self.local_snr} if self.local_snr is not None else {}),
+            **({"rotation": self.rotation.to_json()} if self.rotation is not None else {}),
         }
 
     @classmethod
@@ -447,6 +506,7 @@ class QuantPlan:
                 equalization=EqualizationPlan.from_json(data["equalization"]) if data.get("equalization") else None,
                 bias_correction=data.get("bias_correction"),
                 local_snr=data.get("local_snr"),
+                rotation=RotationPlan.from_json(data["rotation"]) if data.get("rotation") else None,
             )
             plan.check_values(source)
             return plan

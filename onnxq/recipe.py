@@ -62,6 +62,8 @@ class Recipe:
     include_op: tuple[str, ...] = ()  # only these op types may be quantized
     per_tensor_weights: bool = False  # one weight scale per tensor instead of per output channel
     equalize: bool = False  # cross-layer equalization of Conv/Gemm pairs before calibration
+    rotate: bool = False  # rotate a decoder's residual stream by a randomized Hadamard matrix (exact in float)
+    rotate_online: int = 0  # with rotate: block of the Hadamard inserted before each MLP down projection (0: none)
     bias_correction: bool = False  # per-channel bias shift by the measured mean output error
     depthwise_min_snr: float | None = None  # dB: depthwise convs whose own measured SNR is lower stay float
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
@@ -129,6 +131,8 @@ class Recipe:
             "include_op": _strings(self.include_op, "include-op", source),
             "per_tensor_weights": _flag(self.per_tensor_weights, "per-tensor-weights", source),
             "equalize": _flag(self.equalize, "equalize", source),
+            "rotate": _flag(self.rotate, "rotate", source),
+            "rotate_online": _count(self.rotate_online, "rotate-online", source, minimum=0) or 0,
             "bias_correction": _flag(self.bias_correction, "bias-correction", source),
             "depthwise_min_snr": _decibels(self.depthwise_min_snr, "depthwise-min-snr", source),
             "block_size": _block_size(self.block_size, source),
@@ -139,6 +143,8 @@ class Recipe:
         _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:
             raise RecipeError("--split-outliers is part of SmoothQuant's per-channel treatment: pass --smoothquant ALPHA|auto with it")
+        if values["rotate_online"] and not values["rotate"]:
+            raise RecipeError(f"{_at(source)}--rotate-online is part of the rotation: pass --rotate with it")
         if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
             option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
             raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")

@@ -27,10 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
-from onnxq.passes.initializers import add_initializer
+from onnxq.passes.initializers import add_initializer, constant_as_read, drop_unused_initializers, replace_constant
 from onnxq.plan import Fold, SmoothPlan
 from onnxq.smoothquant import weight_matrix
-from onnxq.weights import weight_source
 
 
 class SmoothQuantPass(ir.passes.InPlacePass):
@@ -63,29 +62,14 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             if group.inserts_mul:
                 self._insert_mul(x, [by_name[c] for c in group.consumers], group.inverse_scale(), group.trailing, group.output)
             modified = True
-        for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]:
-            graph.initializers.pop(name)
+        drop_unused_initializers(graph)
         return ir.passes.PassResult(model, modified)
 
     def _fold(self, node: ir.Node, fold: Fold, s: np.ndarray) -> None:
-        value = node.inputs[fold.input]
-        source = weight_source(value)
-        if source is None:
-            raise PlanError(f"input {fold.input} of {node.name!r} is not a float constant; SmoothQuant cannot fold into it")
-        array = source.initializer.const_value.numpy()
-        if source.transpose is not None:
-            perm = source.transpose.attributes.get_ints("perm", list(range(array.ndim))[::-1])
-            array = np.transpose(array, perm)
+        array = constant_as_read(node, fold.input, "SmoothQuant")
         factor = s.reshape((-1,) + (1,) * fold.trailing).astype(array.dtype)
         scaled = array / factor if fold.op == "div" else array * factor
-        scaled = np.ascontiguousarray(scaled.astype(array.dtype))
-        init = source.initializer
-        private = source.transpose is None and len(init.uses()) == 1 and not init.is_graph_input() and not init.is_graph_output()
-        if private:
-            init.const_value = ir.tensor(scaled, name=init.name)
-            init.shape = ir.Shape(scaled.shape)
-            return
-        node.replace_input_with(fold.input, self._constant(f"{node.name}/{init.name}_smoothed", scaled))
+        replace_constant(self._graph, node, fold.input, np.ascontiguousarray(scaled.astype(array.dtype)), "smoothed")
 
     def _split_off(self, x: ir.Value, consumer: ir.Node, channels: list[int]) -> None:
         """``Y`` → ``Add(Y_split_main, MatMul(Gather(X, channels, axis=-1), W[channels, :]))``."""
