@@ -63,6 +63,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,10 +150,13 @@ class WeightQuant:
     # weight-only AWQ: per block and column (row-major [blocks, columns]) an index into
     # onnxq.grids.CLIP_RATIOS, the factor on the block's range; base64 of uint8. None: no clip
     clip: str | None = None
+    # weight-only GPTQ: per weight (row-major, as the node reads it) its integer's offset from
+    # round-to-nearest on the entry's blocks; int8, zlib-compressed, base64. None: RTN
+    offsets: str | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for key in ("block_size", "clip"):
+        for key in ("block_size", "clip", "offsets"):
             if out[key] is None:
                 del out[key]  # per-channel entries read as before
         return out
@@ -160,6 +164,10 @@ class WeightQuant:
     def clip_indices(self) -> np.ndarray | None:
         """The clip indices as a flat uint8 array, or None."""
         return np.frombuffer(base64.b64decode(self.clip), dtype=np.uint8) if self.clip else None
+
+    def offset_values(self) -> np.ndarray | None:
+        """GPTQ's offsets from round-to-nearest as a flat int8 array, or None."""
+        return np.frombuffer(zlib.decompress(base64.b64decode(self.offsets)), dtype=np.int8) if self.offsets else None
 
 
 # --- SmoothQuant decisions (made by onnxq.smoothquant, executed by passes/smoothquant.py) ---

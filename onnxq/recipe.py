@@ -34,7 +34,7 @@ PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
 # weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
 WEIGHT_ONLY = ("w4a16", "w8a16")
 BLOCK_SIZES = (32, 64, 128)
-WEIGHT_METHODS = ("rtn", "awq")
+WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
 
 
@@ -63,7 +63,8 @@ class Recipe:
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
     quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
-    weight_method: str = "rtn"  # weight-only: round-to-nearest, or AWQ's scale and clip search
+    weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
+    gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Recipe:
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
             "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
+            "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:

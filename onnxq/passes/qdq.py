@@ -240,7 +240,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 raise PlanError(f"the plan's clip factors for {node!r} do not fit its weight {list(array.shape)} in blocks of {entry.block_size}")
             clip = np.asarray(CLIP_RATIOS, dtype=np.float32)[indices.reshape(blocks, -1)]
         q, scale, zero = quantize_blocked(array, axis, entry.block_size, GRIDS[entry.dtype], clip)
-        return [q, scale.astype(_NP_FLOAT.get(value.dtype, np.float32)), zero], entry, axis, name
+        return [_with_offsets(q, entry, node), scale.astype(_NP_FLOAT.get(value.dtype, np.float32)), zero], entry, axis, name
 
     def _blocked_weight(self, value: ir.Value, node: str, index: int, graph: ir.Graph) -> ir.Value:
         """A blocked DequantizeLinear of the weight behind ``value``, quantized as the node reads
@@ -275,3 +275,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         gather.outputs[0].dtype, gather.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], node.outputs, gather.outputs)
         self._model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def _with_offsets(q: np.ndarray, entry: WeightQuant, node: str) -> np.ndarray:
+    """The blocked integers ``q`` with the plan's GPTQ offsets from round-to-nearest added."""
+    offsets = entry.offset_values()
+    if offsets is None:
+        return q
+    g = GRIDS[entry.dtype]
+    if offsets.size != q.size:
+        raise PlanError(f"the plan's GPTQ offsets for {node!r} hold {offsets.size} values; its weight has {q.size}")
+    values = q.astype(np.int16) + offsets.reshape(q.shape)
+    if values.min() < (-g.qmax if g.symmetric else g.qmin) or values.max() > g.qmax:
+        raise PlanError(f"the plan's GPTQ offsets for {node!r} leave the {entry.dtype} range; was the plan made for another model?")
+    return values.astype(g.numpy_type)
