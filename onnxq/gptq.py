@@ -11,6 +11,9 @@ layer's Hessian (Frantar et al., "GPTQ", 2022; the reference is IST-DASLab/gptq 
   in lazy-update blocks of :data:`UPDATE_BLOCK` channels. The block scales are static: those of
   round-to-nearest on the weight the node reads (with AWQ's clip factors when the plan has them),
   so a DequantizeLinear block stays one scale however act-order permutes the channels.
+- **Clip** (plain GPTQ; ``awq+gptq`` keeps AWQ's): per block and column the range factor from
+  :data:`~onnxq.grids.CLIP_RATIOS` whose round-to-nearest block has the least output error
+  ``Δᵀ H_bb Δ`` (:func:`search_clip`), stored as AWQ's clip factors are.
 - **Plan**: the weight entry stores what GPTQ changed: per weight, its integer's offset from
   round-to-nearest (``WeightQuant.offsets``: int8, zlib-compressed, base64; mostly zeros and ±1).
   Replay recomputes the RTN integers and scales from the float weight and adds the offsets: the
@@ -29,7 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import smoothquant as sq
-from onnxq.grids import CLIP_RATIOS, GRIDS, dequantize_blocked, quantize_blocked
+from onnxq.awq import encode_clip
+from onnxq.grids import CLIP_RATIOS, GRIDS, dequantize_blocked, fake_quant_blocked, quantize_blocked
 from onnxq.plan import QuantPlan, WeightQuant
 from onnxq.weights import weight_source
 
@@ -95,6 +99,25 @@ def gptq_quantize(weight: np.ndarray, h: np.ndarray, grid: str, block: int, clip
     return q[np.argsort(order)].astype(g.numpy_type)
 
 
+def search_clip(weight: np.ndarray, h: np.ndarray, grid: str, block: int) -> np.ndarray:
+    """Per block and column of ``weight`` ``[K, N]`` the index into :data:`CLIP_RATIOS` whose
+    round-to-nearest block gives the least output error ``Δᵀ H_bb Δ`` (AWQ's clip search with the
+    whole pass's Hessian instead of sampled rows)."""
+    k = weight.shape[0]
+    n_blocks = -(-k // block)
+    best_err = np.full((n_blocks, weight.shape[1]), np.inf)
+    best_idx = np.zeros((n_blocks, weight.shape[1]), dtype=np.uint8)
+    for i, ratio in enumerate(CLIP_RATIOS):
+        delta = fake_quant_blocked(weight, 0, block, GRIDS[grid], ratio).astype(np.float64) - weight
+        for b in range(n_blocks):
+            part = slice(b * block, min(k, (b + 1) * block))
+            err = np.sum(delta[part] * (h[part, part] @ delta[part]), axis=0)
+            better = err < best_err[b]
+            best_err[b, better] = err[better]
+            best_idx[b, better] = i
+    return best_idx
+
+
 def layer_error(weight: np.ndarray, dequantized: np.ndarray, h: np.ndarray) -> float:
     """The output error ``tr(ΔWᵀ H ΔW)`` of replacing ``weight`` ``[K, N]`` by ``dequantized``,
     relative to ``tr(Wᵀ H W)`` (the squared output, summed over the Hessian's rows)."""
@@ -129,9 +152,10 @@ def gptq_targets(model: ir.Model, plan: QuantPlan) -> dict[str, list[str]]:
     return out
 
 
-def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.ndarray, *, act_order: bool = True) -> dict[str, tuple[float, float]]:
+def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.ndarray, *, act_order: bool = True, clip_search: bool = True) -> dict[str, tuple[float, float]]:
     """Run GPTQ for ``nodes`` (readers of one activation with Hessian ``h``), storing the offsets
-    in their weight entries. Returns {node: (RTN error, GPTQ error)} relative output errors."""
+    (and, without AWQ's, clip factors) in their weight entries. Returns {node: (RTN error, GPTQ
+    error)} relative output errors, both on the entry's (clipped) scales."""
     by_name = {n.name: n for n in model.graph}
     errors = {}
     for name in nodes:
@@ -140,6 +164,8 @@ def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.nd
         if w.shape[0] != h.shape[0]:
             continue
         g = GRIDS[entry.dtype]
+        if entry.clip is None and clip_search:  # plain GPTQ: the clip search on the Hessian
+            entry.clip = encode_clip(search_clip(w, h, entry.dtype, entry.block_size))  # [blocks, N] for any axis
         clip = entry_clip(entry, w.shape)
         rtn, scale, zero = quantize_blocked(w, 0, entry.block_size, g, clip)
         q = gptq_quantize(w, h, entry.dtype, entry.block_size, clip, act_order=act_order)

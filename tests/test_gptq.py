@@ -59,10 +59,11 @@ def test_gptq_on_identity_hessian_is_rtn():
 @pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
 def test_gptq_model_is_closer_to_fp32_and_replays(decoder_case, tmp_path, method):
     model, calib, evald = decoder_case
-    common = ["quantize", str(model), "--no-eval", "-q", "--precision", "w4a16", "--block-size", "32", "--target", "ort"]
+    # --quantize-head: the head is a Gemm with transB=1, its blocks along the weight's axis 1
+    common = ["quantize", str(model), "--no-eval", "-q", "--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head"]
     assert main([*common, "-o", str(tmp_path / "g.onnx"), "--weight-method", method, "--calib", str(calib), "--save-plan", str(tmp_path / "p.json")]) == 0
     plan = QuantPlan.load(tmp_path / "p.json")
-    assert sum(w.offsets is not None for w in plan.weights.values()) == 7
+    assert sum(w.offsets is not None and w.clip is not None for w in plan.weights.values()) == 8
     assert bool(plan.smoothquant is not None and plan.smoothquant.active()) == (method == "awq+gptq")
     assert json.loads((tmp_path / "p.json").read_text())["recipe"]["weight-method"] == method
     assert main(["quantize", str(model), "--no-eval", "-q", "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "p.json")]) == 0
