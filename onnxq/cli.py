@@ -273,7 +273,7 @@ def _check(args: argparse.Namespace) -> int:
 # line override a --recipe file.
 RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "target": (("--target",), {"choices": ["tensorrt", "ort"], "help": "deployment target whose Q/DQ rules apply (default: tensorrt)"}),
-    "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), or weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21) (default: int8)"}),
+    "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16", "w4a8"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21), or w4a8 (blocked INT4 weights, FP8 activations) (default: int8)"}),
     "quantize_head": (("--quantize-head",), {"action": "store_true", "help": "weight-only: quantize the LM head (the MatMul/Gemm writing a graph output) too; by default it stays float"}),
     "weight_method": (("--weight-method",), {"choices": ["rtn", "awq", "gptq", "awq+gptq"], "help": "weight-only: rtn (round to nearest, no data needed), awq (per-channel scales and per-block clipping searched on --calib rows), gptq (each weight's rounding chosen against its layer's Hessian from --calib), or awq+gptq (GPTQ on the AWQ-scaled model) (default: rtn)"}),
     "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),

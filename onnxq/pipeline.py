@@ -127,7 +127,7 @@ def quantize(
     modelio.check_outputs(paths.values(), inputs)  # a clash is an error before anything is read
     recipe = make_recipe(recipe, options)
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
-    if calib is None and table is None and given_plan is None and not recipe.weight_only:
+    if calib is None and table is None and given_plan is None and recipe.activations_quantized:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     if recipe.bias_correction and calib is None and not (given_plan and given_plan.bias_correction is not None):
         raise OnnxqError("--bias-correction needs calibration data: pass --calib DATA (it measures each layer's mean output error)")

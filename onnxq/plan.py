@@ -78,7 +78,10 @@ HIGH_PRECISIONS = ("fp32", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 # Weight-only precisions: only the weight input is quantized (blocked INT4 / INT8 along the
 # reduction axis), the activations stay float (the recipe's w4a16 / w8a16).
-WEIGHT_ONLY_PRECISIONS = ("w4", "w8")
+# "w4a8": blocked INT4 weights with FP8 activations (ModelOpt's w4a8_awq).
+WEIGHT_ONLY_PRECISIONS = ("w4", "w8", "w4a8")
+# The activation precision of node precisions whose activations are quantized at another name.
+ACTIVATION_PRECISION = {"w4a8": "fp8"}
 FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
@@ -94,6 +97,11 @@ def check_precision(precision: str, *, quantized: bool = False, source: str = "p
     if precision not in allowed:
         raise PlanError(f"{source}: precision {precision!r} is not one of {list(allowed)}")
     return precision
+
+
+def activation_precision(precision: str) -> str:
+    """The precision a node of ``precision`` reads its activations at ("fp8" for "w4a8")."""
+    return ACTIVATION_PRECISION.get(precision, precision)
 
 
 def _high_precision(value: str, source: str) -> str:
@@ -346,7 +354,7 @@ class QuantPlan:
         return used
 
     def uses_fp8(self) -> bool:
-        return "fp8" in self.precisions()
+        return "fp8" in {activation_precision(p) for p in self.precisions()}
 
     def _activation_store(self, precision: str) -> dict[str, ActivationQuant]:
         check_precision(precision, quantized=True)

@@ -30,9 +30,9 @@ from onnxq.calibrators.methods import METHODS, check_method, check_percentile
 from onnxq.errors import OnnxqError
 
 TARGETS = ("tensorrt", "ort")
-PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
+PRECISIONS = ("int8", "fp8", "w4a16", "w8a16", "w4a8")
 # weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
-WEIGHT_ONLY = ("w4a16", "w8a16")
+WEIGHT_ONLY = ("w4a16", "w8a16", "w4a8")  # w4a8: the blocked INT4 weights of w4a16, FP8 activations
 BLOCK_SIZES = (32, 64, 128)
 WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
@@ -145,8 +145,14 @@ class Recipe:
 
     @property
     def weight_only(self) -> bool:
-        """Whether the request is weight-only (w4a16 / w8a16): no activation is quantized."""
+        """Whether the request's weights are blocked along the reduction axis (w4a16 / w8a16 /
+        w4a8; only w4a8 quantizes activations too)."""
         return self.precision in WEIGHT_ONLY
+
+    @property
+    def activations_quantized(self) -> bool:
+        """Whether activations get Q/DQ (and so need calibration data): all but w4a16 / w8a16."""
+        return self.precision not in ("w4a16", "w8a16")
 
     # --- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -31,7 +31,7 @@ from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
 from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant, activation_precision
 from onnxq.weights import weight_source
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GatherBlockQuantized)
@@ -73,7 +73,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
                 value = node.inputs[index]
                 if kind == "activation":
-                    node.replace_input_with(index, self._activation(value, decision.precision, node.graph))
+                    node.replace_input_with(index, self._activation(value, activation_precision(decision.precision), node.graph))
                 elif kind == "weight" and decision.precision in WEIGHT_ONLY_PRECISIONS:
                     node.replace_input_with(index, self._blocked_weight(value, name, index, node.graph))
                 elif kind == "weight":
