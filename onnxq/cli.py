@@ -276,6 +276,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16", "w4a8"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21), or w4a8 (blocked INT4 weights, FP8 activations) (default: int8)"}),
     "quantize_head": (("--quantize-head",), {"action": "store_true", "help": "weight-only: quantize the LM head (the MatMul/Gemm writing a graph output) too; by default it stays float"}),
     "weight_method": (("--weight-method",), {"choices": ["rtn", "awq", "gptq", "awq+gptq"], "help": "weight-only: rtn (round to nearest, no data needed), awq (per-channel scales and per-block clipping searched on --calib rows), gptq (each weight's rounding chosen against its layer's Hessian from --calib), or awq+gptq (GPTQ on the AWQ-scaled model) (default: rtn)"}),
+    "dynamic": (("--dynamic",), {"action": "store_true", "help": "ort target, int8: quantize MatMul/Gemm activations at run time (DynamicQuantizeLinear + MatMulInteger, as quantize_dynamic); no calibration data needed"}),
     "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),
     "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
@@ -293,7 +294,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "equalize": (("--equalize",), {"action": "store_true", "help": "cross-layer equalization: rescale the channels of consecutive Conv/Gemm pairs so their weight ranges match (exact in float; before calibration)"}),
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order", "dynamic")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 CORRECTIONS = ("equalize", "bias_correction")

@@ -59,8 +59,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._owners = subgraph_owners(graph)
         by_name = {node.name: node for node in graph.all_nodes()}
         for name, decision in self.plan.nodes.items():
-            if not decision.quantized:
-                continue
+            if not decision.quantized or "dynamic" in decision.inputs.values():
+                continue  # a dynamic node: DynamicQuantizePass rewrote it
             node = by_name.get(name)
             if node is None:
                 raise PlanError(f"the plan names node {name!r}, which the model does not have; was the plan made for another model?")

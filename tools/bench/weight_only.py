@@ -8,7 +8,7 @@ Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
 (symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
 and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
-onnxq w8a16;
+onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
 same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
 not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``. Columns: the zoo metric (6 layers:
@@ -42,7 +42,8 @@ def quantize_onnxq(case, out, *, precision, target, block, method, head=False, e
     if method.endswith("-noact"):  # GPTQ without act-order
         options = {"weight_method": method.removesuffix("-noact"), "gptq_act_order": False}
     t = time.perf_counter()
-    onnxq.quantize(case["model"], out, case["calib"] if method != "rtn" else None, precision=precision, target=target, block_size=block,
+    calib = case["calib"] if method != "rtn" or precision not in ("w4a16", "w8a16") else None
+    onnxq.quantize(case["model"], out, calib, precision=precision, target=target, block_size=block,
                    quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
     return time.perf_counter() - t
 
@@ -107,11 +108,13 @@ def variants(model: str, blocks, methods):
             rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
+            rows.append((f"onnxq w4a8 {method} tensorrt b{block}", "onnxq", {"precision": "w4a8", "target": "tensorrt", "block": block, "method": method}))
         rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
         rows.append((f"ORT MatMulNBits HQQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "hqq"}))
         rows.append((f"ORT MatMulNBits GPTQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "gptq"}))
     rows.append(("onnxq w8a16 rtn ort b128 +head", "onnxq", {"precision": "w8a16", "target": "ort", "block": 128, "method": "rtn", "head": True}))
+    rows.append(("onnxq fp8 (W8A8 FP8) tensorrt", "onnxq", {"precision": "fp8", "target": "tensorrt", "block": 128, "method": "rtn"}))
     return rows
 
 
