@@ -6,8 +6,8 @@ Runtime's ``quantize_dynamic`` writes, which ORT fuses into ``DynamicQuantizeMat
 
 Rule: one DynamicQuantizeLinear per activation tensor (shared by its dynamic readers); the weight
 is quantized as the node reads it (``[K, N]``, a Gemm's ``transB`` weight transposed) to INT8
-symmetric per output column (``onnxq.grids.quantize_weight``, values in [-127, 127]), with an
-all-zero INT8 zero point per column. The pass executes the plan only.
+symmetric per output column (``onnxq.grids.quantize_weight``, values in [-127, 127]; the scale per
+column goes into the rescaling Mul), with one INT8 zero point 0. The pass executes the plan only.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         q, scale = quantize_weight(weight_matrix(node, array), 1, "int8")
         name = node.name
         w_q = add_initializer(graph, f"{name}_weight_quantized", np.ascontiguousarray(q))
-        w_zero = add_initializer(graph, f"{name}_weight_zero_point", np.zeros(q.shape[1], dtype=np.int8))
+        w_zero = add_initializer(graph, f"{name}_weight_zero_point", np.zeros((), dtype=np.int8))  # symmetric: one 0 serves every column
         w_scale = add_initializer(graph, f"{name}_weight_scale", scale.astype(np.float32))
         product = ir.node("MatMulInteger", [x_q[0], w_q, x_q[2], w_zero], name=f"{name}_MatMulInteger")
         cast = ir.node("Cast", [product.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_Cast")

@@ -49,14 +49,22 @@ def quantize_onnxq(case, out, *, precision, target, block, method, head=False, e
 
 
 class NpzReader:
-    """ORT's CalibrationDataReader over a zoo ``calib.npz`` (one feed per sample)."""
+    """ORT's CalibrationDataReader over a zoo ``calib.npz`` (one feed per sample; iterable
+    again from the start, as ORT's GPTQ iterates it)."""
 
     def __init__(self, path: Path):
         data = np.load(path)
-        self.feeds = iter([{k: data[k][i] for k in data.files} for i in range(len(data[data.files[0]]))])
+        self.samples = [{k: np.atleast_2d(data[k][i]) for k in data.files} for i in range(len(data[data.files[0]]))]
+        self.feeds = iter(self.samples)
 
     def get_next(self):
         return next(self.feeds, None)
+
+    def rewind(self):
+        self.feeds = iter(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
 
 
 def ort_config(case, algo: str, block: int, symmetric: bool):
