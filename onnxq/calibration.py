@@ -24,7 +24,7 @@ from onnxq.ops import activation_channel_axis
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.placement import TARGETS, place
 from onnxq.placement.fp16 import float_tensor_names
-from onnxq.plan import FLOAT, FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan
+from onnxq.plan import FLOAT, FP8_DTYPE, ActivationQuant, NodeDecision, QuantPlan, activation_precision
 from onnxq.progress import log, quiet_option, warn
 from onnxq.runtime import ort as ort_rt
 
@@ -50,7 +50,7 @@ def _quantized_readers(model: ir.Model, plan: QuantPlan) -> dict[str, list[tuple
             continue
         for index, kind in decision.inputs.items():
             if kind == "activation" and index < len(node.inputs) and node.inputs[index] is not None:
-                readers.setdefault(node.inputs[index].name, []).append((node, decision.precision))
+                readers.setdefault(node.inputs[index].name, []).append((node, activation_precision(decision.precision)))
     return readers
 
 

@@ -277,9 +277,11 @@ def _check(args: argparse.Namespace) -> int:
 # line override a --recipe file.
 RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "target": (("--target",), {"choices": ["tensorrt", "ort"], "help": "deployment target whose Q/DQ rules apply (default: tensorrt)"}),
-    "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), or weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21) (default: int8)"}),
+    "precision": (("--precision",), {"choices": ["int8", "fp8", "w4a16", "w8a16", "w4a8"], "help": "quantized precision: int8, fp8 (E4M3FN, opset 19; ranges on the FP8 grid), weight-only w4a16 / w8a16 (blocked INT4/INT8 MatMul/Gemm weights, float activations, opset 21), or w4a8 (blocked INT4 weights, FP8 activations) (default: int8)"}),
     "quantize_head": (("--quantize-head",), {"action": "store_true", "help": "weight-only: quantize the LM head (the MatMul/Gemm writing a graph output) too; by default it stays float"}),
-    "weight_method": (("--weight-method",), {"choices": ["rtn", "awq"], "help": "weight-only: rtn (round to nearest, no data needed) or awq (per-channel scales and per-block clipping searched on --calib rows) (default: rtn)"}),
+    "weight_method": (("--weight-method",), {"choices": ["rtn", "awq", "gptq", "awq+gptq"], "help": "weight-only: rtn (round to nearest, no data needed), awq (per-channel scales and per-block clipping searched on --calib rows), gptq (each weight's rounding chosen against its layer's Hessian from --calib), or awq+gptq (GPTQ on the AWQ-scaled model) (default: rtn)"}),
+    "dynamic": (("--dynamic",), {"action": "store_true", "help": "ort target, int8: quantize MatMul/Gemm activations at run time (DynamicQuantizeLinear + MatMulInteger, as quantize_dynamic); no calibration data needed"}),
+    "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),
     "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
     "high_precision": (("--high-precision",), {"choices": ["fp32", "fp16"], "help": "precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)"}),
@@ -301,7 +303,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order", "dynamic")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 CORRECTIONS = ("equalize", "rotate", "rotate_online", "bias_correction", "depthwise_min_snr")

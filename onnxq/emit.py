@@ -32,6 +32,7 @@ from onnxq import modelio
 from onnxq.errors import ModelLoadError, OnnxqError, PlanError, UnsupportedModelError, one_line
 from onnxq.passes.bias_correction import BiasCorrectionPass
 from onnxq.passes.cast_fp16 import CastFloat16Pass
+from onnxq.passes.dynamic import DynamicQuantizePass, dynamic_nodes
 from onnxq.passes.equalize import EqualizePass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.provenance import RecordProvenancePass
@@ -53,7 +54,8 @@ def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
         return [SmoothQuantPass(plan.smoothquant)] if plan.smoothquant is not None and plan.smoothquant.active() else []
     if stage == "quantize":
         corrections = [BiasCorrectionPass(plan.bias_correction)] if plan.bias_correction else []
-        return [*corrections, *([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), InsertQDQPass(plan)]
+        dynamic = [DynamicQuantizePass(plan)] if dynamic_nodes(plan) else []
+        return [*corrections, *([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), *dynamic, InsertQDQPass(plan)]
     if stage == "finish":
         cast = []
         if plan.high_precision == "fp16":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import awq, emit, modelio
+from onnxq import awq, emit, gptq, modelio
 from onnxq import smoothquant as sq
 from onnxq.bias_correction import measure_corrections, measure_local_snr
 from onnxq.calibration import (
@@ -144,7 +144,7 @@ def quantize(
     modelio.check_outputs(paths.values(), inputs)  # a clash is an error before anything is read
     recipe = make_recipe(recipe, options)
     given_plan = plan if isinstance(plan, QuantPlan) or plan is None else QuantPlan.load(plan)
-    if calib is None and table is None and given_plan is None and not recipe.weight_only:
+    if calib is None and table is None and given_plan is None and recipe.activations_quantized:
         raise OnnxqError("quantization needs calibration data: pass --calib DATA (.npz, directory of .npz, or module:function) or --table TABLE")
     if recipe.bias_correction and calib is None and not (given_plan and given_plan.bias_correction is not None):
         raise OnnxqError("--bias-correction needs calibration data: pass --calib DATA (it measures each layer's mean output error)")
@@ -283,7 +283,7 @@ def build(
     _rotate(model, plan, recipe)
     fold_equalization(model, plan, recipe)
     t = time.perf_counter()
-    if plan.smoothquant is None and recipe.weight_method == "awq":
+    if plan.smoothquant is None and recipe.weight_method in ("awq", "awq+gptq"):
         _decide_awq(model, plan, data)
         timings["awq"] = time.perf_counter() - t
     decide_sq = plan.smoothquant is None and recipe.smoothquant is not None
@@ -308,6 +308,10 @@ def build(
         timings["smoothquant"] = time.perf_counter() - t
         _log_smoothquant(plan.smoothquant)
     emit.emit(model, plan, ["fold"])
+    if recipe.weight_method in ("gptq", "awq+gptq") and not any(w.offsets for w in plan.weights.values()):
+        t = time.perf_counter()
+        _decide_gptq(model, plan, data, recipe.gptq_act_order)
+        timings["gptq"] = time.perf_counter() - t
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
     _measured_placement(model, plan, recipe, data, timings)
     if recipe.bias_correction and plan.bias_correction is None:
@@ -418,6 +422,25 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
     groups, request, table = _group_statistics(model, plan, data, "auto")
     plan.smoothquant = awq.plan_awq(model, plan, groups, request["reservoirs"], table)
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
+
+
+def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool) -> None:
+    """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, from the Hessians of
+    their inputs summed in calibration passes over the (AWQ-folded) model, a bounded set per pass."""
+    if data is None:
+        raise OnnxqError("--weight-method gptq needs calibration data: pass --calib DATA (it sums each linear layer's input Hessian)")
+    targets = gptq.gptq_targets(model, plan)
+    errors: dict[str, tuple[float, float]] = {}
+    for chunk in gptq.hessian_chunks(model, plan, targets):
+        hessians = {name: gptq.HessianAccumulator(-1) for name in chunk}
+        collect(model, chunk, data, progress=True, reservoirs=hessians)
+        for name in chunk:
+            if hessians[name].h is not None:
+                errors.update(gptq.plan_gptq_nodes(model, plan, targets[name], hessians.pop(name).h, act_order=act_order))
+    rtn, ours = (float(np.mean([e[i] for e in errors.values()])) if errors else 0.0 for i in (0, 1))
+    log(f"onnxq: GPTQ: {len(errors)} weights; mean relative layer output error {ours:.4g} (round-to-nearest: {rtn:.4g})")
+    for name, (before, after) in sorted(errors.items(), key=lambda kv: -kv[1][1])[:5]:
+        log(f"onnxq: GPTQ:   {name}: {after:.4g} (RTN {before:.4g})")
 
 
 def _placement(model: ir.Model, recipe: Recipe, plan: QuantPlan | None) -> QuantPlan:

@@ -68,6 +68,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,13 +83,16 @@ HIGH_PRECISIONS = ("fp32", "fp16")
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 # Weight-only precisions: only the weight input is quantized (blocked INT4 / INT8 along the
 # reduction axis), the activations stay float (the recipe's w4a16 / w8a16).
-WEIGHT_ONLY_PRECISIONS = ("w4", "w8")
+# "w4a8": blocked INT4 weights with FP8 activations (ModelOpt's w4a8_awq).
+WEIGHT_ONLY_PRECISIONS = ("w4", "w8", "w4a8")
+# The activation precision of node precisions whose activations are quantized at another name.
+ACTIVATION_PRECISION = {"w4a8": "fp8"}
 FLOAT = "float"
 FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
 WEIGHT_DTYPE = {"int8": "int8", "fp8": FP8_DTYPE}
 PLAN_TARGETS = ("tensorrt", "ort")  # the placement policies (onnxq.placement.TARGETS)
-INPUT_KINDS = ("activation", "weight")  # what InsertQDQPass executes
+INPUT_KINDS = ("activation", "weight", "dynamic")  # what InsertQDQPass (dynamic: DynamicQuantizePass) executes
 
 
 def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:
@@ -98,6 +102,11 @@ def check_precision(precision: str, *, quantized: bool = False, source: str = "p
     if precision not in allowed:
         raise PlanError(f"{source}: precision {precision!r} is not one of {list(allowed)}")
     return precision
+
+
+def activation_precision(precision: str) -> str:
+    """The precision a node of ``precision`` reads its activations at ("fp8" for "w4a8")."""
+    return ACTIVATION_PRECISION.get(precision, precision)
 
 
 def _high_precision(value: str, source: str) -> str:
@@ -154,10 +163,13 @@ class WeightQuant:
     # weight-only AWQ: per block and column (row-major [blocks, columns]) an index into
     # onnxq.grids.CLIP_RATIOS, the factor on the block's range; base64 of uint8. None: no clip
     clip: str | None = None
+    # weight-only GPTQ: per weight (row-major, as the node reads it) its integer's offset from
+    # round-to-nearest on the entry's blocks; int8, zlib-compressed, base64. None: RTN
+    offsets: str | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for key in ("block_size", "clip"):
+        for key in ("block_size", "clip", "offsets"):
             if out[key] is None:
                 del out[key]  # per-channel entries read as before
         return out
@@ -165,6 +177,10 @@ class WeightQuant:
     def clip_indices(self) -> np.ndarray | None:
         """The clip indices as a flat uint8 array, or None."""
         return np.frombuffer(base64.b64decode(self.clip), dtype=np.uint8) if self.clip else None
+
+    def offset_values(self) -> np.ndarray | None:
+        """GPTQ's offsets from round-to-nearest as a flat int8 array, or None."""
+        return np.frombuffer(zlib.decompress(base64.b64decode(self.offsets)), dtype=np.int8) if self.offsets else None
 
 
 # --- SmoothQuant decisions (made by onnxq.smoothquant, executed by passes/smoothquant.py) ---
@@ -400,7 +416,7 @@ class QuantPlan:
         return used
 
     def uses_fp8(self) -> bool:
-        return "fp8" in self.precisions()
+        return "fp8" in {activation_precision(p) for p in self.precisions()}
 
     def _activation_store(self, precision: str) -> dict[str, ActivationQuant]:
         check_precision(precision, quantized=True)

@@ -30,11 +30,11 @@ from onnxq.calibrators.methods import METHODS, check_method, check_percentile
 from onnxq.errors import OnnxqError
 
 TARGETS = ("tensorrt", "ort")
-PRECISIONS = ("int8", "fp8", "w4a16", "w8a16")
+PRECISIONS = ("int8", "fp8", "w4a16", "w8a16", "w4a8")
 # weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
-WEIGHT_ONLY = ("w4a16", "w8a16")
+WEIGHT_ONLY = ("w4a16", "w8a16", "w4a8")  # w4a8: the blocked INT4 weights of w4a16, FP8 activations
 BLOCK_SIZES = (32, 64, 128)
-WEIGHT_METHODS = ("rtn", "awq")
+WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
 
@@ -69,7 +69,9 @@ class Recipe:
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
     quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
-    weight_method: str = "rtn"  # weight-only: round-to-nearest, or AWQ's scale and clip search
+    weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
+    dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
+    gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -139,6 +141,8 @@ class Recipe:
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
             "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
+            "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
+            "dynamic": _flag(self.dynamic, "dynamic", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:
@@ -152,12 +156,20 @@ class Recipe:
             raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
         if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
             raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
+        if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):
+            raise RecipeError(f"{_at(source)}--dynamic is INT8 on the ort target with run-time activation scales: pass --target ort --precision int8, without --smoothquant / --bias-correction")
         return dataclasses.replace(self, **values)
 
     @property
     def weight_only(self) -> bool:
-        """Whether the request is weight-only (w4a16 / w8a16): no activation is quantized."""
+        """Whether the request's weights are blocked along the reduction axis (w4a16 / w8a16 /
+        w4a8; only w4a8 quantizes activations too)."""
         return self.precision in WEIGHT_ONLY
+
+    @property
+    def activations_quantized(self) -> bool:
+        """Whether activations get Q/DQ (and so need calibration data): all but w4a16 / w8a16."""
+        return self.precision not in ("w4a16", "w8a16") and not self.dynamic
 
     # --- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -257,3 +257,44 @@ def test_quantized_embedding_and_tied_head_leave_no_float_table(tmp_path):
     assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
     with pytest.raises(RecipeError, match="--quantize-embedding is for weight-only precisions on the ort target"):
         Recipe.from_options({"precision": "w4a16", "quantize_embedding": True})
+
+
+# --- W4A8 -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, dtype", [("tensorrt", "int4"), ("ort", "uint4")])
+def test_w4a8_blocked_int4_weights_and_fp8_activations(decoder_case, tmp_path, target, dtype):
+    model, calib, evald = decoder_case
+    common = ["--precision", "w4a8", "--block-size", "32", "--target", target, "--calib", str(calib)]
+    q = _quantize(model, tmp_path / "q.onnx", *common, "--save-plan", str(tmp_path / "p.json"))
+    plan = json.loads((tmp_path / "p.json").read_text())
+    quantized = {n: d for n, d in plan["nodes"].items() if d["precision"] == "w4a8"}
+    assert len(quantized) == 7 and all(d["inputs"] == {"0": "activation", "1": "weight"} for d in quantized.values())
+    assert plan["fp8_activations"] and not plan["activations"]
+    inits = {i.name: i for i in q.graph.initializer}
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    blocked = [n for n in dqs if any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 7 and {inits[n.input[0]].data_type for n in blocked} == {getattr(onnx.TensorProto, dtype.upper())}
+    fp8_qs = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert fp8_qs and {inits[n.input[2]].data_type for n in fp8_qs} == {onnx.TensorProto.FLOAT8E4M3FN}
+    _quantize(model, tmp_path / "replay.onnx", "--plan", str(tmp_path / "p.json"))
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()
+    # FP8 activations cost little next to the INT4 weights: as close to FP32 as w4a16 (within 0.03)
+    _quantize(model, tmp_path / "w4a16.onnx", *[c if c != "w4a8" else "w4a16" for c in common])
+    x = np.load(evald)["x"]
+    basic = ort.SessionOptions()
+    basic.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+    def logits(path):
+        session = ort.InferenceSession(str(path), basic, providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(["logits"], {"x": x[i : i + 1]})[0] for i in range(len(x))])
+
+    ref = logits(model)
+    cos = {k: float(np.sum(ref * (o := logits(tmp_path / f"{k}.onnx"))) / np.linalg.norm(ref) / np.linalg.norm(o)) for k in ("q", "w4a16")}
+    assert cos["q"] > cos["w4a16"] - 0.03, cos
+
+
+def test_w4a8_needs_calibration_data(decoder_case, tmp_path, capsys):
+    model, _, _ = decoder_case
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--precision", "w4a8", "-q"]) == 2
+    assert "calibration data" in capsys.readouterr().err

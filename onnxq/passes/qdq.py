@@ -31,7 +31,7 @@ from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
 from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant, activation_precision
 from onnxq.weights import weight_source
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GatherBlockQuantized)
@@ -59,8 +59,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._owners = subgraph_owners(graph)
         by_name = {node.name: node for node in graph.all_nodes()}
         for name, decision in self.plan.nodes.items():
-            if not decision.quantized:
-                continue
+            if not decision.quantized or "dynamic" in decision.inputs.values():
+                continue  # a dynamic node: DynamicQuantizePass rewrote it
             node = by_name.get(name)
             if node is None:
                 raise PlanError(f"the plan names node {name!r}, which the model does not have; was the plan made for another model?")
@@ -73,7 +73,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
                 value = node.inputs[index]
                 if kind == "activation":
-                    node.replace_input_with(index, self._activation(value, decision.precision, node.graph))
+                    node.replace_input_with(index, self._activation(value, activation_precision(decision.precision), node.graph))
                 elif kind == "weight" and decision.precision in WEIGHT_ONLY_PRECISIONS:
                     node.replace_input_with(index, self._blocked_weight(value, name, index, node.graph))
                 elif kind == "weight":
@@ -240,7 +240,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 raise PlanError(f"the plan's clip factors for {node!r} do not fit its weight {list(array.shape)} in blocks of {entry.block_size}")
             clip = np.asarray(CLIP_RATIOS, dtype=np.float32)[indices.reshape(blocks, -1)]
         q, scale, zero = quantize_blocked(array, axis, entry.block_size, GRIDS[entry.dtype], clip)
-        return [q, scale.astype(_NP_FLOAT.get(value.dtype, np.float32)), zero], entry, axis, name
+        return [_with_offsets(q, entry, node), scale.astype(_NP_FLOAT.get(value.dtype, np.float32)), zero], entry, axis, name
 
     def _blocked_weight(self, value: ir.Value, node: str, index: int, graph: ir.Graph) -> ir.Value:
         """A blocked DequantizeLinear of the weight behind ``value``, quantized as the node reads
@@ -275,3 +275,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         gather.outputs[0].dtype, gather.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], node.outputs, gather.outputs)
         self._model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def _with_offsets(q: np.ndarray, entry: WeightQuant, node: str) -> np.ndarray:
+    """The blocked integers ``q`` with the plan's GPTQ offsets from round-to-nearest added."""
+    offsets = entry.offset_values()
+    if offsets is None:
+        return q
+    g = GRIDS[entry.dtype]
+    if offsets.size != q.size:
+        raise PlanError(f"the plan's GPTQ offsets for {node!r} hold {offsets.size} values; its weight has {q.size}")
+    values = q.astype(np.int16) + offsets.reshape(q.shape)
+    if values.min() < (-g.qmax if g.symmetric else g.qmin) or values.max() > g.qmax:
+        raise PlanError(f"the plan's GPTQ offsets for {node!r} leave the {entry.dtype} range; was the plan made for another model?")
+    return values.astype(g.numpy_type)

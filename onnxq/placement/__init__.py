@@ -32,7 +32,11 @@ def place(model: ir.Model, target: str, *, exclude: Sequence[str] = (), precisio
 def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
     """The placement decisions for ``recipe``: the target's policy at its precision, then its
     node filters (exclude/include by name, regex and op type) and weight granularity."""
-    if recipe.weight_only:
+    if recipe.dynamic:
+        from onnxq.placement.dynamic import place as dynamic_place
+
+        plan = dynamic_place(model)
+    elif recipe.weight_only:
         from onnxq.placement.weight_only import place as weight_only_place
 
         plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding)

@@ -32,8 +32,11 @@ from onnxq.weights import FLOAT_TYPES, weight_source
 # Blocked DequantizeLinear (the block_size attribute) and INT4 tensors arrive in opset 21.
 WEIGHT_ONLY_MIN_OPSET = 21
 # Plan precision of a recipe's weight-only precision, and the weight dtype per target.
-NODE_PRECISION = {"w4a16": "w4", "w8a16": "w8"}
-WEIGHT_ONLY_DTYPE = {("tensorrt", "w4"): "int4", ("tensorrt", "w8"): "int8", ("ort", "w4"): "uint4", ("ort", "w8"): "uint8"}
+NODE_PRECISION = {"w4a16": "w4", "w8a16": "w8", "w4a8": "w4a8"}
+WEIGHT_ONLY_DTYPE = {
+    ("tensorrt", "w4"): "int4", ("tensorrt", "w8"): "int8", ("ort", "w4"): "uint4", ("ort", "w8"): "uint8",
+    ("tensorrt", "w4a8"): "int4", ("ort", "w4a8"): "uint4",
+}
 
 
 def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeDecision:
@@ -51,6 +54,8 @@ def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> Nod
     axis = weight_input_axis(node)
     dtype = WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
     plan.set_weight(node.name, w_index, WeightQuant(dtype=dtype, axis=axis, block_size=block_size))
+    if plan.precision == "w4a8":  # FP8 E4M3 activations as well
+        return NodeDecision(node.op_type, plan.precision, {0: "activation", w_index: "weight"}, f"{dtype} weights in blocks of {block_size} along the reduction axis, FP8 activations")
     return NodeDecision(node.op_type, plan.precision, {w_index: "weight"}, f"weight-only {dtype}, blocks of {block_size} along the reduction axis")
 
 

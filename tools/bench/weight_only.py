@@ -2,15 +2,16 @@
 MatMulNBitsQuantizer on the same model and data, in one process.
 
     python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
-        [--methods rtn awq] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
+        [--methods rtn awq gptq awq+gptq gptq-noact] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
 (symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
 and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
-onnxq w8a16;
-ORT's ``MatMulNBitsQuantizer`` (RTN, symmetric and asymmetric; it skips the tied head, whose
-weight is a Transpose of the embedding, not an initializer). Columns: the zoo metric (6 layers:
+onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
+ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
+same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
+not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``. Columns: the zoo metric (6 layers:
 next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
 to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
 and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
@@ -38,18 +39,50 @@ def quantize_onnxq(case, out, *, precision, target, block, method, head=False, e
     import onnxq
 
     options = {"weight_method": method} if method != "rtn" else {}
+    if method.endswith("-noact"):  # GPTQ without act-order
+        options = {"weight_method": method.removesuffix("-noact"), "gptq_act_order": False}
     t = time.perf_counter()
-    onnxq.quantize(case["model"], out, case["calib"] if method != "rtn" else None, precision=precision, target=target, block_size=block,
+    calib = case["calib"] if method != "rtn" or precision not in ("w4a16", "w8a16") else None
+    onnxq.quantize(case["model"], out, calib, precision=precision, target=target, block_size=block,
                    quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
     return time.perf_counter() - t
 
 
-def quantize_ort(case, out, *, block, symmetric):
+class NpzReader:
+    """ORT's CalibrationDataReader over a zoo ``calib.npz`` (one feed per sample; iterable
+    again from the start, as ORT's GPTQ iterates it)."""
+
+    def __init__(self, path: Path):
+        data = np.load(path)
+        self.samples = [{k: np.atleast_2d(data[k][i]) for k in data.files} for i in range(len(data[data.files[0]]))]
+        self.feeds = iter(self.samples)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):
+        self.feeds = iter(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
+def ort_config(case, algo: str, block: int, symmetric: bool):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if algo == "hqq":
+        return mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=4)
+    if algo == "gptq":
+        return mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=NpzReader(case["calib"]), block_size=block, actorder=True)
+    return mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric)
+
+
+def quantize_ort(case, out, *, block, symmetric, algo="default"):
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     t = time.perf_counter()
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(case["model"])), algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric))
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(case["model"])), algo_config=ort_config(case, algo, block, symmetric))
     quantizer.process()
     onnx.save(quantizer.model.model, str(out))
     return time.perf_counter() - t
@@ -83,9 +116,13 @@ def variants(model: str, blocks, methods):
             rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
+            rows.append((f"onnxq w4a8 {method} tensorrt b{block}", "onnxq", {"precision": "w4a8", "target": "tensorrt", "block": block, "method": method}))
         rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
+        rows.append((f"ORT MatMulNBits HQQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "hqq"}))
+        rows.append((f"ORT MatMulNBits GPTQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "gptq"}))
     rows.append(("onnxq w8a16 rtn ort b128 +head", "onnxq", {"precision": "w8a16", "target": "ort", "block": 128, "method": "rtn", "head": True}))
+    rows.append(("onnxq fp8 (W8A8 FP8) tensorrt", "onnxq", {"precision": "fp8", "target": "tensorrt", "block": 128, "method": "rtn"}))
     return rows
 
 
@@ -105,7 +142,7 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: 
                 seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
                                          embedding=opts.get("embedding", False), calib_n=calib_n)
             else:
-                seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"])
+                seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"], algo=opts.get("algo", "default"))
             rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
         except Exception as exc:  # a tool that cannot run gives a row that says why
             rows.append({"model": name, "row": label, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"})
