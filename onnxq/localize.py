@@ -22,7 +22,9 @@ compared after undoing that: an FP16 region's ``Cast`` is looked through; a Smoo
 by a constant inserted before the Q (``X_smoothed = X · m``) is looked through and the float ``X``
 multiplied by ``m``; a tensor whose channels were rescaled in place (SmoothQuant folded into a
 norm, cross-layer equalization) is compared with the float tensor times the per-channel multiplier
-recorded in the model's ``onnxq.rescaled`` metadata (:mod:`onnxq.passes.provenance`). A Q/DQ pair
+recorded in the model's ``onnxq.rescaled`` metadata (:mod:`onnxq.passes.provenance`). A tensor
+the rotation of ``--rotate`` put in another basis (``onnxq.rotated`` metadata) has no float
+counterpart to compare with and is listed as unmatched. A Q/DQ pair
 whose input still has no float counterpart is listed as unmatched with the reason, and the report
 says how many of all the activation pairs were matched.
 
@@ -175,6 +177,7 @@ def match_all(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[LayerP
     float_values.update({v.name: v for v in float_model.graph.inputs})
     quant_names = {v.name for n in quant_model.graph for v in n.outputs} | {v.name for v in quant_model.graph.inputs}
     rescaled = recorded_rescaling(quant_model)
+    rotated = set(json.loads(quant_model.metadata_props.get("onnxq.rotated", "[]")))
     pairs: dict[str, LayerPair] = {}
     unmatched: dict[str, str] = {}
     for q in quant_model.graph:
@@ -184,6 +187,8 @@ def match_all(float_model: ir.Model, quant_model: ir.Model) -> tuple[list[LayerP
         if x is None or x.const_value is not None:
             continue  # a weight
         source, multiplier, reason = _float_source(x, float_values, rescaled)
+        if x.name in rotated:
+            source, reason = None, "rotated by --rotate: the float model has this tensor in another basis"
         for dq in (u for u, _ in q.outputs[0].uses() if u.op_type == "DequantizeLinear"):
             if source is None:
                 unmatched.setdefault(x.name, reason)

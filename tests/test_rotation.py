@@ -12,6 +12,7 @@ from llama_synthetic import llama_decoder
 from onnxq import emit, modelio
 from onnxq.cli import main
 from onnxq.errors import UnsupportedModelError
+from onnxq.localize import layer_snr
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.plan import QuantPlan, RotationPlan
 from onnxq.rotation import find_residual_stream, hadamard, hadamard_factors, rotation_matrix
@@ -146,3 +147,22 @@ def test_online_block_must_divide_the_width(tmp_path):
     path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")
     with pytest.raises(UnsupportedModelError, match="does not divide the width 96"):
         find_residual_stream(load_and_preprocess(path), online_block=64)
+
+
+def test_check_layers_lists_rotated_tensors_as_unmatched(tmp_path):
+    """Tensors in the rotated basis have no float counterpart: listed, not compared with the
+    unrotated float tensors (which would report a meaningless SNR)."""
+    path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=_ids(8, seed=2)[:, 0])
+    out = tmp_path / "q.onnx"
+    onnxq.quantize(path, out, calib, rotate=True, report=False, evaluate=False, quiet=True)
+    proto = onnx.load(out)
+    rotated = set(json.loads({p.key: p.value for p in proto.metadata_props}["onnxq.rotated"]))
+    reference, _, rotation = _rotated(path)
+    assert set(_reader_inputs(reference, rotation)) <= rotated
+    layers = layer_snr(path, out, [{"ids": x} for x in _ids(2, seed=7)], progress=False)
+    unmatched = dict(layers.unmatched)
+    assert unmatched and set(unmatched) <= rotated and all("rotated by --rotate" in r for r in unmatched.values())
+    assert all(s.pair.tensor not in rotated for s in layers.stats) and layers.matched + len(unmatched) == layers.total
+    assert layers.matched > 0  # the attention and MLP internals are still compared

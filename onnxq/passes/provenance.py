@@ -25,6 +25,7 @@ from onnxq.plan import QuantPlan
 
 RECIPE_KEY = "onnxq.recipe"
 RESCALED_KEY = "onnxq.rescaled"
+ROTATED_KEY = "onnxq.rotated"
 
 
 class RecordProvenancePass(ir.passes.InPlacePass):
@@ -41,6 +42,9 @@ class RecordProvenancePass(ir.passes.InPlacePass):
             model.metadata_props[RESCALED_KEY] = json.dumps(
                 {t: {"axis": axis, "multiplier_f32": base64.b64encode(m.astype("<f4").tobytes()).decode()} for t, (axis, m) in rescaled.items()},
                 sort_keys=True)
+        rotated = _rotated_tensors(model, self.plan)
+        if rotated:
+            model.metadata_props[ROTATED_KEY] = json.dumps(rotated)
         return ir.passes.PassResult(model, True)
 
 
@@ -69,6 +73,38 @@ def _rescaled_tensors(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[int, 
                 if name in by_name:
                     add(by_name[name].outputs[0].name, 1 - rank, inverse)
     return out
+
+
+def _rotated_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
+    """The tensors in the rotated basis, sorted: the residual stream (rotated embeddings' and
+    writers' outputs and the Adds they reach through Adds) and what the norms' readers read
+    (looked through a Q/DQ pair to the quantized tensor)."""
+    if plan.rotation is None:
+        return []
+    rotation = plan.rotation
+    by_name = {node.name: node for node in model.graph}
+    stream = [by_name[n].outputs[0] for n in (*rotation.embeddings, *rotation.writers, *rotation.biases) if n in by_name]
+    out = set()
+    while stream:
+        value = stream.pop()
+        if value.name in out:
+            continue
+        out.add(value.name)
+        stream.extend(u.outputs[0] for u, _ in value.uses() if u.op_type == "Add")
+    for norm in rotation.norms:
+        for reader in (by_name[r] for r in norm.readers if r in by_name):
+            out.add(_unquantized(reader.inputs[0]).name)
+    return sorted(out)
+
+
+def _unquantized(value: ir.Value) -> ir.Value:
+    """The tensor a Q→DQ pair quantizes, or ``value`` itself."""
+    dq = value.producer()
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = dq.inputs[0].producer()
+        if q is not None and q.op_type == "QuantizeLinear":
+            return q.inputs[0]
+    return value
 
 
 def _rank(node: ir.Node) -> int:
