@@ -85,6 +85,8 @@ def _sweep(args: argparse.Namespace) -> int:
         smoothquant=recipe.smoothquant,
         split_outliers=recipe.split_outliers,
         equalize=recipe.equalize,
+        rotate=recipe.rotate,
+        rotate_online=recipe.rotate_online,
         quiet=args.quiet,
     )
     if not args.quiet:
@@ -455,7 +457,7 @@ def _mixed_precision_parsers(sub) -> None:
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     _add_metric(s, "e2e mode: also compute this task metric per layer; solve repeats it")
     _add_eval_samples(s)
-    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize"))
+    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize", "rotate", "rotate_online"))
     _add_quiet(s, "no progress or table")
     s.set_defaults(func=_sweep)
 

@@ -280,7 +280,7 @@ def build(
     (:mod:`onnxq.emit`). Returns the complete plan and the calibration table used."""
     timings = {} if timings is None else timings
     plan = _placement(model, recipe, plan)
-    _rotate(model, plan, recipe)
+    fold_rotation(model, plan, recipe)
     fold_equalization(model, plan, recipe)
     t = time.perf_counter()
     if plan.smoothquant is None and recipe.weight_method in ("awq", "awq+gptq"):
@@ -340,9 +340,9 @@ def _measured_placement(model: ir.Model, plan: QuantPlan, recipe: Recipe, data, 
     log(f"onnxq: measured placement: {len(floated)} of {len(plan.local_snr)} depthwise convs below {recipe.depthwise_min_snr:g} dB kept in float")
 
 
-def _rotate(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
+def fold_rotation(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
     """Decide the residual stream's rotation if asked and absent, and fold it: before
-    calibration, which must see the rotated activations."""
+    calibration, which must see the rotated activations (quantize, and the sweep's and solver's base)."""
     if recipe.rotate and plan.rotation is None:
         plan.rotation = find_residual_stream(model, online_block=recipe.rotate_online)
     if plan.rotation is not None:

@@ -13,6 +13,8 @@ from onnxq import emit, modelio
 from onnxq.cli import main
 from onnxq.errors import UnsupportedModelError
 from onnxq.localize import layer_snr
+from onnxq.mixed_precision.solver import solve
+from onnxq.mixed_precision.sweep import sweep
 from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.plan import QuantPlan, RotationPlan
 from onnxq.rotation import find_residual_stream, hadamard, hadamard_factors, rotation_matrix
@@ -166,3 +168,23 @@ def test_check_layers_lists_rotated_tensors_as_unmatched(tmp_path):
     assert unmatched and set(unmatched) <= rotated and all("rotated by --rotate" in r for r in unmatched.values())
     assert all(s.pair.tensor not in rotated for s in layers.stats) and layers.matched + len(unmatched) == layers.total
     assert layers.matched > 0  # the attention and MLP internals are still compared
+
+
+def test_sweep_and_solve_measure_and_keep_the_rotated_model(tmp_path):
+    """sweep --rotate measures the rotated model; the solver repeats the rotation from the sweep's
+    recipe, and the solved plan (rotation included) replays to the model the solver saved."""
+    path = save(llama_decoder(hidden=48), tmp_path / "llama.onnx")
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, ids=_ids(8, seed=2)[:, 0])
+    np.savez(evald, ids=_ids(4, seed=9)[:, 0])
+    plain = sweep(path, calib, tmp_path / "plain.json", eval=evald, quiet=True, plot=False)
+    rotated = sweep(path, calib, tmp_path / "rot.json", eval=evald, rotate=True, rotate_online=16, quiet=True, plot=False)
+    assert rotated.the_recipe().rotate and rotated.the_recipe().rotate_online == 16
+    assert [la.name for la in rotated.layers] == [la.name for la in plain.layers]
+    assert any(rotated.sensitivity(la.name, "int8") != plain.sensitivity(la.name, "int8") for la in plain.layers)
+    saved, plan_path = tmp_path / "solved.onnx", tmp_path / "plan.json"
+    result = solve(tmp_path / "rot.json", path, calib, plan_path, eval=evald, max_high_precision_layers=1, save_model=saved, quiet=True, plot=False)
+    assert result.plan.rotation is not None and result.plan.rotation.online_block == 16
+    replayed = tmp_path / "replayed.onnx"
+    assert main(["quantize", str(path), "-o", str(replayed), "--plan", str(plan_path), "--no-eval", "-q"]) == 0
+    assert replayed.read_bytes() == saved.read_bytes()

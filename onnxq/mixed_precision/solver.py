@@ -49,7 +49,7 @@ from onnxq.calibration import DataArg, MethodArg
 from onnxq.calibrators import model_hash
 from onnxq.data import DataSource, open_source
 from onnxq.passes.preprocess import load_and_preprocess
-from onnxq.pipeline import fold_equalization
+from onnxq.pipeline import fold_equalization, fold_rotation
 from onnxq.placement import plan_for
 from onnxq.plan import FLOAT, QuantPlan
 from onnxq.progress import log, quiet_option
@@ -208,6 +208,7 @@ def _load_problem(swept: SweepResult, recipe: Recipe, model, calib, eval, eval_s
         raise SolverError("the solver verifies on held-out data: pass --eval DATA (not the calibration data)")
     eval_data = open_source(eval, spec, limit=eval_samples, require_finite=False)
     base = plan_for(float_model, recipe)
+    fold_rotation(float_model, base, recipe)
     fold_equalization(float_model, base, recipe)
     timings: dict[str, float] = {}
     apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings)

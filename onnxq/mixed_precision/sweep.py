@@ -31,7 +31,7 @@ from onnxq.calibrators import model_hash
 from onnxq.data import DataSource, open_source
 from onnxq.metrics import spearman
 from onnxq.passes.preprocess import load_and_preprocess
-from onnxq.pipeline import fold_equalization, make_recipe
+from onnxq.pipeline import fold_equalization, fold_rotation, make_recipe
 from onnxq.placement import plan_for
 from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
 from onnxq.progress import log, quiet_option
@@ -213,6 +213,7 @@ def _prepare(model, calib, eval, recipe: Recipe, eval_samples: int | None, layer
     eval_data = open_source(eval if eval is not None else calib, spec, limit=eval_limit, require_finite=False)
     base = plan_for(float_model, recipe)
     sha = model_hash(float_model)
+    fold_rotation(float_model, base, recipe)
     fold_equalization(float_model, base, recipe)
     smooth_plan = apply_smoothing(float_model, base, calib_data, recipe.smoothquant, recipe.split_outliers, timings)
     layers = _select_layers(layer_groups(float_model, base), list(layers_only or []), recipe.target)
@@ -280,6 +281,8 @@ def sweep(
     smoothquant: float | str | None = None,
     split_outliers: int | None = None,
     equalize: bool | None = None,
+    rotate: bool | None = None,
+    rotate_online: int | None = None,
     plot: bool = True,
 ) -> SweepResult:
     """Measure every layer's sensitivity to quantization; write JSON, Markdown and a PNG chart.
@@ -290,13 +293,13 @@ def sweep(
     sweep records it and the solver repeats it.
     ``layers_only``: measure only these layers (names as in a sweep's table); default: all.
     ``recipe`` (a :class:`~onnxq.recipe.Recipe` or file) with ``target``, ``method``,
-    ``percentile``, ``calib_samples``, ``smoothquant``, ``split_outliers``, ``equalize`` overriding it: the
+    ``percentile``, ``calib_samples``, ``smoothquant``, ``split_outliers``, ``equalize``, ``rotate``, ``rotate_online`` overriding it: the
     placement, ranges and SmoothQuant (folded in first, decided for all quantizable layers in
     INT8) the sweep measures; the sweep records the recipe and the solver repeats it.
     """
     precisions = _check_request(mode, precisions)
     recipe_file = recipe if isinstance(recipe, (str, os.PathLike)) else None
-    recipe = make_recipe(recipe, {"target": target, "calib_method": method, "percentile": percentile, "calib_samples": calib_samples, "smoothquant": smoothquant, "split_outliers": split_outliers, "equalize": equalize})
+    recipe = make_recipe(recipe, {"target": target, "calib_method": method, "percentile": percentile, "calib_samples": calib_samples, "smoothquant": smoothquant, "split_outliers": split_outliers, "equalize": equalize, "rotate": rotate, "rotate_online": rotate_online})
     if metric is not None:
         load_metric(metric)  # a bad spec fails before any work
     with modelio.transaction(sweep_outputs(output, plot), [model, calib, eval, recipe_file, metric]):
