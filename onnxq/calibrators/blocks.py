@@ -226,7 +226,8 @@ def collect_by_blocks(model: ir.Model, tensors: Sequence[str], data, budget_mb: 
             mine = [t for t in tensors if where.get(t) == k]
             # block 0 also takes the graph inputs only later blocks read, to hand them on
             keep_inputs = [v.name for v in model.graph.inputs if v.const_value is None and last.get(v.name, -1) >= block.stop] if k == 0 else []
-            sub = block_model(model, block, keep_inputs)
+            unread = [v.name for v in model.graph.inputs if v.name in mine and v.name not in last] if k == 0 else []
+            sub = block_model(model, block, [*keep_inputs, *unread])
             names = [v.name for v in sub.graph.inputs]
             feeds = _Picked(data, names) if k == 0 else _Source(store.feeds(names))
 
@@ -264,6 +265,8 @@ def _observing_blocks(model: ir.Model, blocks: list[Block], tensors: Sequence[st
                     where.setdefault(v.name, k)
             for out in node.outputs:
                 where.setdefault(out.name, k)
+    for value in model.graph.inputs:
+        where.setdefault(value.name, 0)  # a graph input no node reads: block 0 takes it as well
     return {t: where[t] for t in tensors if t in where}
 
 
