@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.blocks import parse_blocks, use_calib_blocks
 from onnxq.calibrators.table import TensorStats
 from onnxq.calibrators.methods import DEFAULT_METHOD, HISTOGRAM_METHODS
 from onnxq.data import open_source
@@ -201,6 +202,7 @@ def calibrate(
     percentile: float | None = None,
     calib_samples: int | None = None,
     calib_batch: int | None = None,
+    calib_blocks: str | None = None,
     providers: Sequence[str] = (),
 ) -> CalibrationTable:
     """Collect every statistic quantization needs (min, max, histogram, per-channel abs-max) for
@@ -208,7 +210,8 @@ def calibrate(
     overflow check), in one pass; write it as JSON to ``output``.
 
     The table records the preprocessed model's hash and ``method``/``percentile`` (the defaults
-    when the table is used by ``quantize(..., table=...)``).
+    when the table is used by ``quantize(..., table=...)``). ``calib_blocks``: run the model
+    block by block (``"auto"`` or a weight budget in MB per block, :mod:`onnxq.calibrators.blocks`).
     """
     from onnxq.calibrators import model_hash
     from onnxq.calibrators.methods import check_method, check_percentile
@@ -219,7 +222,8 @@ def calibrate(
         resolve_methods(method, "tensorrt")
     if percentile is not None:
         percentile = check_percentile(percentile)
-    with modelio.transaction([output], [model, calib]), ort_rt.use_providers(providers):
+    parse_blocks(calib_blocks)
+    with modelio.transaction([output], [model, calib]), ort_rt.use_providers(providers), use_calib_blocks(calib_blocks):
         float_model = load_and_preprocess(model)
         spec = ort_rt.model_input_spec(float_model)
         data = open_source(calib, spec, limit=calib_samples, batch=calib_batch)

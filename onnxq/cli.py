@@ -47,7 +47,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     table = calibrate(
         args.model, args.calib, args.output, method=recipe.calib_method, percentile=recipe.percentile,
-        calib_samples=recipe.calib_samples, calib_batch=recipe.calib_batch, providers=recipe.providers, quiet=args.quiet,
+        calib_samples=recipe.calib_samples, calib_batch=recipe.calib_batch, calib_blocks=recipe.calib_blocks, providers=recipe.providers, quiet=args.quiet,
     )
     print(f"wrote {args.output} ({len(table.tensors)} tensors, {table.num_samples} samples)")
     return 0
@@ -295,6 +295,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "calib_samples": (("--calib-samples",), {"type": int, "metavar": "N", "help": "use at most N calibration samples"}),
     "providers": (("--providers",), {"metavar": "LIST", "help": "ONNX Runtime providers for calibration and the closing comparison, preferred first, comma-separated from cpu,cuda,tensorrt (one this onnxruntime lacks is skipped with a message; CPU is always the last fallback) (default: cpu)"}),
     "calib_batch": (("--calib-batch",), {"type": int, "metavar": "N", "help": "calibration samples per ONNX Runtime call where the batch axis is dynamic (default: chosen from memory, at most 16)"}),
+    "calib_blocks": (("--calib-blocks",), {"metavar": "auto|MB", "help": "calibrate block by block, only one block's weights resident: auto cuts at every residual boundary (each RMSNorm/LayerNorm input), MB merges them into blocks of about MB of weights (default: the whole model at once)"}),
     "calib_method": (("--calib-method",), {"choices": ["minmax", "percentile", "entropy", "mse"], "help": "activation range method (default: mse; with --table: the table's)"}),
     "percentile": (("--percentile",), {"type": float, "metavar": "P", "help": "percentile for --calib-method percentile (default 99.99)"}),
     "smoothquant": (("--smoothquant",), {"metavar": "ALPHA|auto", "help": "fold SmoothQuant scales into the graph first: migration strength in [0, 1], or auto (per group, by simulated W8A8 error)"}),
@@ -359,7 +360,7 @@ def _quantize_parser(sub) -> None:
     _add_model(q)
     _add_output(q, "output Q/DQ ONNX model; a .report.json is written beside it")
     _add_data(q, calib_required=False, eval_help="held-out evaluation data, same forms as --calib (default: the calibration data, flagged as not held out)")
-    _add_recipe(q, (*PLACEMENT, *CALIBRATION, "calib_batch", "providers", *SMOOTHING, *CORRECTIONS))
+    _add_recipe(q, (*PLACEMENT, *CALIBRATION, "calib_batch", "calib_blocks", "providers", *SMOOTHING, *CORRECTIONS))
     q.add_argument("--plan", help="a QuantPlan JSON (from --save-plan, possibly edited): its decisions are used as they are; a complete plan rebuilds its model byte for byte")
     q.add_argument("--save-plan", metavar="PATH", help="write the QuantPlan as JSON")
     q.add_argument("--table", metavar="TABLE.json", help="ranges from a calibration table written by onnxq calibrate (skips calibration)")
@@ -373,7 +374,7 @@ def _calibrate_parser(sub) -> None:
     _add_model(c)
     _add_data(c, calib_required=True, eval_help=None)
     _add_output(c, "calibration table to write (JSON)", metavar="TABLE.json")
-    _add_recipe(c, (*CALIBRATION, "calib_batch", "providers"))
+    _add_recipe(c, (*CALIBRATION, "calib_batch", "calib_blocks", "providers"))
     _add_quiet(c, "no progress or summary on stderr")
     c.set_defaults(func=_calibrate)
 

@@ -30,6 +30,7 @@ from onnxq.calibration import (
     plan_ranges,
 )
 from onnxq.calibrators import CalibrationTable, collect
+from onnxq.calibrators.blocks import use_calib_blocks
 from onnxq.calibrators.collector import float_tensors
 from onnxq.calibrators.methods import DEFAULT_METHOD
 from onnxq.calibrators.subgraphs import graph_path, subgraph_owners
@@ -156,7 +157,7 @@ def quantize(
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     _check_percentile_used(recipe, table)
-    with modelio.transaction(paths.values(), inputs), ort_rt.use_providers(recipe.providers):
+    with modelio.transaction(paths.values(), inputs), ort_rt.use_providers(recipe.providers), use_calib_blocks(recipe.calib_blocks):
         float_model = load_and_preprocess(model)
         modelio.release_detached_values(float_model)  # the float weights are freed as they are quantized
         spec = ort_rt.model_input_spec(float_model)

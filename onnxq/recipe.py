@@ -53,6 +53,7 @@ class Recipe:
     percentile: float | None = None
     calib_samples: int | None = None
     calib_batch: int | None = None  # samples per ORT call while calibrating; None: chosen from memory
+    calib_blocks: str | None = None  # block-by-block calibration: "auto" or MB of weights per block; None: whole model
     providers: tuple[str, ...] = ()  # ORT providers for calibration and evaluation, preferred first; (): CPU
     smoothquant: float | str | None = None
     split_outliers: int = 0
@@ -124,6 +125,7 @@ class Recipe:
             "percentile": _percentile(self.percentile, source),
             "calib_samples": _count(self.calib_samples, "calib-samples", source, minimum=1),
             "calib_batch": _count(self.calib_batch, "calib-batch", source, minimum=1),
+            "calib_blocks": _calib_blocks(self.calib_blocks, source),
             "providers": _providers(self.providers, source),
             "smoothquant": _alpha(self.smoothquant, source),
             "split_outliers": _count(self.split_outliers, "split-outliers", source, minimum=0) or 0,
@@ -241,6 +243,15 @@ def _count(value, option: str, source: str, minimum: int) -> int | None:
     if n is None or isinstance(value, bool) or n < minimum or (isinstance(value, float) and value != n):
         raise RecipeError(f"{_at(source)}--{option} takes a whole number >= {minimum}, got {value!r}")
     return n
+
+
+def _calib_blocks(value, source: str) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text != "auto" and not (text.isdigit() and int(text) > 0):
+        raise RecipeError(f"{_at(source)}--calib-blocks takes 'auto' or a weight budget in MB per block (a positive integer), got {value!r}")
+    return text
 
 
 def _decibels(value, option: str, source: str) -> float | None:

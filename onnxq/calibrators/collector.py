@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnxq import modelio
 from onnxq.calibrators.batching import auto_batch, batchable, concat, cpu_count, group
+from onnxq.calibrators.blocks import maybe_by_blocks
 from onnxq.calibrators.histogram import Histogram
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
@@ -65,6 +66,7 @@ def augment_with_reductions(
     channel_axes: Mapping[str, int] | None = None,
     channel_ranges: Collection[str] = (),
     build: Callable[[ir.Model], object] = modelio.to_proto,
+    passthrough: Sequence[str] = (),
 ) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` as a proto (or what ``build`` makes of it: a session) whose outputs are (min,
     max) of each float tensor in ``tensors``.
@@ -78,6 +80,8 @@ def augment_with_reductions(
     (non-float ones are skipped); outputs come per tensor as min, max[, value][, channel amax]
     [, channel min, channel max]: the signed per-channel range, for each tensor of
     ``channel_ranges`` that has a channel axis (SmoothQuant derives the range of ``x / s`` from it).
+    ``passthrough``: main-graph tensors that are outputs as they are, after all the statistics
+    (a calibration block's tensors for the next block).
     """
     graph = model.graph
     opset = model.opset_imports.get("", 13)
@@ -132,7 +136,7 @@ def augment_with_reductions(
         _place(promotion, value.graph or graph, new_nodes, new_outputs)
         observed.append(name)
     original_outputs = list(graph.outputs)
-    graph.outputs[:] = new_outputs
+    graph.outputs[:] = [*new_outputs, *(by_name[t] for t in passthrough)]
     try:
         proto = build(model)
     finally:
@@ -169,6 +173,8 @@ def collect(
     channel_ranges: Collection[str] = (),
     reservoirs: Mapping[str, RowReservoir] | None = None,
     batch: int | None = None,
+    sink: Callable[[list, dict[str, np.ndarray]], None] | None = None,
+    sink_outputs: Sequence[str] = (),
 ) -> CalibrationTable:
     """Run ``data`` through ``model`` once, collecting statistics of every tensor in ``tensors``.
 
@@ -179,8 +185,17 @@ def collect(
     ``reservoirs``: tensor -> :class:`RowReservoir` offered every batch's rows (bounded memory).
     ``batch``: samples per ORT call (:mod:`onnxq.calibrators.batching`); None: the data source's
     ``batch`` or, without one, chosen from memory; 1: one sample per call. Memory does not grow
-    with the number of samples.
+    with the number of samples. Inside :func:`onnxq.calibrators.blocks.use_calib_blocks` the pass
+    runs block by block (:mod:`onnxq.calibrators.blocks`), with the same table.
+    ``sink(feeds, {name: array})``: called with each batch's ``sink_outputs`` (the block runner's
+    boundary tensors).
     """
+    options = dict(
+        session_threads=session_threads, progress=progress, histograms=histograms, channel_axes=channel_axes,
+        channel_ranges=channel_ranges, reservoirs=reservoirs, batch=batch,
+    )
+    if sink is None and (by_blocks := maybe_by_blocks(model, tensors, data, collect, options)) is not None:
+        return by_blocks
     reservoirs = dict(reservoirs or {})
     hist_names = set(tensors) if histograms is True else set(histograms) if histograms else set()
     channel_axes = dict(channel_axes or {})
@@ -189,10 +204,10 @@ def collect(
     # file): no protobuf copy of the weights
     session, observed = augment_with_reductions(
         model, tensors, values=hist_names | set(reservoirs), channel_axes=channel_axes, channel_ranges=channel_ranges,
-        build=lambda augmented: ort_rt.create_session(augmented, threads=session_threads or cpu_count()),
+        build=lambda augmented: ort_rt.create_session(augmented, threads=session_threads or cpu_count()), passthrough=sink_outputs,
     )
     table = CalibrationTable(method="minmax", tensors={name: TensorStats() for name in observed})
-    if not observed:
+    if not observed and sink is None:
         return table
     updates = _update_plan(session, table, observed, hist_names, channel_axes, reservoirs)
     inner = {name for name, v in _values_by_name(model.graph).items() if name in table.tensors and v.graph is not model.graph}
@@ -206,6 +221,8 @@ def collect(
     with bar:
         for feeds, results in _batched_runs(session, iter(data), batch, total, updates):
             _update_all(updates, promoted, results)
+            if sink is not None:
+                sink(feeds, dict(zip(sink_outputs, results[len(results) - len(sink_outputs):])))
             del results
             table.num_samples += len(feeds)
             bar.update(len(feeds))

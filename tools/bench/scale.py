@@ -6,7 +6,8 @@ below), exported once with the dynamo exporter (input_ids [1, 128]) and cached u
 random token ids. Each tool runs in its own process (time and peak RSS, VmHWM, are its own),
 under an address-space cap (``--cap-gb``) so a run that needs more fails instead of thrashing a
 shared machine. onnxq: ``quantize --no-eval`` (INT8, tensorrt target, its default range method
-and ``--calib-method minmax``); ORT: ``quant_pre_process`` + ``quantize_static`` (QDQ,
+and ``--calib-method minmax``; ``default+blocks``/``default+blocks256``: the default method with
+``--calib-blocks auto``/``256``, block-by-block calibration); ORT: ``quant_pre_process`` + ``quantize_static`` (QDQ,
 per-channel, MinMax) with a reader holding the arrays in memory.
 
     python tools/bench/scale.py [--sizes 0.5b] [--cap-gb 12] [--out scale.json]
@@ -72,7 +73,9 @@ def model_bytes(model: Path) -> int:
 def _onnxq(model, calib, out, method):
     import onnxq
 
-    onnxq.quantize(model, out, calib, calib_method=None if method == "default" else method, evaluate=False, report=False, quiet=True)
+    method, _, blocks = method.partition("+blocks")
+    blocks = (blocks or "auto") if _ else None
+    onnxq.quantize(model, out, calib, calib_method=None if method == "default" else method, calib_blocks=blocks, evaluate=False, report=False, quiet=True)
 
 
 def _ort(model, calib, out, _method):
@@ -145,13 +148,13 @@ def main() -> int:
     for size in args.sizes:
         model, calib = build(size)
         mb = model_bytes(model) / 2**20
-        for tool, method in (("onnxq", "default"), ("onnxq", "minmax"), ("ort", "MinMax")):
+        for tool, method in (("onnxq", "default"), ("onnxq", "minmax"), ("onnxq", "default+blocks"), ("onnxq", "default+blocks256"), ("ort", "MinMax")):
             res = run(tool, model, calib, method, args.cap_gb)
             rows.append({"size": size, "model_mb": round(mb), "tool": tool, "method": method, **res})
             print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'size':<6}{'model MB':>9}  {'tool':<6}{'method':<9}{'wall s':>8}{'peak RSS MB':>12}{'RSS/model':>10}  note")
+    print(f"\n{'size':<6}{'model MB':>9}  {'tool':<6}{'method':<18}{'wall s':>8}{'peak RSS MB':>12}{'RSS/model':>10}  note")
     for r in rows:
-        print(f"{r['size']:<6}{r['model_mb']:>9}  {r['tool']:<6}{r['method']:<9}{r['wall_s']:>8.1f}{r.get('peak_rss_mb', float('nan')):>12.0f}{r.get('peak_rss_mb', float('nan')) / r['model_mb']:>10.2f}  {r.get('error', '')}")
+        print(f"{r['size']:<6}{r['model_mb']:>9}  {r['tool']:<6}{r['method']:<18}{r['wall_s']:>8.1f}{r.get('peak_rss_mb', float('nan')):>12.0f}{r.get('peak_rss_mb', float('nan')) / r['model_mb']:>10.2f}  {r.get('error', '')}")
     ort_row = next((r for r in rows if r["tool"] == "ort" and "error" not in r), None)
     for r in rows:
         if r["tool"] == "onnxq" and ort_row and "error" not in r and r["size"] == ort_row["size"]:
