@@ -23,6 +23,7 @@ too.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 
 import onnx
@@ -87,15 +88,18 @@ def _user_error(exc: BaseException) -> OnnxqError | None:
     return None
 
 
-def checked_proto(model: ir.Model, source: str | os.PathLike | None = None) -> onnx.ModelProto:
-    """``model`` as a proto that passes onnx.checker (ORT-compatible IR version). When it does
-    not and the input file ``source`` fails the checker too, the input is what is reported."""
-    proto = modelio.to_proto(model)
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        input_reason = modelio.checker_reason(source) if source is not None else None
-        if input_reason is not None:
-            raise ModelLoadError(f"the input model {source} does not pass onnx.checker ({input_reason}); fix or re-export it") from None
-        raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({one_line(exc)}); please report this with the model") from None
-    return proto
+def check_model(model: ir.Model, source: str | os.PathLike | None = None) -> None:
+    """Raise when ``model`` (at its ORT-compatible IR version) fails onnx.checker; when the input
+    file ``source`` fails the checker too, the input is what is reported.
+
+    The checker reads the model from a temporary file whose weights are in a side file, so no
+    in-memory proto holds a copy of the weights (0.5B decoder: +0.9 GB RSS for a full proto)."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-check-") as folder:
+        path = modelio.save_with_external_data(model, os.path.join(folder, "model.onnx"))
+        try:
+            onnx.checker.check_model(path, full_check=False)
+        except onnx.checker.ValidationError as exc:
+            input_reason = modelio.checker_reason(source) if source is not None else None
+            if input_reason is not None:
+                raise ModelLoadError(f"the input model {source} does not pass onnx.checker ({input_reason}); fix or re-export it") from None
+            raise UnsupportedModelError(f"the quantized model does not pass onnx.checker ({one_line(exc)}); please report this with the model") from None

@@ -168,9 +168,9 @@ def quantize(
 
         t = time.perf_counter()
         the_plan, table = build(float_model, recipe, calib_data, plan=given_plan, table=table, table_source=table_source, timings=timings)
-        emit.checked_proto(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
-        # the session reads the model from a file with its weights beside it: the checked proto's
-        # bytes would be another copy of the weights
+        emit.check_model(float_model, source=model if isinstance(model, (str, os.PathLike)) else None)
+        # the session reads the model from a file with its weights beside it: a proto's bytes
+        # would be another copy of the weights
         quant_session = ort_rt.create_session(float_model)
         timings["build"] = time.perf_counter() - t
 

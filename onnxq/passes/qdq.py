@@ -65,7 +65,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if node is None:
                 raise PlanError(f"the plan names node {name!r}, which the model does not have; was the plan made for another model?")
             if node.op_type == "Gather" and decision.precision in WEIGHT_ONLY_PRECISIONS:
+                source = weight_source(node.inputs[0])
                 self._quantized_gather(node)
+                _release_if_unused(source)
                 modified = True
                 continue
             for index, kind in sorted(decision.inputs.items()):
@@ -76,8 +78,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     node.replace_input_with(index, self._activation(value, activation_precision(decision.precision), node.graph))
                 elif kind == "weight" and decision.precision in WEIGHT_ONLY_PRECISIONS:
                     node.replace_input_with(index, self._blocked_weight(value, name, index, node.graph))
+                    _release_if_unused(weight_source(value))
                 elif kind == "weight":
                     node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
+                    _release_if_unused(weight_source(value))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
                 modified = True
@@ -275,6 +279,29 @@ class InsertQDQPass(ir.passes.InPlacePass):
         gather.outputs[0].dtype, gather.outputs[0].shape = node.outputs[0].dtype, node.outputs[0].shape
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], [gather], node.outputs, gather.outputs)
         self._model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def _release_if_unused(source) -> None:
+    """Drop the float initializer behind a weight input that was just replaced by its quantized
+    copy, once nothing reads it (and the Transpose it was read through, when that is dead too),
+    so the float weights are freed one by one instead of all living next to their quantized
+    copies until the pass ends (0.5B decoder: the stage's peak RSS 1.66x -> 1.2x model bytes).
+    What this removes is what the pass's last loop and the finish stage would remove: the
+    output is the same."""
+    if source is None:
+        return
+    transpose = source.transpose
+    if transpose is not None:
+        out = transpose.outputs[0]
+        if out.uses() or out.is_graph_output() or transpose.graph is None:
+            return
+        transpose.graph.remove(transpose, safe=True)
+    init = source.initializer
+    graph = init.graph
+    if init.uses() or init.is_graph_input() or init.is_graph_output() or graph is None or graph.initializers.get(init.name) is not init:
+        return
+    graph.initializers.pop(init.name)
+    init.const_value = None  # whatever still holds the Value object, the tensor is freed
 
 
 def _with_offsets(q: np.ndarray, entry: WeightQuant, node: str) -> np.ndarray:
