@@ -75,7 +75,7 @@ def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[
             inputs[index] = "activation"
             twin_plan.set_activation(node.inputs[index].name, decision.precision, plan.activation(tensor, decision.precision))
         for index, kind in decision.inputs.items():
-            if kind != "activation":
+            if kind == "weight":
                 entry = plan.weight(node.name, index, node.inputs[index].name)
                 twin_plan.set_weight(twin.name, index, WeightQuant(WEIGHT_DTYPE[decision.precision], entry.axis if entry else None))
         twin_plan.nodes[twin.name] = NodeDecision(node.op_type, decision.precision, inputs, f"bias-correction twin of {node.name}")

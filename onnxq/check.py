@@ -33,7 +33,7 @@ from onnxq.localize import layer_snr
 from onnxq.metrics import NONFINITE_NOTE, OutputAccuracy
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
-from onnxq.runtime.runners import Candidate, Latency, available_providers, batched, infer, measure_latency, ort_runner, output_names
+from onnxq.runtime.runners import Candidate, Latency, available_providers, batched, infer, measure_latencies, ort_runner, output_names
 from onnxq.task_metric import TaskMetric, load_metric
 
 EXIT_FAILED = 1  # a threshold was not met (errors exit 2, like every onnxq command)
@@ -256,9 +256,10 @@ def _latencies(ref_runner, runners: Sequence, first_feed, spec, batch_sizes: Seq
     cand_latency: list[list[Latency]] = [[] for _ in runners]
     for batch in batch_sizes:
         feed = batched(first_feed, batch, {n: s for n, (_, s) in spec.items()})
-        ref_latency.append(measure_latency(ref_runner, feed, batch=batch, warmup=warmup, runs=runs))
-        for lats, runner in zip(cand_latency, runners):
-            lats.append(measure_latency(runner, feed, batch=batch, warmup=warmup, runs=runs))
+        ref, *cands = measure_latencies([ref_runner, *runners], feed, batch=batch, warmup=warmup, runs=runs)
+        ref_latency.append(ref)
+        for lats, lat in zip(cand_latency, cands):
+            lats.append(lat)
     return ref_latency, cand_latency
 
 

@@ -147,6 +147,17 @@ def quantize_weight(weight: np.ndarray, axis: int | None, dtype: str = "int8") -
     return np.clip(np.rint(scaled), -g.qmax, g.qmax).astype(g.numpy_type), scale
 
 
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A bias as int32 at ``scale`` (activation scale × weight scale per output channel: the grid
+    of the integer accumulator it is added to, as ORT's QGemm/QLinearConv read it); a zero scale
+    (an all-zero weight channel) gives 0."""
+    b = np.asarray(bias, dtype=np.float64)
+    s = np.broadcast_to(np.asarray(scale, dtype=np.float64), b.shape)
+    q = np.divide(b, s, out=np.zeros_like(b), where=s > 0)
+    info = np.iinfo(np.int32)
+    return np.clip(np.rint(q), info.min, info.max).astype(np.int32)
+
+
 def fake_quant_weight(weight: np.ndarray, axis: int | None, dtype: str = "int8") -> np.ndarray:
     """``weight`` quantized per channel of ``axis`` (as :func:`quantize_weight`) and dequantized."""
     q, scale = quantize_weight(weight, axis, dtype)

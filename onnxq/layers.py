@@ -46,7 +46,7 @@ def _domain(node: ir.Node) -> bool:
 class QuantParams:
     """One DequantizeLinear on a layer input (with its QuantizeLinear for activations)."""
 
-    kind: str  # "weight" (DQ of a constant) or "activation" (DQ of a Q)
+    kind: str  # "weight" / "bias" (DQ of a constant; int32: a bias) or "activation" (DQ of a Q)
     dtype: str  # the quantized type, e.g. "INT8", "UINT8", "FLOAT8E4M3FN"
     scale: np.ndarray
     zero_point: np.ndarray | None
@@ -173,7 +173,9 @@ def _dequant_params(dq: ir.Node) -> QuantParams:
     if q_node is not None:
         kind, source = "activation", (q_node.inputs[0].name if q_node.inputs[0] is not None else "")
     else:
-        kind, source = ("weight" if _const(q_value) is not None else "activation"), q_value.name
+        # a constant int32 DQ is a bias on the accumulator's grid (ORT's QGemm/QLinearConv form)
+        constant_kind = "bias" if dtype == ir.DataType.INT32 else "weight"
+        kind, source = (constant_kind if _const(q_value) is not None else "activation"), q_value.name
     return QuantParams(kind, dtype.name, scale if scale is not None else np.array(np.nan), zp, axis, source, block)
 
 

@@ -92,7 +92,7 @@ FP8_DTYPE = "float8e4m3fn"
 # Weight dtype of each quantized precision.
 WEIGHT_DTYPE = {"int8": "int8", "fp8": FP8_DTYPE}
 PLAN_TARGETS = ("tensorrt", "ort")  # the placement policies (onnxq.placement.TARGETS)
-INPUT_KINDS = ("activation", "weight", "dynamic")  # what InsertQDQPass (dynamic: DynamicQuantizePass) executes
+INPUT_KINDS = ("activation", "weight", "bias", "dynamic")  # what InsertQDQPass (dynamic: DynamicQuantizePass) executes
 
 
 def check_precision(precision: str, *, quantized: bool = False, source: str = "plan") -> str:

@@ -76,8 +76,13 @@ def test_ort_target_uses_u8_activations_s8_weights(cnn_case, tmp_path):
     inits = _inits(out)
     q_nodes = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
     assert q_nodes and all(inits[n.input[2]].dtype == np.uint8 for n in q_nodes)
-    w_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    assert w_dq and all(inits[n.input[0]].dtype == np.int8 and not inits[n.input[2]].any() for n in w_dq)
+    const_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    w_dq = [n for n in const_dq if inits[n.input[0]].dtype == np.int8]
+    assert w_dq and all(not inits[n.input[2]].any() for n in w_dq)
+    # the only other constant DQs: Gemm biases as int32, which ORT needs to form QGemm
+    others = [n for n in const_dq if n not in w_dq]
+    consumers = {i: n.op_type for n in m.graph.node for i in n.input}
+    assert all(inits[n.input[0]].dtype == np.int32 and consumers[n.output[0]] == "Gemm" for n in others)
     # the conv output is quantized after its Relu so ORT can form QLinearConv
     assert any(n.input[0] == "r1" for n in q_nodes)
 

@@ -62,7 +62,7 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
                 count = int(np.prod(shape)) if shape else 0
                 if kind == "weight":
                     layer.weight_elements += count
-                else:
+                elif kind == "activation":
                     layer.activation_elements += count
             if 0 not in base.nodes[name].inputs and sa:  # quantized before a companion Pad
                 layer.activation_elements += int(np.prod(sa))

@@ -87,7 +87,7 @@ class _TwinBuilder:
             if kind == "activation":
                 params = self.ranges.params[precision][scale_from[index]]
                 self.twin_plan.set_activation(node.inputs[index].name, precision, ActivationQuant(**vars(params)))
-            else:
+            elif kind == "weight":
                 entry = self.base.weight(node.name, index)
                 twin = f"{node.name}/twin_{precision}"
                 self.twin_plan.set_weight(twin, index, WeightQuant(WEIGHT_DTYPE[precision], entry.axis if entry else None))

@@ -15,6 +15,10 @@ Rule: for every quantized node in the plan, at the node's precision (INT8 or FP8
   nibble first. The weight is quantized as the node reads it (through a Transpose);
 - a weight-only embedding Gather (ort target) becomes ``com.microsoft::GatherBlockQuantized`` on
   the blocked UINT4/UINT8 table;
+- an input marked ``bias`` (ort target, a Gemm at INT8) is replaced by an int32 initializer and
+  a DequantizeLinear at scale = the node's activation scale × its weight scale per output channel,
+  which ORT needs to run DQ→Gemm as QGemm (a float bias leaves it a float Gemm); at FP8 the bias
+  stays float;
 - each tensor in ``plan.outputs`` gets the same Q→DQ pair (at the plan's precision) for all of
   its consumers.
 FP8 Q/DQ exists from opset 19: a plan with an FP8 node first raises the model's opset to 19
@@ -29,7 +33,7 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
-from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_blocked, quantize_weight
+from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_bias, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
 from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant, activation_precision
 from onnxq.weights import weight_source
@@ -81,6 +85,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     _release_if_unused(weight_source(value))
                 elif kind == "weight":
                     node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
+                    _release_if_unused(weight_source(value))
+                elif kind == "bias":
+                    if decision.precision != "int8":
+                        continue  # an FP8 (or solver-promoted) reader keeps its float bias
+                    node.replace_input_with(index, self._int32_bias(node, index))
                     _release_if_unused(weight_source(value))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
@@ -217,6 +226,33 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].shape = value.shape
         self._insert(q_value, [dq], graph)
         self._weight_dq[key] = dq.outputs[0]
+        return dq.outputs[0]
+
+    def _int32_bias(self, node: ir.Node, index: int) -> ir.Value:
+        """The bias input ``index`` of ``node`` as int32 → DequantizeLinear, on the grid of the
+        node's integer accumulator: scale = its input's activation scale × its weight's scale
+        (both read from the DequantizeLinears just put on inputs 0 and 1)."""
+        value = node.inputs[index]
+        source = weight_source(value)
+        act, weight = (node.inputs[i].producer() if node.inputs[i] is not None else None for i in (0, 1))
+        if source is None or source.transpose is not None or act is None or weight is None or act.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
+            raise PlanError(f"the plan quantizes the bias of {node.name!r} as int32, which needs a constant 1-D bias and inputs 0 and 1 quantized")
+        act_scale = act.inputs[1].const_value.numpy().astype(np.float64)
+        weight_scale = weight.inputs[1].const_value.numpy().astype(np.float64)
+        bias = source.initializer.const_value.numpy()
+        if act_scale.size != 1 or bias.ndim != 1 or weight_scale.size not in (1, bias.size):
+            raise PlanError(f"the int32 bias of {node.name!r} needs a per-tensor activation scale and a weight scale per output channel ({bias.size})")
+        scale = (act_scale.reshape(()) * weight_scale).astype(np.float32)
+        shared = len(source.initializer.uses()) > 1  # another reader has its own activation/weight scales
+        name = f"{node.name}_{source.initializer.name}" if shared else source.initializer.name
+        name += self._scope_suffix(node.graph)
+        q_value = self._constant(f"{name}_quantized", quantize_bias(bias, scale))
+        scale_value = self._constant(f"{name}_scale", scale.astype(_NP_FLOAT.get(value.dtype, np.float32)))
+        zero_value = self._constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        attrs = {"axis": 0} if scale.ndim == 1 and scale.size > 1 else {}
+        dq = ir.node("DequantizeLinear", [q_value, scale_value, zero_value], attributes=attrs, name=f"{name}_DequantizeLinear")
+        dq.outputs[0].name, dq.outputs[0].dtype, dq.outputs[0].shape = f"{name}_dequantized", value.dtype, value.shape
+        self._insert(q_value, [dq], node.graph)
         return dq.outputs[0]
 
     def _blocked(self, value: ir.Value, node: str, index: int) -> tuple[list[np.ndarray], WeightQuant, int, str]:

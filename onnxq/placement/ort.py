@@ -12,10 +12,13 @@ Rules:
 - an Add whose two inputs are quantized tensors anyway (conv outputs, quantized inputs of other
   nodes: a residual Add) gets its output quantized too and both inputs marked, so DQ→Add→Q fuses
   into QLinearAdd instead of running as DQ, float Add, Q around it;
-- convs whose GEMM is tiny (reduction K = input channels per group × taps, or output channels,
-  below 16) and GEMV-like products are kept in float as for TensorRT (a classifier head at
-  batch 1 quantized with its float bias runs as DQ of the whole weight then float Gemm: measured
-  slower; ORT's QGemm needs the bias as an int32 DQ input).
+- a Gemm ORT can run as QGemm (alpha = beta = 1, transA = 0, constant weight, a constant 1-D bias
+  or none) is quantized at INT8 even when GEMV-like (a classifier head at batch 1): its bias is
+  marked ``bias`` (int32 at activation scale × weight scale, what QGemm reads; with a float bias
+  ORT runs a DQ of the whole weight and a float Gemm, measured slower than float). QGemm reads
+  INT8 weights instead of FP32 ones (EfficientNet-Lite0's 1280×1000 head: docs/benchmarks.md);
+- other convs whose GEMM is tiny (reduction K = input channels per group × taps, or output
+  channels, below 16) and GEMV-like products are kept in float as for TensorRT.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import onnx_ir as ir
 
 from onnxq.placement import rules
 from onnxq.plan import NodeDecision, QuantPlan
+from onnxq.weights import weight_source
 
 
 def _conv_output_tensor(node: ir.Node) -> ir.Value:
@@ -40,7 +44,7 @@ def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int
     plan = QuantPlan(target="ort", precision=precision)
     by_name = {}
     for node in rules.nodes(model, ("Conv", "ConvTranspose", "Gemm", "MatMul")):
-        plan.nodes[node.name] = rules.linear_decision(node, plan)
+        plan.nodes[node.name] = _qgemm_decision(node, plan) if _qgemm_form(node, plan) else rules.linear_decision(node, plan)
         by_name[node.name] = node
     rules.apply_exclusions(model, plan, exclude)
     for name, decision in plan.nodes.items():
@@ -50,6 +54,28 @@ def place(model: ir.Model, *, exclude: Sequence[str] = (), precision: str = "int
                 plan.outputs.append(out.name)
     _quantize_residual_adds(model, plan)
     return plan
+
+
+def _qgemm_form(node: ir.Node, plan: QuantPlan) -> bool:
+    """A Gemm ORT's QDQ fusion turns into QGemm once its inputs (and bias, as int32) are DQs."""
+    if node.op_type != "Gemm" or plan.precision != "int8":
+        return False
+    attrs = node.attributes
+    if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0 or attrs.get_int("transA", 0):
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return True
+    source = weight_source(bias)
+    return source is not None and source.transpose is None and len(source.initializer.shape or ()) == 1
+
+
+def _qgemm_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
+    decision = rules.linear_decision(node, plan, gemv_ok=True)
+    if decision.quantized and decision.inputs.get(1) == "weight" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        decision.inputs[2] = "bias"
+        decision.reason += "; bias int32 so ORT runs it as QGemm"
+    return decision
 
 
 def _quantize_residual_adds(model: ir.Model, plan: QuantPlan) -> None:

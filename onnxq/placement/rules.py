@@ -71,11 +71,14 @@ def fp8_conv_reason(node: ir.Node) -> str | None:
     return None
 
 
-def linear_decision(node: ir.Node, plan: QuantPlan) -> NodeDecision:
+def linear_decision(node: ir.Node, plan: QuantPlan, *, gemv_ok: bool = False) -> NodeDecision:
     """The default decision for a Conv/ConvTranspose/Gemm/MatMul: quantize activations and weight
-    at the plan's precision."""
+    at the plan's precision (``gemv_ok``: GEMV-like products too, where the target gains)."""
     weight_dtype = WEIGHT_DTYPE[plan.precision]
-    reason = conv_channels_reason(node) if node.op_type.startswith("Conv") else gemv_reason(node)
+    if node.op_type.startswith("Conv"):
+        reason = conv_channels_reason(node)
+    else:
+        reason = None if gemv_ok else gemv_reason(node)
     if reason is None and plan.precision == "fp8":
         reason = fp8_conv_reason(node)
     if reason:

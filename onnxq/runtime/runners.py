@@ -2,7 +2,7 @@
 
 Candidates of ``onnxq check`` run through polygraphy's runners (``OnnxrtRunner``, ``TrtRunner``);
 :func:`infer` turns a runner's failure into one :class:`~onnxq.errors.OnnxqError` line, and
-:func:`measure_latency` times a runner with its own timer.
+:func:`measure_latencies` times runners with their own timers, in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -137,16 +137,27 @@ def batched(feed: Mapping[str, np.ndarray], batch: int, input_shapes: Mapping[st
 
 def measure_latency(runner, feed: Mapping[str, np.ndarray], *, batch: int = 1, warmup: int = 5, runs: int = 50) -> Latency:
     """Warm up, then time ``runs`` inferences with the runner's own timer (polygraphy's inference_time)."""
+    return measure_latencies([runner], feed, batch=batch, warmup=warmup, runs=runs)[0]
+
+
+def measure_latencies(runners: Sequence, feed: Mapping[str, np.ndarray], *, batch: int = 1, warmup: int = 5, runs: int = 50) -> list[Latency]:
+    """Each runner's latency, timed in interleaved rounds: every round runs each runner once
+    (the order reversed every other round), so a change of machine load during the measurement
+    reaches every model alike and the ratios between them hold (timed one model after another,
+    two identical models measured 14 % apart on a loaded machine)."""
     if runs < 1 or warmup < 0:
         raise OnnxqError("latency needs --runs >= 1 and --warmup >= 0")
-    for _ in range(warmup):
-        infer(runner, feed)
-    times = np.empty(runs)
+    for runner in runners:
+        for _ in range(warmup):
+            infer(runner, feed)
+    times = np.empty((len(runners), runs))
+    order = list(range(len(runners)))
     for i in range(runs):
-        start = time.perf_counter()
-        infer(runner, feed)
-        elapsed = time.perf_counter() - start
-        inner = runner.last_inference_time()
-        times[i] = inner if inner else elapsed
+        for k in (order if i % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            infer(runners[k], feed)
+            elapsed = time.perf_counter() - start
+            inner = runners[k].last_inference_time()
+            times[k, i] = inner if inner else elapsed
     ms = times * 1e3
-    return Latency(batch, warmup, runs, float(np.median(ms)), float(np.percentile(ms, 90)), float(np.percentile(ms, 99)), float(ms.mean()))
+    return [Latency(batch, warmup, runs, float(np.median(m)), float(np.percentile(m, 90)), float(np.percentile(m, 99)), float(m.mean())) for m in ms]

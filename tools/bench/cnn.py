@@ -46,6 +46,7 @@ CONFIGS = {
     "int8-trt": {"target": "tensorrt"},
     "int8-trt+eq": {"target": "tensorrt", "equalize": True},
     "int8-trt+eq-relu6": {"target": "tensorrt", "rescale_clips": True},
+    "int8-trt+mm": {"target": "tensorrt", "calib_method": "minmax"},
     "int8-trt+bc": {"target": "tensorrt", "bias_correction": True},
     "int8-trt+eq+bc": {"target": "tensorrt", "equalize": True, "bias_correction": True},
     "int8-trt+mm+bc": {"target": "tensorrt", "calib_method": "minmax", "bias_correction": True},
