@@ -5,7 +5,7 @@
 
 Columns: the zoo metric (MiniLM: embedding cosine vs FP32 and Spearman; SmolLM2: next-token
 agreement and KL), file MB, the ORT CPU latency (one thread, median over the evaluation samples
-run one at a time, ``--runs`` rounds) with its ratio to FP32 and to quantize_dynamic, and how many
+run one at a time, ``--runs`` rounds, every model in turn per sample) with its ratio to FP32 and to quantize_dynamic, and how many
 ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` nodes ORT's optimized graph holds (its fused kernels).
 """
 
@@ -32,20 +32,24 @@ def fused_kernels(path: Path, tmp: Path) -> int:
     return sum(op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") for op in ops)
 
 
-def latency_ms(path: Path, feeds: list[dict], runs: int) -> float:
+def latencies_ms(paths: list[Path], feeds: list[dict], runs: int) -> list[float]:
+    """Median latency of each model, timed in interleaved rounds: every feed runs on every model
+    in turn (order reversed every other time), so load changes reach all models alike."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds[0])
-    times = []
-    for _ in range(runs):
-        for feed in feeds:
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    for session in sessions:
+        session.run(None, feeds[0])
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for i in range(runs * len(feeds)):
+        for k in order if i % 2 == 0 else order[::-1]:
             t = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+            sessions[k].run(None, feeds[i % len(feeds)])
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def bench(name: str, eval_n: int | None, runs: int, work: Path) -> list[dict]:
@@ -71,9 +75,8 @@ def bench(name: str, eval_n: int | None, runs: int, work: Path) -> list[dict]:
         r["metrics"] = entry.evaluate(str(r["path"]), str(fp32), n=eval_n)
         r["mb"] = Path(r["path"]).stat().st_size / 1e6
         r["fused"] = fused_kernels(Path(r["path"]), work)
-    for _ in range(2):  # two interleaved rounds; the last one counts (drift hits every row alike)
-        for r in rows:
-            r["latency_ms"] = latency_ms(Path(r["path"]), feeds, runs)
+    for r, ms in zip(rows, latencies_ms([Path(r["path"]) for r in rows], feeds, runs)):
+        r["latency_ms"] = ms
     return rows
 
 
