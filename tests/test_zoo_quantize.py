@@ -41,7 +41,10 @@ def _check_qdq_form(path, target):
     assert qdq, "no Q/DQ inserted"
     for n in qdq:
         zp = inits[n.input[2]]
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int32:
+            assert target == "ort" and not zp.any(), n.name  # a Gemm's bias for ORT's QGemm
+            assert any(n.output[0] in c.input and c.op_type == "Gemm" for c in model.graph.node), n.name
+        elif n.op_type == "DequantizeLinear" and n.input[0] in inits:
             assert zp.dtype == np.int8 and not zp.any(), n.name  # weights: symmetric int8
         elif target == "tensorrt":
             assert zp.dtype == np.int8 and not zp.any(), n.name
