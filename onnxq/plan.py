@@ -359,6 +359,9 @@ class HeadRotation:
     values: list[str] = field(default_factory=list)  # value MatMuls: W·blockdiag(H)
     value_biases: list[str] = field(default_factory=list)  # their bias Adds
     outputs: list[str] = field(default_factory=list)  # output projections: blockdiag(H)ᵀ·W
+    # online (with --rotate-online): attention's Q·Kᵀ MatMuls whose query heads get an inserted
+    # MatMul by H and whose transposed keys one by Hᵀ (Q·H·Hᵀ·Kᵀ = Q·Kᵀ), both in float
+    scores: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -401,7 +404,8 @@ class RotationPlan:
         return (
             f"residual stream of size {self.size} rotated by a {'randomized Hadamard' if self.kind == 'hadamard' else 'random orthogonal'} matrix ({shape}): "
             f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writers, {len(self.norms)} norms folded into {readers} readers"
-            + (f"; per-head {'Hadamard' if self.head.kind == 'hadamard' else 'orthogonal'} rotation (head dimension {self.head.size}) between {len(self.head.values)} value and output projections" if self.head else "")
+            + (f"; per-head {'Hadamard' if self.head.kind == 'hadamard' else 'orthogonal'} rotation (head dimension {self.head.size}) between {len(self.head.values)} value and output projections"
+               + (f", online on the queries and keys of {len(self.head.scores)} Q·Kᵀ ({2 * self.head.size} float MACs per head channel per token)" if self.head.scores else "") if self.head else "")
             + (f"; online Hadamard (block {self.online_block}: {self.online_block} float MACs per input channel per token) before {len(self.online)} MLP down projections" if self.online else "")
         )
 

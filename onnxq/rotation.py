@@ -281,7 +281,29 @@ def find_residual_stream(model: ir.Model, seed: int = DEFAULT_SEED, online_block
         plan.online_block = online_block
         plan.online = _online_writers(graph, writers, online_block)
     plan.head = find_head_rotation(graph, [w for w in writers if w not in plan.online], seed)
+    if online_block and plan.head is not None:
+        plan.head.scores = _score_products(graph, plan.head.size)
     return plan
+
+
+def _score_products(graph: ir.Graph, head_dim: int) -> list[str]:
+    """Attention's ``Q·Kᵀ`` MatMuls (two computed inputs, ``[.., head_dim]`` queries times
+    ``[.., head_dim, keys]`` transposed keys) whose scores reach a Softmax through element-wise
+    ops (scale, mask)."""
+    found = []
+    for softmax in (n for n in graph if n.op_type == "Softmax"):
+        node = softmax.inputs[0].producer()
+        for _ in range(4):
+            if node is None or node.op_type not in ("Mul", "Div", "Add", "Sub", "Cast"):
+                break
+            computed = [i for i in node.inputs if i is not None and i.const_value is None and i.producer() is not None and i.producer().op_type in ("MatMul", "Mul", "Div", "Add", "Sub", "Cast")]
+            node = computed[0].producer() if len(computed) == 1 else None
+        if node is None or node.op_type != "MatMul" or any(weight_source(i) is not None for i in node.inputs):
+            continue
+        q, k = node.inputs[0].shape, node.inputs[1].shape
+        if q is not None and k is not None and len(q) >= 2 and len(k) >= 2 and q[-1] == head_dim and k[-2] == head_dim:
+            found.append(node.name)
+    return found
 
 
 # --- per head, between the values and the output projection ---------------------------------

@@ -133,8 +133,11 @@ def test_online_rotation_before_down_proj_is_exact_and_lowers_its_amax(tmp_path)
     plan = QuantPlan(target="tensorrt")
     plan.rotation = find_residual_stream(model, online_block=16)
     assert plan.rotation.online == ["layers.0.down_proj", "layers.1.down_proj"]  # not the o_projs
+    assert plan.rotation.head.scores == ["layers.0.qk", "layers.1.qk"]  # queries and keys rotated online too
     emit.emit(model, plan, ["rotate"])
     rotated = modelio.to_proto(model)
+    scores = {n.name: list(n.input) for n in rotated.graph.node if n.name.endswith(".qk")}
+    assert all(q.endswith("_rotated") and k.endswith("_rotated") for q, k in scores.values())
     downs = {n.name: n.input[0] for n in rotated.graph.node if n.name.endswith("down_proj")}
     assert all(t.endswith("_rotated") for t in downs.values())
     ids = _ids()

@@ -105,6 +105,21 @@ class RotatePass(ir.passes.InPlacePass):
             self._rewrite(add, 0 if add.inputs[0] is not None and add.inputs[0].const_value is not None else 1, columns, d)
         for name in head.outputs:
             self._rewrite(node(name), 1, lambda w: np.einsum("ji,kjn->kin", h, w.reshape(-1, d, w.shape[-1])).reshape(w.shape), d)
+        for name in head.scores:
+            self._rotate_scores(node(name), h)
+
+    def _rotate_scores(self, scores: ir.Node, h: np.ndarray) -> None:
+        """``Q·Kᵀ → (Q·H)·(Hᵀ·Kᵀ)``: an inserted MatMul on each input (float, not quantized)."""
+        q, k = scores.inputs[0], scores.inputs[1]
+        dtype = np.float16 if q.dtype == ir.DataType.FLOAT16 else np.float32
+        prefix = f"{scores.name}_online_rotation"
+        rotate_q = ir.node("MatMul", [q, add_initializer(self._graph, f"{prefix}_query", h.astype(dtype))], name=f"{prefix}_query")
+        rotate_k = ir.node("MatMul", [add_initializer(self._graph, f"{prefix}_key", np.ascontiguousarray(h.T).astype(dtype)), k], name=f"{prefix}_key")
+        for new, value in ((rotate_q, q), (rotate_k, k)):
+            new.outputs[0].name, new.outputs[0].dtype, new.outputs[0].shape = f"{value.name}_rotated", value.dtype, value.shape
+        self._graph.insert_before(scores, [rotate_q, rotate_k])
+        scores.replace_input_with(0, rotate_q.outputs[0])
+        scores.replace_input_with(1, rotate_k.outputs[0])
 
     def _rewrite(self, node: ir.Node, index: int, rotate, block: int | None = None) -> None:
         """Input ``index`` of ``node`` becomes ``rotate(it)`` (float64 math, its own dtype); its
