@@ -302,7 +302,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "split_outliers": (("--split-outliers",), {"metavar": "N", "type": int, "help": "with --smoothquant: up to N input channels per MatMul/Gemm group whose smoothed range dominates go to a float side product (LLM.int8()-style)"}),
     "equalize": (("--equalize",), {"action": "store_true", "help": "cross-layer equalization: rescale the channels of consecutive Conv/Gemm pairs so their weight ranges match (exact in float; before calibration)"}),
     "rotate": (("--rotate",), {"action": "store_true", "help": "rotate a pre-norm decoder's residual stream by a randomized Hadamard matrix folded into the weights (QuaRot-style; exact in float; before calibration)"}),
-    "rotate_online": (("--rotate-online",), {"type": int, "metavar": "B", "help": "with --rotate: a block-diagonal Hadamard (blocks of B, a power of two) inserted before each MLP down projection as a MatMul, its transpose folded into the weight"}),
+    "rotate_online": (("--rotate-online",), {"type": int, "metavar": "B", "help": "with --rotate: a block-diagonal Hadamard (blocks of B, a power of two) inserted before each MLP down projection as a MatMul, its transpose folded into the weight, and a per-head Hadamard on attention's queries and keys"}),
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }

@@ -343,6 +343,28 @@ class RotatedNorm:
 
 
 @dataclass
+class HeadRotation:
+    """The per-head rotation between attention's values and its output projection: ``H``
+    (``kind``/``size``/``seed``/``factors``/``signs`` as in :class:`RotationPlan`, ``size`` the
+    head dimension) folded into each value projection's output columns, head by head
+    (``W_v ← W_v·blockdiag(H)``, its bias too), and its transpose into the output projection's
+    input rows (``W_o ← blockdiag(H)ᵀ·W_o``). One ``H`` for every head, so the heads that share
+    a KV head share it."""
+
+    kind: str
+    size: int
+    seed: int = 0
+    factors: list[int] = field(default_factory=list)
+    signs: str = ""
+    values: list[str] = field(default_factory=list)  # value MatMuls: W·blockdiag(H)
+    value_biases: list[str] = field(default_factory=list)  # their bias Adds
+    outputs: list[str] = field(default_factory=list)  # output projections: blockdiag(H)ᵀ·W
+    # online (with --rotate-online): attention's Q·Kᵀ MatMuls whose query heads get an inserted
+    # MatMul by H and whose transposed keys one by Hᵀ (Q·H·Hᵀ·Kᵀ = Q·Kᵀ), both in float
+    scores: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RotationPlan:
     """``Q`` (``kind`` "hadamard": ``diag(±1)·H/√size``, H the Kronecker product of the Hadamard
     matrices of orders ``factors``, the minus signs where the bits of ``signs`` (hex) are set;
@@ -361,14 +383,19 @@ class RotationPlan:
     # inserted MatMul (b = online_block) and its weight by the transpose (0: none)
     online_block: int = 0
     online: list[str] = field(default_factory=list)
+    head: HeadRotation | None = None  # per-head rotation of values / output projections
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.head is None:
+            del out["head"]  # plans without it read as before
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> RotationPlan:
         data = dict(data)
         data["norms"] = [RotatedNorm(**n) for n in data.get("norms", [])]
+        data["head"] = HeadRotation(**data["head"]) if data.get("head") else None
         return cls(**data)
 
     def summary(self) -> str:
@@ -377,6 +404,8 @@ class RotationPlan:
         return (
             f"residual stream of size {self.size} rotated by a {'randomized Hadamard' if self.kind == 'hadamard' else 'random orthogonal'} matrix ({shape}): "
             f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writers, {len(self.norms)} norms folded into {readers} readers"
+            + (f"; per-head {'Hadamard' if self.head.kind == 'hadamard' else 'orthogonal'} rotation (head dimension {self.head.size}) between {len(self.head.values)} value and output projections"
+               + (f", online on the queries and keys of {len(self.head.scores)} Q·Kᵀ ({2 * self.head.size} float MACs per head channel per token)" if self.head.scores else "") if self.head else "")
             + (f"; online Hadamard (block {self.online_block}: {self.online_block} float MACs per input channel per token) before {len(self.online)} MLP down projections" if self.online else "")
         )
 

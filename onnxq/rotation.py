@@ -42,7 +42,7 @@ import onnx_ir as ir
 
 from onnxq.errors import UnsupportedModelError
 from onnxq.patterns import NormStatistic, norm_statistics
-from onnxq.plan import RotatedNorm, RotationPlan
+from onnxq.plan import HeadRotation, RotatedNorm, RotationPlan
 from onnxq.weights import weight_source
 
 DEFAULT_SEED = 0
@@ -114,8 +114,8 @@ def signs_from_hex(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
-def rotation_matrix(plan: RotationPlan) -> np.ndarray:
-    """``Q`` (float64, orthogonal) as the plan records it."""
+def rotation_matrix(plan: RotationPlan | HeadRotation) -> np.ndarray:
+    """``Q`` (float64, orthogonal) as the plan records it (the residual one or the per-head one)."""
     n = plan.size
     if plan.kind == "hadamard":
         sign = np.where(signs_from_hex(plan.signs, n), -1.0, 1.0)
@@ -280,7 +280,108 @@ def find_residual_stream(model: ir.Model, seed: int = DEFAULT_SEED, online_block
     if online_block:
         plan.online_block = online_block
         plan.online = _online_writers(graph, writers, online_block)
+    plan.head = find_head_rotation(graph, [w for w in writers if w not in plan.online], seed)
+    if online_block and plan.head is not None:
+        plan.head.scores = _score_products(graph, plan.head.size)
     return plan
+
+
+def _score_products(graph: ir.Graph, head_dim: int) -> list[str]:
+    """Attention's ``Q·Kᵀ`` MatMuls (two computed inputs, ``[.., head_dim]`` queries times
+    ``[.., head_dim, keys]`` transposed keys) whose scores reach a Softmax through element-wise
+    ops (scale, mask)."""
+    found = []
+    for softmax in (n for n in graph if n.op_type == "Softmax"):
+        node = softmax.inputs[0].producer()
+        for _ in range(4):
+            if node is None or node.op_type not in ("Mul", "Div", "Add", "Sub", "Cast"):
+                break
+            computed = [i for i in node.inputs if i is not None and i.const_value is None and i.producer() is not None and i.producer().op_type in ("MatMul", "Mul", "Div", "Add", "Sub", "Cast")]
+            node = computed[0].producer() if len(computed) == 1 else None
+        if node is None or node.op_type != "MatMul" or any(weight_source(i) is not None for i in node.inputs):
+            continue
+        q, k = node.inputs[0].shape, node.inputs[1].shape
+        if q is not None and k is not None and len(q) >= 2 and len(k) >= 2 and q[-1] == head_dim and k[-2] == head_dim:
+            found.append(node.name)
+    return found
+
+
+# --- per head, between the values and the output projection ---------------------------------
+
+# ops that move whole heads (and copy them for grouped-query attention) without mixing the
+# channels of the last axis: a rotation of each head's channels passes through them
+_HEAD_MOVES = ("Reshape", "Transpose", "Expand", "Unsqueeze", "Squeeze")
+
+
+def _keeps_head_channels(node: ir.Node, head_dim: int) -> bool:
+    """``node`` maps chunks of ``head_dim`` consecutive last-axis channels to such chunks, whole:
+    a Transpose that keeps the last axis last, or an op whose input and output last dimensions
+    are known multiples of ``head_dim`` (row-major reshapes keep the chunks aligned)."""
+    x, y = node.inputs[0], node.outputs[0]
+    if x.shape is None or y.shape is None or not len(x.shape) or not len(y.shape):
+        return False
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return perm is not None and perm[-1] == len(perm) - 1
+    last = (x.shape[-1], y.shape[-1])
+    return all(isinstance(d, int) and d % head_dim == 0 for d in last)
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
+def _walk_back(value: ir.Value, head_dim: int) -> ir.Node | None:
+    """The first node before ``value`` that is not a head move (each tensor on the way read only
+    by the next node), or None when a move mixes the channels of a head."""
+    node = value.producer()
+    while node is not None and node.op_type in _HEAD_MOVES:
+        if not _single_use(node.inputs[0]) or not _keeps_head_channels(node, head_dim):
+            return None
+        node = node.inputs[0].producer()
+    return node if node is not None and _single_use(node.outputs[0]) else None
+
+
+def _value_projection(output_projection: ir.Node) -> tuple[int, str, str | None] | None:
+    """(head dimension, value MatMul, its bias Add or None) whose heads reach
+    ``output_projection`` only through head moves and attention's ``P·V``; None otherwise."""
+    pv = output_projection.inputs[0].producer()
+    while pv is not None and pv.op_type in _HEAD_MOVES:
+        pv = pv.inputs[0].producer()
+    if pv is None or pv.op_type != "MatMul" or pv.outputs[0].shape is None or not isinstance(pv.outputs[0].shape[-1], int):
+        return None
+    head_dim = pv.outputs[0].shape[-1]
+    if _walk_back(output_projection.inputs[0], head_dim) is not pv or weight_source(pv.inputs[1]) is not None:
+        return None
+    node, bias = _walk_back(pv.inputs[1], head_dim), None
+    if node is not None and node.op_type == "Add":
+        consts = [i for i in node.inputs if i is not None and i.const_value is not None]
+        others = [i for i in node.inputs if i is not None and i.const_value is None]
+        if len(consts) != 1 or len(others) != 1 or consts[0].const_value.numpy().ndim != 1 or not _single_use(others[0]):
+            return None
+        bias, node = node, others[0].producer()
+    if node is None or node.op_type != "MatMul" or _linear_shape(node, node.inputs[0]) is None:
+        return None
+    if _linear_shape(node, node.inputs[0])[1] % head_dim or _linear_shape(output_projection, output_projection.inputs[0])[0] % head_dim:
+        return None
+    return head_dim, node.name, bias.name if bias is not None else None
+
+
+def find_head_rotation(graph: ir.Graph, writers: list[str], seed: int = DEFAULT_SEED) -> HeadRotation | None:
+    """The per-head rotation between the value projections and the output projections among
+    ``writers`` (those reached from a value MatMul through ``P·V`` and head moves alone), or
+    None when there is none or the head dimensions differ."""
+    by_name = {n.name: n for n in graph}
+    found = {name: _value_projection(by_name[name]) for name in writers}
+    found = {name: f for name, f in found.items() if f is not None}
+    if not found or len({f[0] for f in found.values()}) != 1:
+        return None
+    size = next(iter(found.values()))[0]
+    matrix = choose_rotation(size, seed)
+    return HeadRotation(
+        kind=matrix.kind, size=size, seed=seed, factors=matrix.factors, signs=matrix.signs,
+        values=[f[1] for f in found.values()], value_biases=[f[2] for f in found.values() if f[2]], outputs=list(found),
+    )
 
 
 def block_hadamard(block: int) -> np.ndarray:

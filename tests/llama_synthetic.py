@@ -1,7 +1,7 @@
 """A tiny Llama-style decoder built with onnx.helper (fast tests of the residual-stream rotation).
 
-ids → Gather(E) → L × [RMSNorm → Q (bias), K, V (GQA: fewer KV heads, repeated) → causal
-softmax attention → o_proj (bias) → + residual → RMSNorm → SiLU(gate)·up → down → + residual]
+ids → Gather(E) → L × [RMSNorm → Q (bias), K, V (GQA: fewer KV heads, repeated) (and V a bias with
+``value_bias``) → causal softmax attention → o_proj (bias) → + residual → RMSNorm → SiLU(gate)·up → down → + residual]
 → RMSNorm → MatMul(Transpose(E)) (a tied LM head). One residual channel of the embedding is
 large and the norm weights have outlier channels, as real LLMs have.
 """
@@ -54,13 +54,17 @@ def _layer(i: int, x: str, dims: dict, rng, inits: list) -> tuple[list, str]:
     for name, shape in [("q", (hidden, heads * d)), ("k", (hidden, kv * d)), ("v", (hidden, kv * d)), ("o", (heads * d, hidden)), ("gate", (hidden, ffn)), ("up", (hidden, ffn)), ("down", (ffn, hidden))]:
         inits.append(_init(f"{p}.{name}.weight", rng.normal(0, 1 / np.sqrt(shape[0]), shape)))
     inits += [_init(f"{p}.q.bias", rng.normal(0, 0.1, heads * d)), _init(f"{p}.o.bias", rng.normal(0, 0.1, hidden))]
+    v_out = f"{p}_v0" if dims["value_bias"] else f"{p}_v"
     nodes, hn = _rmsnorm(x, f"{p}.input_norm", hidden, rng, inits)
     nodes += [
         helper.make_node("MatMul", [hn, f"{p}.q.weight"], [f"{p}_q0"], name=f"{p}.q_proj"),
         helper.make_node("Add", [f"{p}_q0", f"{p}.q.bias"], [f"{p}_q"], name=f"{p}.q_bias"),
         helper.make_node("MatMul", [hn, f"{p}.k.weight"], [f"{p}_k"], name=f"{p}.k_proj"),
-        helper.make_node("MatMul", [hn, f"{p}.v.weight"], [f"{p}_v"], name=f"{p}.v_proj"),
+        helper.make_node("MatMul", [hn, f"{p}.v.weight"], [v_out], name=f"{p}.v_proj"),
     ]
+    if dims["value_bias"]:  # Qwen2-style: a bias on the values (its own random stream, after the weights)
+        inits.append(_init(f"{p}.v.bias", np.random.default_rng(i + 100).normal(0, 0.5, kv * d)))
+        nodes.append(helper.make_node("Add", [v_out, f"{p}.v.bias"], [f"{p}_v"], name=f"{p}.v_bias"))
     nodes += _heads(f"{p}_q", f"{p}_qh", heads, 1, d, [0, 2, 1, 3])
     nodes += _heads(f"{p}_k", f"{p}_kh", kv, heads // kv, d, [0, 2, 3, 1])
     nodes += _heads(f"{p}_v", f"{p}_vh", kv, heads // kv, d, [0, 2, 1, 3])
@@ -89,11 +93,11 @@ def _layer(i: int, x: str, dims: dict, rng, inits: list) -> tuple[list, str]:
     return nodes, f"{p}_y"
 
 
-def llama_decoder(hidden: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seq: int = 12, seed: int = 0) -> onnx.ModelProto:
+def llama_decoder(hidden: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seq: int = 12, seed: int = 0, value_bias: bool = False) -> onnx.ModelProto:
     assert kv_heads < heads and heads % kv_heads == 0, "grouped-query attention: fewer KV heads than heads"
     rng = np.random.default_rng(seed)
     d = hidden // heads
-    dims = {"hidden": hidden, "heads": heads, "kv": kv_heads, "head_dim": d, "ffn": 2 * hidden, "seq": seq}
+    dims = {"hidden": hidden, "heads": heads, "kv": kv_heads, "head_dim": d, "ffn": 2 * hidden, "seq": seq, "value_bias": value_bias}
     table = rng.normal(0, 1, (vocab, hidden))
     table[:, 3] *= 20.0  # a massive residual channel
     mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -1e9)

@@ -133,8 +133,11 @@ def test_online_rotation_before_down_proj_is_exact_and_lowers_its_amax(tmp_path)
     plan = QuantPlan(target="tensorrt")
     plan.rotation = find_residual_stream(model, online_block=16)
     assert plan.rotation.online == ["layers.0.down_proj", "layers.1.down_proj"]  # not the o_projs
+    assert plan.rotation.head.scores == ["layers.0.qk", "layers.1.qk"]  # queries and keys rotated online too
     emit.emit(model, plan, ["rotate"])
     rotated = modelio.to_proto(model)
+    scores = {n.name: list(n.input) for n in rotated.graph.node if n.name.endswith(".qk")}
+    assert all(q.endswith("_rotated") and k.endswith("_rotated") for q, k in scores.values())
     downs = {n.name: n.input[0] for n in rotated.graph.node if n.name.endswith("down_proj")}
     assert all(t.endswith("_rotated") for t in downs.values())
     ids = _ids()
@@ -163,6 +166,7 @@ def test_check_layers_lists_rotated_tensors_as_unmatched(tmp_path):
     rotated = set(json.loads({p.key: p.value for p in proto.metadata_props}["onnxq.rotated"]))
     reference, _, rotation = _rotated(path)
     assert set(_reader_inputs(reference, rotation)) <= rotated
+    assert {"layers.0_v", "layers.0_cr", "layers.1_cr"} <= rotated  # rotated per head up to o_proj
     layers = layer_snr(path, out, [{"ids": x} for x in _ids(2, seed=7)], progress=False)
     unmatched = dict(layers.unmatched)
     assert unmatched and set(unmatched) <= rotated and all("rotated by --rotate" in r for r in unmatched.values())
@@ -188,3 +192,37 @@ def test_sweep_and_solve_measure_and_keep_the_rotated_model(tmp_path):
     replayed = tmp_path / "replayed.onnx"
     assert main(["quantize", str(path), "-o", str(replayed), "--plan", str(plan_path), "--no-eval", "-q"]) == 0
     assert replayed.read_bytes() == saved.read_bytes()
+
+
+@pytest.mark.parametrize("hidden", [48, 36])  # heads of 12 (Paley Hadamard), of 9 (random orthogonal)
+def test_per_head_rotation_between_values_and_o_proj_is_exact(tmp_path, hidden):
+    """Each value head's channels are rotated by H (bias too; the KV heads' shared copies carry it
+    to every attention head of the group) and o_proj's rows by Hᵀ: o_proj reads the context
+    rotated head by head, and the logits are unchanged."""
+    path = save(llama_decoder(hidden=hidden, value_bias=True), tmp_path / "llama.onnx")
+    reference, rotated, rotation = _rotated(path)
+    head = rotation.head
+    assert head is not None and head.size == hidden // 4 and head.kind == ("hadamard" if hidden == 48 else "orthogonal")
+    assert head.values == ["layers.0.v_proj", "layers.1.v_proj"] and head.value_biases == ["layers.0.v_bias", "layers.1.v_bias"]
+    assert head.outputs == ["layers.0.o_proj", "layers.1.o_proj"]
+    ids = _ids()
+    before = _run(reference, ["logits", "layers.0_cr", "layers.1_cr"], ids)
+    after = _run(rotated, ["logits", "layers.0_cr", "layers.1_cr"], ids)
+    assert np.abs(after["logits"] - before["logits"]).max() / np.abs(before["logits"]).max() < 1e-4
+    h = rotation_matrix(head)
+    for i in range(2):
+        context = before[f"layers.{i}_cr"]
+        expected = (context.reshape(*context.shape[:-1], -1, head.size) @ h).reshape(context.shape)
+        assert np.abs(after[f"layers.{i}_cr"] - expected).max() < 1e-4 * np.abs(context).max()
+        assert np.abs(after[f"layers.{i}_cr"] - context).max() > 0.1 * np.abs(context).max()
+
+
+def test_per_head_rotation_replays_from_the_plan(tmp_path):
+    path = save(llama_decoder(hidden=48, value_bias=True), tmp_path / "llama.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=_ids(8, seed=2)[:, 0])
+    a, b, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
+    assert main(["quantize", str(path), "-o", str(a), "--calib", str(calib), "--rotate", "--save-plan", str(plan), "-q", "--no-eval"]) == 0
+    assert json.loads(plan.read_text())["rotation"]["head"]["outputs"] == ["layers.0.o_proj", "layers.1.o_proj"]
+    assert main(["quantize", str(path), "-o", str(b), "--plan", str(plan), "--no-eval", "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()

@@ -1,5 +1,5 @@
-"""--rotate on SmolLM2 6 layers: the rotated float model (residual stream and the online Hadamard
-before down_proj) computes the same logits, the tied embedding/LM head gets two rotated copies,
+"""--rotate on SmolLM2 6 layers: the rotated float model (residual stream, the per-head rotation
+between V and o_proj, the online Hadamard before down_proj and on Q/K) computes the same logits, the tied embedding/LM head gets two rotated copies,
 and the activations entering the quantized products lose their outliers."""
 
 import numpy as np
@@ -35,6 +35,9 @@ def test_smollm2_rotation_is_exact_and_spreads_the_outliers():
     assert len(rotation.writers) == 12 and len(rotation.online) == 6 and len(rotation.norms) == 13
     readers = {r for n in rotation.norms for r in n.readers}
     assert len(readers) == 6 * 5 + 1  # q, k, v, gate, up per layer; the LM head
+    head = rotation.head  # 9 query heads sharing 3 KV heads of 64 channels
+    assert head.size == 64 and len(head.values) == len(head.outputs) == len(head.scores) == 6 and not head.value_biases
+    assert set(head.values) <= readers and set(head.outputs) == set(rotation.writers) - set(rotation.online)
     quantized_inputs = lambda proto: sorted({n.input[0] for n in proto.graph.node if n.name in readers or n.name in rotation.online})  # noqa: E731
     reference = modelio.to_proto(model)
     before = _run(reference, quantized_inputs(reference), ids)

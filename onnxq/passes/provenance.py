@@ -94,7 +94,24 @@ def _rotated_tensors(model: ir.Model, plan: QuantPlan) -> list[str]:
     for norm in rotation.norms:
         for reader in (by_name[r] for r in norm.readers if r in by_name):
             out.add(_unquantized(reader.inputs[0]).name)
+    if rotation.head is not None:
+        out |= _head_rotated(by_name, rotation.head)
     return sorted(out)
+
+
+def _head_rotated(by_name: dict[str, ir.Node], head) -> set[str]:
+    """The tensors from each rotated value projection (or its bias) up to the output projection
+    that reads them rotated head by head."""
+    ends = {by_name[n] for n in head.outputs if n in by_name}
+    starts = [by_name[n] for n in (*head.values, *head.value_biases) if n in by_name]
+    out, todo = set(), [node.outputs[0] for node in starts]
+    while todo:
+        value = todo.pop()
+        if value.name in out:
+            continue
+        out.add(value.name)
+        todo.extend(o for use in value.uses() if use.node not in ends for o in use.node.outputs)
+    return out
 
 
 def _unquantized(value: ir.Value) -> ir.Value:

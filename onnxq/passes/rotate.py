@@ -14,7 +14,11 @@ Products are computed in float64 and stored in the weight's own dtype. A constan
 node too (a tied embedding and LM head) is not changed in place: the node gets a rotated copy, as
 the node reads it (no Transpose). With ``online`` writers (the MLP down projections), each one's
 input goes through ``Reshape → MatMul(H_b/√b) → Reshape`` (a block-diagonal Hadamard, blocks of
-``online_block``) and its weight rows are rotated by the transpose. The pass decides nothing.
+``online_block``) and its weight rows are rotated by the transpose. With a per-head rotation
+``H`` (``plan.head``), each value projection's output columns are rotated head by head
+(``W·blockdiag(H)``, its bias too) and each output projection's input rows by the transpose
+(``blockdiag(H)ᵀ·W``): attention's ``P·(V·H) = (P·V)·H`` and the head moves between carry the
+rotated heads whole, so ``o_proj``'s output is unchanged. The pass decides nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import onnx_ir as ir
 
 from onnxq.errors import PlanError
 from onnxq.passes.initializers import add_initializer, constant_as_read, drop_unused_initializers, replace_constant
-from onnxq.plan import RotationPlan
+from onnxq.plan import HeadRotation, RotationPlan
 from onnxq.rotation import block_hadamard, rotation_matrix
 
 
@@ -61,6 +65,8 @@ class RotatePass(ir.passes.InPlacePass):
                 self._rewrite(node(reader), 1, lambda w, gamma=gamma: q.T @ (gamma[:, None] * w))
         for name in self.plan.online:
             self._rotate_online(node(name))
+        if self.plan.head is not None:
+            self._rotate_heads(self.plan.head, node)
         drop_unused_initializers(self._graph)
         return ir.passes.PassResult(model, True)
 
@@ -85,10 +91,42 @@ class RotatePass(ir.passes.InPlacePass):
         self._graph.insert_before(node, [split, matmul, merge])
         node.replace_input_with(0, merge.outputs[0])
 
-    def _rewrite(self, node: ir.Node, index: int, rotate) -> None:
-        """Input ``index`` of ``node`` becomes ``rotate(it)`` (float64 math, its own dtype)."""
+    def _rotate_heads(self, head: HeadRotation, node) -> None:
+        """Values' columns ``·blockdiag(H)``, output projections' rows ``blockdiag(H)ᵀ·``."""
+        h, d = rotation_matrix(head), head.size
+
+        def columns(w: np.ndarray) -> np.ndarray:
+            return np.einsum("...kj,ji->...ki", w.reshape(*w.shape[:-1], -1, d), h).reshape(w.shape)
+
+        for name in head.values:
+            self._rewrite(node(name), 1, columns, d)
+        for name in head.value_biases:
+            add = node(name)
+            self._rewrite(add, 0 if add.inputs[0] is not None and add.inputs[0].const_value is not None else 1, columns, d)
+        for name in head.outputs:
+            self._rewrite(node(name), 1, lambda w: np.einsum("ji,kjn->kin", h, w.reshape(-1, d, w.shape[-1])).reshape(w.shape), d)
+        for name in head.scores:
+            self._rotate_scores(node(name), h)
+
+    def _rotate_scores(self, scores: ir.Node, h: np.ndarray) -> None:
+        """``Q·Kᵀ → (Q·H)·(Hᵀ·Kᵀ)``: an inserted MatMul on each input (float, not quantized)."""
+        q, k = scores.inputs[0], scores.inputs[1]
+        dtype = np.float16 if q.dtype == ir.DataType.FLOAT16 else np.float32
+        prefix = f"{scores.name}_online_rotation"
+        rotate_q = ir.node("MatMul", [q, add_initializer(self._graph, f"{prefix}_query", h.astype(dtype))], name=f"{prefix}_query")
+        rotate_k = ir.node("MatMul", [add_initializer(self._graph, f"{prefix}_key", np.ascontiguousarray(h.T).astype(dtype)), k], name=f"{prefix}_key")
+        for new, value in ((rotate_q, q), (rotate_k, k)):
+            new.outputs[0].name, new.outputs[0].dtype, new.outputs[0].shape = f"{value.name}_rotated", value.dtype, value.shape
+        self._graph.insert_before(scores, [rotate_q, rotate_k])
+        scores.replace_input_with(0, rotate_q.outputs[0])
+        scores.replace_input_with(1, rotate_k.outputs[0])
+
+    def _rewrite(self, node: ir.Node, index: int, rotate, block: int | None = None) -> None:
+        """Input ``index`` of ``node`` becomes ``rotate(it)`` (float64 math, its own dtype); its
+        first or last dimension is the rotation's size (or, with ``block``, a multiple of it)."""
         array = constant_as_read(node, index, "the rotation")
-        if self.plan.size not in (array.shape[0], array.shape[-1]):
-            raise PlanError(f"input {index} of {node.name!r} has shape {list(array.shape)}, which does not fit a rotation of size {self.plan.size}")
+        fits = (array.shape[0] % block == 0 or array.shape[-1] % block == 0) if block else self.plan.size in (array.shape[0], array.shape[-1])
+        if not fits:
+            raise PlanError(f"input {index} of {node.name!r} has shape {list(array.shape)}, which does not fit a rotation of size {block or self.plan.size}")
         rotated = np.ascontiguousarray(rotate(array.astype(np.float64)).astype(array.dtype))
         replace_constant(self._graph, node, index, rotated, "rotated")

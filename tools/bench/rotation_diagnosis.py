@@ -1,0 +1,111 @@
+"""What holds an all-8-bit rotated decoder back, measured: the zoo's SmolLM2 6 layers quantized
+once (``--rotate --rotate-online B``, SmoothQuant, MinMax, ``tensorrt`` target, plan saved), then
+the same plan replayed with one class of quantized inputs kept in float at a time.
+
+    python tools/bench/rotation_diagnosis.py [--smoothquant auto|none] [--online 128]
+        [--precision int8|fp8] [--only LABEL ...] [--out diag.json]
+
+Rows: all 8-bit; only the weights quantized (activations float); only the activations (weights
+float); per class of MatMul — the norms' readers Q/K/V (``qkv``), gate/up (``gateup``), the LM
+head (``head``), the writers ``o_proj`` (``o``) and ``down_proj`` (``down``), attention's Q·Kᵀ
+(``qk``) and P·V (``pv``: also P and V apart) — its activation inputs kept float, then the whole
+node. Classes come from the plan's rotation (norm readers by their count, writers, online
+writers) and the graph (a P·V MatMul reads a Softmax's output). Metrics: the zoo's top-1
+agreement and KL against FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import onnx
+
+
+def node_classes(plan, model_path) -> dict[str, str]:
+    rotation = plan.rotation
+    classes = {}
+    for norm in rotation.norms:
+        for reader in norm.readers:
+            classes[reader] = {3: "qkv", 2: "gateup", 1: "head"}.get(len(norm.readers), "reader")
+    for writer in rotation.writers:
+        classes[writer] = "down" if writer in rotation.online else "o"
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes = {n.name: n for n in graph.node}
+
+    def reads_softmax(tensor: str) -> bool:
+        node = producer.get(tensor)
+        for _ in range(4):
+            if node is None or node.op_type == "Softmax":
+                break
+            node = producer.get(node.input[0]) if node.input else None
+        return node is not None and node.op_type == "Softmax"
+
+    for name, decision in plan.nodes.items():
+        if name not in classes and decision.inputs and set(decision.inputs.values()) == {"activation"}:
+            classes[name] = "pv" if reads_softmax(nodes[name].input[0]) else "qk"
+    return classes
+
+
+def variants(classes: dict[str, str]) -> dict:
+    """label -> keep(node, input index, kind): True keeps that input float."""
+    out = {
+        "all 8-bit": lambda n, i, k: False,
+        "weights only (activations float)": lambda n, i, k: k == "activation",
+        "activations only (weights float)": lambda n, i, k: k == "weight",
+    }
+    for c in ("qkv", "o", "gateup", "down", "qk", "pv", "head"):
+        out[f"{c}: activations float"] = lambda n, i, k, c=c: classes.get(n) == c and k == "activation"
+        if c not in ("qk", "pv"):
+            out[f"{c}: node float"] = lambda n, i, k, c=c: classes.get(n) == c
+    out["pv: P float"] = lambda n, i, k: classes.get(n) == "pv" and i == 0
+    out["pv: V float"] = lambda n, i, k: classes.get(n) == "pv" and i == 1
+    return out
+
+
+def without(plan, keep):
+    plan = copy.deepcopy(plan)
+    for name, decision in plan.nodes.items():
+        decision.inputs = {i: k for i, k in decision.inputs.items() if not keep(name, i, k)}
+        if not decision.inputs:
+            decision.precision = "float"
+    return plan
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoothquant", default="auto")
+    ap.add_argument("--online", type=int, default=128)
+    ap.add_argument("--precision", default="int8")
+    ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these")
+    ap.add_argument("--out", default="bench_rotation_diagnosis.json")
+    args = ap.parse_args()
+    import onnxq
+    from onnxq import zoo
+    from onnxq.plan import QuantPlan
+
+    entry = zoo.get("smollm2-6l")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxq-rot-diag-") as tmp:
+        work = Path(tmp)
+        case = zoo.export_case("smollm2-6l", work / "s6")
+        sq = None if args.smoothquant == "none" else args.smoothquant
+        onnxq.quantize(case["model"], work / "q.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
+                       rotate=True, rotate_online=args.online, save_plan=work / "plan.json", report=False, evaluate=False, quiet=True)
+        plan = QuantPlan.load(work / "plan.json")
+        for label, keep in variants(node_classes(plan, case["model"])).items():
+            if args.only and not any(o in label for o in args.only):
+                continue
+            onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=without(plan, keep), report=False, evaluate=False, quiet=True)
+            metrics = entry.evaluate(work / "v.onnx")
+            rows.append({"variant": label, "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
