@@ -85,7 +85,8 @@ def augment_with_reductions(
     The reductions are added to ``model`` only while it is serialized and removed again, so the
     weights are never held twice as ``ir`` objects. Returns the proto and the tensors observed
     (non-float ones are skipped); outputs come per tensor as min, max (not for a main-graph tensor
-    in ``values``: its value gives them)[, value][, channel amax]
+    in ``values``: its value gives them)[, value (``{name}::onnxq_value``, or the tensor itself
+    under its own name where it is a main-graph node output)][, channel amax]
     [, channel min, channel max]: the signed per-channel range, for each tensor of
     ``channel_ranges`` that has a channel axis (SmoothQuant derives the range of ``x / s`` from it).
     ``passthrough``: main-graph tensors that are outputs as they are, after all the statistics
@@ -97,6 +98,7 @@ def augment_with_reductions(
     channel_axes = channel_axes or {}
     observed, new_outputs = [], []
     promotion = Promotion(graph)
+    direct_blocked = set(passthrough)  # outputs already, under the same name
     for name in tensors:
         new_nodes = []
         value = by_name.get(name)
@@ -115,7 +117,9 @@ def augment_with_reductions(
             out.shape = ir.Shape([])
             new_nodes.append(node)
             new_outputs.append(out)
-        if name in values:
+        if name in values and reduce_on_host and value.producer() is not None and name not in direct_blocked:
+            new_outputs.append(value)  # the tensor itself: an Identity would cost ORT a copy
+        elif name in values:
             node = ir.node("Identity", [value], name=f"onnxq_calib/Identity/{name}")
             node.outputs[0].name = f"{name}::onnxq_value"
             node.outputs[0].dtype = value.dtype
@@ -248,7 +252,7 @@ def _update_plan(session, table: CalibrationTable, observed, hist_names, channel
     plan = []
     for name in observed:
         stats = table.tensors[name]
-        vi = out_index.get(f"{name}::onnxq_value")
+        vi = out_index.get(f"{name}::onnxq_value", out_index.get(name))
         ci = out_index.get(f"{name}::onnxq_channel_amax")
         if vi is not None and name in hist_names:
             stats.histogram = Histogram()
