@@ -356,6 +356,12 @@ def test_coarse_to_fine_mse_finds_the_exhaustive_range(monkeypatch, grid, symmet
         "bimodal": np.concatenate([rng.normal(-3, 0.3, 50000), rng.normal(5, 0.2, 50000)]),
         "heavy": rng.standard_t(2, size=100000),
     }
+    for seed in range(8):  # clusters of outliers (a LayerNorm's outlier channels): ripples with local minima
+        r = np.random.default_rng(seed)
+        k = int(r.integers(2, 6))
+        bulk = r.normal(size=100000)
+        clusters = [r.normal(r.uniform(-25, 25), r.uniform(0.2, 2), size=int(r.integers(5, 500))) for _ in range(k)]
+        samples[f"clusters{seed}"] = np.concatenate([bulk, *clusters])
     for name, x in samples.items():
         h = Histogram()
         h.update(x.astype(np.float32))

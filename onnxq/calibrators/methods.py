@@ -28,8 +28,8 @@ target uses ``[min(lo, 0), max(hi, 0)]``.
   fake-quantized on the target grid, weighted by their counts). Symmetric: a search over the
   clip value ``T`` (every bin edge from 128 bins up). Asymmetric: a search over one shrink factor
   ``a`` in ``[1/8, 1]`` applied to both ends, range ``[a min(min,0), a max(max,0)]``. Both
-  searches go coarse to fine (every 8th candidate, then around the 3 best), which finds the
-  exhaustive search's minimum, or one of equal error, at a sixth of its cost.
+  searches go coarse to fine (every 8th candidate, then around the 8 best), which finds the
+  exhaustive search's minimum, or one of equal error, at a fifth of its cost.
 
 FP8 (``grid="fp8"``, E4M3FN, symmetric, scale = T/448): ``minmax`` and ``percentile`` give the
 clip value as above; ``mse`` searches the clip value ``T`` with the bin centres fake-quantized on
@@ -60,7 +60,7 @@ MSE_START_BIN = 128
 # The mse search: every MSE_COARSE_STEP-th clip value, then the neighbourhoods of the MSE_REFINE
 # best (1: exhaustive).
 MSE_COARSE_STEP = 8
-MSE_REFINE = 3
+MSE_REFINE = 8
 ENTROPY_ORT_EXACT = False
 # MSE on the FP8 grid: points per histogram bin, and clip values tried.
 FP8_BIN_POINTS = 4
