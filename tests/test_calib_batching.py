@@ -11,7 +11,7 @@ import synthetic
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibration import channel_axes
-from onnxq.calibrators import collect
+from onnxq.calibrators import collect, histogram
 from onnxq.calibrators.batching import auto_batch, group
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.data import open_source
@@ -164,3 +164,30 @@ def test_recipe_checks_calib_batch():
     assert Recipe.from_options({"calib-batch": 8}).calib_batch == 8
     with pytest.raises(RecipeError, match="calib-batch"):
         Recipe.from_options({"calib_batch": 0})
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_subsampled_histograms_do_not_depend_on_the_batch_split(tmp_path, monkeypatch, batch):
+    """With at most 100 elements of each sample counted (most of the CNN's tensors have more), the
+    batched table is still the one-sample-at-a-time table, and min/max stay exact."""
+    path = synthetic.save(_dynamic_batch(synthetic.residual_cnn()), tmp_path / "cnn.onnx")
+    npz = synthetic.random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 11)
+    full, _ = _table(path, npz, 1)
+    monkeypatch.setattr(histogram, "SAMPLE_ELEMENTS", 100)
+    single, res_single = _table(path, npz, 1)
+    batched, res_batched = _table(path, npz, batch)
+    _assert_tables_close(single, batched, res_single, res_batched)
+    assert any(s.histogram.total < full.tensors[n].histogram.total for n, s in single.tensors.items())
+    for name, stats in single.tensors.items():
+        per_sample = full.tensors[name].histogram.total // 11
+        assert stats.histogram.total == 11 * (per_sample if per_sample <= 100 else -(-per_sample // histogram._stride(per_sample, 100))), name
+        assert (stats.min, stats.max, stats.histogram.range) == (full.tensors[name].min, full.tensors[name].max, full.tensors[name].histogram.range)
+
+
+def test_sample_elements_takes_the_same_positions_of_every_sample():
+    x = np.random.default_rng(1).normal(size=(6, 3, 50)).astype(np.float32)
+    whole = histogram.sample_elements(x, 6, cap=40)
+    parts = np.concatenate([histogram.sample_elements(x[i : i + k], k, cap=40) for i, k in ((0, 1), (1, 3), (4, 2))])
+    np.testing.assert_array_equal(whole, parts)
+    assert whole.shape[0] == 6 and 0 < whole.shape[1] <= 40 and len(np.unique(whole[0])) == whole.shape[1]
+    assert histogram.sample_elements(x, 6, cap=150) is x  # small enough: every element

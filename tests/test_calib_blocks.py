@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibration import channel_axes
 from onnxq.calibrators import blocks as blocks_mod
-from onnxq.calibrators import collect
+from onnxq.calibrators import collect, histogram
 from onnxq.calibrators.blocks import plan_blocks, use_calib_blocks
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.data import open_source
@@ -149,15 +149,23 @@ def _assert_same(a, b, res_a, res_b):
     _assert_tables_close(a, b, res_a, res_b)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_block_table_equals_whole_model_table(tmp_path, caplog, batch):
+@pytest.mark.parametrize("batch,cap", [(1, None), (3, None), (3, 50)])
+def test_block_table_equals_whole_model_table(tmp_path, caplog, monkeypatch, batch, cap):
+    """Also with histograms on a subsample (cap: elements per sample), which later blocks must
+    take per sample of the batches block 0 ran, as the whole model does."""
+    if cap is not None:
+        monkeypatch.setattr(histogram, "SAMPLE_ELEMENTS", cap)
     path = synthetic.save(decoder(), tmp_path / "dec.onnx")
     npz = _data(tmp_path / "calib.npz")
     whole, res_whole = _table(path, npz, batch, None)
     with caplog.at_level(logging.INFO, logger="onnxq"):
         by_blocks, res_blocks = _table(path, npz, batch, "auto")
     assert f"calibrating in {2 * LAYERS + 1} blocks" in caplog.text
+    assert caplog.text.count("per ORT call") == 1  # block 0's batch size, logged once
     assert whole.num_samples == 7
+    if cap is not None:
+        totals = [t.histogram.total for t in whole.tensors.values() if t.histogram is not None]
+        assert max(totals) <= 7 * cap < 7 * SEQ * HIDDEN  # the [batch, SEQ, HIDDEN] tensors were subsampled
     _assert_same(whole, by_blocks, res_whole, res_blocks)
 
 

@@ -27,6 +27,19 @@ AUTO_BATCH_BYTES = 256 << 20
 Feed = Mapping[str, np.ndarray]
 
 
+class BatchFeed(dict):
+    """One ORT call's feed that already holds ``samples`` samples (a batch replayed as it was run)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], samples: int):
+        super().__init__(arrays)
+        self.samples = samples
+
+
+def sample_count(feeds: Sequence[Feed]) -> int:
+    """Samples in a batch of ``feeds``: one per feed, or what a :class:`BatchFeed` holds."""
+    return sum(getattr(f, "samples", 1) for f in feeds)
+
+
 def batchable(spec: Mapping[str, tuple[type, list | None]]) -> bool:
     """Whether every model input has a dynamic leading (batch) axis (None or a symbolic name)."""
     return bool(spec) and all(shape is not None and len(shape) >= 1 and not isinstance(shape[0], int) for _, shape in spec.values())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrators.batching import available_memory, concat
+from onnxq.calibrators.batching import BatchFeed, available_memory, concat
 from onnxq.calibrators.table import CalibrationTable
 from onnxq.errors import OnnxqError
 from onnxq.patterns import norm_statistics
@@ -201,15 +201,18 @@ class BoundaryStore:
                 if not isinstance(array, np.memmap):
                     self.held -= array.nbytes
 
-    def feeds(self, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    def feeds(self, names: Sequence[str], samples: Sequence[int]) -> list[BatchFeed]:
+        """The stored batches of ``names``; ``samples``: how many samples each batch holds."""
         count = len(self.values[names[0]]) if names else 0
-        return [{n: np.asarray(self.values[n][i]) for n in names} for i in range(count)]
+        return [BatchFeed({n: np.asarray(self.values[n][i]) for n in names}, samples[i]) for i in range(count)]
 
 
 class _Source(list):
-    """Batches fed as they are: the collector runs each as one call (no regrouping)."""
+    """Batches fed as they are: the collector runs each as one call (no regrouping, and no
+    second note of the batch size block 0 ran)."""
 
     batch = 1
+    replayed = True
 
 
 def collect_by_blocks(model: ir.Model, tensors: Sequence[str], data, budget_mb: int, collect_one: Callable, **options) -> CalibrationTable:
@@ -221,7 +224,7 @@ def collect_by_blocks(model: ir.Model, tensors: Sequence[str], data, budget_mb: 
     _, last = _spans(list(model.graph), model.graph)
     with tempfile.TemporaryDirectory(prefix="onnxq-blocks-") as folder:
         store = BoundaryStore(folder, available_memory() // 4)
-        table = None
+        table, batch_samples = None, []
         for k, block in enumerate(blocks):
             mine = [t for t in tensors if where.get(t) == k]
             # block 0 also takes the graph inputs only later blocks read, to hand them on
@@ -229,9 +232,11 @@ def collect_by_blocks(model: ir.Model, tensors: Sequence[str], data, budget_mb: 
             unread = [v.name for v in model.graph.inputs if v.name in mine and v.name not in last] if k == 0 else []
             sub = block_model(model, block, [*keep_inputs, *unread])
             names = [v.name for v in sub.graph.inputs]
-            feeds = _Picked(data, names) if k == 0 else _Source(store.feeds(names))
+            feeds = _Picked(data, names) if k == 0 else _Source(store.feeds(names, batch_samples))
 
-            def sink(batch_feeds, outputs, keep_inputs=keep_inputs):
+            def sink(batch_feeds, outputs, keep_inputs=keep_inputs, first=k == 0):
+                if first:
+                    batch_samples.append(len(batch_feeds))
                 for name, array in outputs.items():
                     store.add(name, array)
                 joined = concat(batch_feeds) if keep_inputs else {}

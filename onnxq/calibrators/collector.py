@@ -16,9 +16,16 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import modelio
-from onnxq.calibrators.batching import auto_batch, batchable, concat, cpu_count, group
+from onnxq.calibrators.batching import (
+    auto_batch,
+    batchable,
+    concat,
+    cpu_count,
+    group,
+    sample_count,
+)
 from onnxq.calibrators.blocks import maybe_by_blocks
-from onnxq.calibrators.histogram import Histogram
+from onnxq.calibrators.histogram import Histogram, sample_elements
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
 from onnxq.calibrators.table import CalibrationTable, TensorStats
@@ -77,7 +84,9 @@ def augment_with_reductions(
 
     The reductions are added to ``model`` only while it is serialized and removed again, so the
     weights are never held twice as ``ir`` objects. Returns the proto and the tensors observed
-    (non-float ones are skipped); outputs come per tensor as min, max[, value][, channel amax]
+    (non-float ones are skipped); outputs come per tensor as min, max (not for a main-graph tensor
+    in ``values``: its value gives them)[, value (``{name}::onnxq_value``, or the tensor itself
+    under its own name where it is a main-graph node output)][, channel amax]
     [, channel min, channel max]: the signed per-channel range, for each tensor of
     ``channel_ranges`` that has a channel axis (SmoothQuant derives the range of ``x / s`` from it).
     ``passthrough``: main-graph tensors that are outputs as they are, after all the statistics
@@ -89,6 +98,7 @@ def augment_with_reductions(
     channel_axes = channel_axes or {}
     observed, new_outputs = [], []
     promotion = Promotion(graph)
+    direct_blocked = set(passthrough)  # outputs already, under the same name
     for name in tensors:
         new_nodes = []
         value = by_name.get(name)
@@ -96,7 +106,10 @@ def augment_with_reductions(
             raise DataError(f"tensor {name!r} is not produced by the model; it cannot be calibrated")
         if value.dtype not in _FLOAT_TYPES:
             continue
-        for op in ("ReduceMin", "ReduceMax"):
+        # a main-graph tensor fetched whole gets its min/max from the fetched array (numpy's
+        # reductions are several times cheaper than ORT's, which also cost a layout reorder)
+        reduce_on_host = name in values and (value.graph or graph) is graph
+        for op in () if reduce_on_host else ("ReduceMin", "ReduceMax"):
             node = ir.node(op, [value], attributes={"keepdims": 0}, name=f"onnxq_calib/{op}/{name}")
             out = node.outputs[0]
             out.name = f"{name}::onnxq_{op[6:].lower()}"
@@ -104,7 +117,9 @@ def augment_with_reductions(
             out.shape = ir.Shape([])
             new_nodes.append(node)
             new_outputs.append(out)
-        if name in values:
+        if name in values and reduce_on_host and value.producer() is not None and name not in direct_blocked:
+            new_outputs.append(value)  # the tensor itself: an Identity would cost ORT a copy
+        elif name in values:
             node = ir.node("Identity", [value], name=f"onnxq_calib/Identity/{name}")
             node.outputs[0].name = f"{name}::onnxq_value"
             node.outputs[0].dtype = value.dtype
@@ -219,12 +234,12 @@ def collect(
         batch = 1  # control-flow statistics are stacked per sample; a fixed batch axis takes one
     bar = progress_bar(total, f"calibrating {len(observed)} tensors" + (f" ({len(hist_names & set(observed))} histograms)" if hist_names else ""), enabled=progress)
     with bar:
-        for feeds, results in _batched_runs(session, iter(data), batch, total, updates):
-            _update_all(updates, promoted, results)
+        for feeds, results in _batched_runs(session, iter(data), batch, total, updates, getattr(data, "replayed", False)):
+            _update_all(updates, promoted, results, sample_count(feeds))
             if sink is not None:
                 sink(feeds, dict(zip(sink_outputs, results[len(results) - len(sink_outputs):])))
             del results
-            table.num_samples += len(feeds)
+            table.num_samples += sample_count(feeds)
             bar.update(len(feeds))
     if table.num_samples == 0:
         raise DataError("the calibration data holds no samples; give at least one")
@@ -237,27 +252,29 @@ def _update_plan(session, table: CalibrationTable, observed, hist_names, channel
     plan = []
     for name in observed:
         stats = table.tensors[name]
-        vi = out_index.get(f"{name}::onnxq_value")
+        vi = out_index.get(f"{name}::onnxq_value", out_index.get(name))
         ci = out_index.get(f"{name}::onnxq_channel_amax")
         if vi is not None and name in hist_names:
             stats.histogram = Histogram()
         if ci is not None:
             stats.channel_axis = channel_axes[name]
         rng = (out_index.get(f"{name}::onnxq_channel_min"), out_index.get(f"{name}::onnxq_channel_max"))
-        plan.append((stats, out_index[f"{name}::onnxq_min"], out_index[f"{name}::onnxq_max"], vi, ci, rng, reservoirs.get(name)))
+        plan.append((stats, out_index.get(f"{name}::onnxq_min"), out_index.get(f"{name}::onnxq_max"), vi, ci, rng, reservoirs.get(name)))
     return plan
 
 
-def _update_all(updates: list[tuple], promoted: set[int], results: list) -> None:
-    """Fold one batch's outputs into every tensor's statistics."""
+def _update_all(updates: list[tuple], promoted: set[int], results: list, samples: int) -> None:
+    """Fold one batch's outputs (of ``samples`` samples) into every tensor's statistics."""
     for stats, mi, ma, vi, ci, (cmin, cmax), reservoir in updates:
         if id(stats) in promoted:
             _update_promoted(stats, results, mi, ma, vi, ci, cmin, cmax)
             continue
-        lo, hi = results[mi], results[ma]
+        lo, hi = _min_max(results, mi, ma, vi)
+        if lo is None:
+            continue
         stats.update(lo, hi)
         if stats.histogram is not None:
-            stats.histogram.update(results[vi], max(abs(float(lo)), abs(float(hi))))
+            stats.histogram.update(sample_elements(results[vi], samples), max(abs(float(lo)), abs(float(hi))))
         if ci is not None:
             stats.update_channels(results[ci])
         if cmin is not None:
@@ -266,11 +283,22 @@ def _update_all(updates: list[tuple], promoted: set[int], results: list) -> None
             reservoir.update(results[vi])
 
 
-def _batched_runs(session, feeds, batch: int | None, total: int | None, updates: list[tuple]):
+def _min_max(results: list, mi: int | None, ma: int | None, vi: int | None) -> tuple:
+    """A tensor's (min, max) in one batch: reduced in the graph, or from its fetched value
+    (``mi`` None); (None, None) for an empty tensor."""
+    if mi is not None:
+        return results[mi], results[ma]
+    value = results[vi]
+    return (value.min(), value.max()) if value.size else (None, None)
+
+
+def _batched_runs(session, feeds, batch: int | None, total: int | None, updates: list[tuple], replayed: bool = False):
     """(feeds, outputs) of each ORT call. The first samples run one at a time: the first fixes
     the automatic batch size (``batch`` None) from its fetched bytes, and the second, run alone
     and again with the first, checks that batching leaves every tensor's min/max unchanged (a
-    graph that mixes samples across the batch axis, or refuses a batch, runs one at a time)."""
+    graph that mixes samples across the batch axis, or refuses a batch, runs one at a time).
+    ``replayed``: the feeds are batches a previous pass ran (a later calibration block), whose
+    batch size that pass already logged."""
     first = next(feeds, None)
     if first is None:
         return
@@ -285,7 +313,8 @@ def _batched_runs(session, feeds, batch: int | None, total: int | None, updates:
                 batch = 1
             yield [first], results
             results, first = second_results, second
-    log(f"onnxq: calibration runs {batch} sample{'s' if batch > 1 else ''} per ORT call")
+    if not replayed:
+        log(f"onnxq: calibration runs {batch} sample{'s' if batch > 1 else ''} per ORT call")
     yield [first], results
     del results
     for feeds_in_batch in group(feeds, batch):
@@ -300,10 +329,14 @@ def _batch_agrees(session, feeds: list, singles: list[list], updates: list[tuple
     except OnnxqError as exc:
         log(f"onnxq: calibration runs one sample per ORT call: the model refuses a batch of two ({exc})")
         return False
-    for _, mi, ma, *_ in updates:
-        lo = min(float(s[mi]) for s in singles)
-        hi = max(float(s[ma]) for s in singles)
-        if not np.allclose([float(together[mi]), float(together[ma])], [lo, hi], rtol=1e-3, atol=1e-5 * max(1.0, abs(lo), abs(hi))):
+    for _, mi, ma, vi, *_ in updates:
+        ranges = [_min_max(s, mi, ma, vi) for s in singles]
+        ranges = [r for r in ranges if r[0] is not None]
+        both = _min_max(together, mi, ma, vi)
+        if not ranges or both[0] is None:
+            continue
+        lo, hi = min(float(r[0]) for r in ranges), max(float(r[1]) for r in ranges)
+        if not np.allclose([float(both[0]), float(both[1])], [lo, hi], rtol=1e-3, atol=1e-5 * max(1.0, abs(lo), abs(hi))):
             log("onnxq: calibration runs one sample per ORT call: the model's outputs change when samples share a batch")
             return False
     return True

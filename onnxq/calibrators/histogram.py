@@ -10,16 +10,51 @@ When a batch brings a larger ``|x|``, ``R`` grows by a power-of-two factor ``2**
 ``2**k`` neighbouring bins merge into one. Merging is exact (no count moves to a wrong bin), no
 sample is kept, and because ``R`` depends only on the largest ``|x|``, the final histogram does
 not depend on how the data was split into batches or in which order they came.
+
+Large tensors are histogrammed on a subsample (:func:`sample_elements`): at most
+``SAMPLE_ELEMENTS`` elements of each sample, at a prime stride that depends only on the sample's
+size, so the histogram still does not depend on the batch split. The range (the
+largest ``|x|``) stays exact: it comes from min/max reduced over every element in the graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 BINS = 4096
 HALF = BINS // 2
+# Elements of one sample a histogram counts at most: counting (~5-10 ns per element) was the
+# largest cost of calibration on CNNs. 32768 evenly spread elements per sample put a bin holding
+# 1% of a tensor within ~0.06% (binomial error) of its share in that sample, and samples add up.
+SAMPLE_ELEMENTS = 1 << 15
+
+
+@functools.lru_cache(maxsize=256)
+def _stride(per_sample: int, cap: int) -> int:
+    """The smallest prime ``s`` with ``ceil(per_sample / s) <= cap`` that does not divide
+    ``per_sample``: coprime to every axis length, so ``x.flat[::s]`` walks through every row,
+    column and channel position evenly instead of aliasing with the layout."""
+    s = max(2, -(-per_sample // cap))
+    while per_sample % s == 0 or any(s % d == 0 for d in range(2, math.isqrt(s) + 1)):
+        s += 1
+    return s
+
+
+def sample_elements(x: np.ndarray, samples: int, cap: int | None = None) -> np.ndarray:
+    """The elements of ``x`` (a batch of ``samples`` samples along axis 0) a histogram counts:
+    all of them when a sample has at most ``cap`` elements, else every ``s``-th element of each
+    sample (:func:`_stride`; a view, no copy). The positions depend only on the sample's size, so
+    the histogram does not depend on the batch split. A tensor whose leading axis is not a
+    multiple of ``samples`` is counted whole."""
+    cap = SAMPLE_ELEMENTS if cap is None else cap
+    x = np.asarray(x)
+    if x.ndim == 0 or samples < 1 or x.shape[0] % samples or x.size // samples <= cap:
+        return x
+    rows = x.reshape(samples, -1)
+    return rows[:, :: _stride(rows.shape[1], cap)]
 
 
 def range_for(amax: float) -> float:

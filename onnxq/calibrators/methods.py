@@ -27,7 +27,9 @@ target uses ``[min(lo, 0), max(hi, 0)]``.
 - ``mse``: the range minimising the squared quantization error of the histogram (bin centres
   fake-quantized on the target grid, weighted by their counts). Symmetric: a search over the
   clip value ``T`` (every bin edge from 128 bins up). Asymmetric: a search over one shrink factor
-  ``a`` in ``[1/8, 1]`` applied to both ends, range ``[a min(min,0), a max(max,0)]``.
+  ``a`` in ``[1/8, 1]`` applied to both ends, range ``[a min(min,0), a max(max,0)]``. Both
+  searches go coarse to fine (every 8th candidate, then around the 8 best), which finds the
+  exhaustive search's minimum, or one of equal error, at a fifth of its cost.
 
 FP8 (``grid="fp8"``, E4M3FN, symmetric, scale = T/448): ``minmax`` and ``percentile`` give the
 clip value as above; ``mse`` searches the clip value ``T`` with the bin centres fake-quantized on
@@ -55,6 +57,10 @@ DEFAULT_PERCENTILE = 99.99
 # Quantized bins for the entropy search.
 ENTROPY_QUANTIZED_BINS = 256
 MSE_START_BIN = 128
+# The mse search: every MSE_COARSE_STEP-th clip value, then the neighbourhoods of the MSE_REFINE
+# best (1: exhaustive).
+MSE_COARSE_STEP = 8
+MSE_REFINE = 8
 ENTROPY_ORT_EXACT = False
 # MSE on the FP8 grid: points per histogram bin, and clip values tried.
 FP8_BIN_POINTS = 4
@@ -272,51 +278,66 @@ def _fake_quant(centres: np.ndarray, thresholds: np.ndarray, grid: str) -> np.nd
     return grids.fake_quant(centres[None, :], thresholds[:, None] / g.steps, 0, g, restricted=True)
 
 
+def _chunked_errors(centres: np.ndarray, counts: np.ndarray, candidates: np.ndarray, fake_quant) -> np.ndarray:
+    """The count-weighted squared error of ``centres`` under ``fake_quant(centres, chunk)`` for
+    each candidate, in chunks of at most ~2M evaluations."""
+    chunk_size = max(1, (1 << 21) // max(1, centres.size))
+    errs = [((centres[None, :] - fake_quant(centres, chunk)) ** 2) @ counts for chunk in np.array_split(candidates, max(1, -(-candidates.size // chunk_size)))]
+    return np.concatenate(errs) if errs else np.zeros(0)
+
+
+def _argmin_coarse_to_fine(candidates: np.ndarray, errors) -> int:
+    """Index of the candidate with the smallest ``errors(candidates)`` (first of equals), looked
+    for coarse to fine: every ``MSE_COARSE_STEP``-th candidate first, then every candidate within
+    one coarse step of the ``MSE_REFINE`` best coarse ones. The error is smooth in the clip value
+    up to rounding ripples a few bins wide, so the refined minimum is the exhaustive one or one of
+    equal error (tests/test_calibrators.py compares with the exhaustive search)."""
+    n, step = candidates.size, MSE_COARSE_STEP
+    if n <= 4 * step:
+        return int(np.argmin(errors(candidates)))
+    coarse = np.unique(np.append(np.arange(0, n, step), n - 1))
+    coarse_err = errors(candidates[coarse])
+    best = coarse[np.argsort(coarse_err, kind="stable")[:MSE_REFINE]]
+    fine = np.unique(np.concatenate([np.arange(max(0, b - step + 1), min(n, b + step)) for b in best]))
+    return int(fine[int(np.argmin(errors(candidates[fine])))])
+
+
 def _mse(h: Histogram, lo: float, hi: float, symmetric: bool, grid: str = "int8") -> tuple[float, float]:
     w = h.width
     if symmetric:
         counts = h.abs_counts().astype(np.float64)
         last = int(np.flatnonzero(counts)[-1]) + 1
-        counts = counts[:last]
-        centres = (np.arange(last) + 0.5) * w
         amax = max(abs(lo), abs(hi))
         cands = np.arange(min(MSE_START_BIN, last), last + 1) * w
         cands = np.unique(np.minimum(cands, amax))
+        nz = np.flatnonzero(counts[:last])  # empty bins add no error
         if grid == "fp8":
             # FP8's steps near zero are finer than a bin: one centre per bin misjudges the
             # rounding error there, so each non-empty bin is spread over FP8_BIN_POINTS points.
             # Its error is smooth in T away from saturation: FP8_CANDIDATES clip values suffice.
-            nz = np.flatnonzero(counts)
             offsets = (np.arange(FP8_BIN_POINTS) + 0.5) / FP8_BIN_POINTS
             centres = ((nz[:, None] + offsets[None, :]) * w).ravel()
             counts = np.repeat(counts[nz] / FP8_BIN_POINTS, FP8_BIN_POINTS)
             if cands.size > FP8_CANDIDATES:
                 cands = cands[np.unique(np.linspace(0, cands.size - 1, FP8_CANDIDATES).round().astype(int))]
-        best_t, best_err = amax, np.inf
-        chunk_size = max(1, (1 << 21) // max(1, centres.size))
-        for chunk in np.array_split(cands, max(1, -(-cands.size // chunk_size))):
-            fq = _fake_quant(centres, chunk, grid)
-            err = ((centres[None, :] - fq) ** 2 * counts[None, :]).sum(axis=1)
-            k = int(np.argmin(err))
-            if err[k] < best_err:
-                best_err, best_t = float(err[k]), float(chunk[k])
+        else:
+            centres, counts = (nz + 0.5) * w, counts[nz]
+        best = _argmin_coarse_to_fine(cands, lambda c: _chunked_errors(centres, counts, c, lambda x, t: _fake_quant(x, t, grid)))
+        best_t = float(cands[best])
         return _clip(lo, hi, -best_t, best_t)
     counts = h.counts.astype(np.float64)
     counts[HALF] += h.zeros
     nz = np.flatnonzero(counts)
-    counts = counts[nz[0] : nz[-1] + 1]
-    centres = (np.arange(nz[0], nz[-1] + 1) - HALF + 0.5) * w
+    centres, counts = (nz - HALF + 0.5) * w, counts[nz]
     rmin, rmax = min(lo, 0.0), max(hi, 0.0)
     alphas = np.arange(64, 513) / 512.0
-    best_a, best_err = 1.0, np.inf
-    for chunk in np.array_split(alphas, 4):
+
+    def fake_quant(x, chunk):
         s = (chunk * (rmax - rmin) / grids.UINT8.steps)[:, None]
         zp = grids.zero_point(chunk[:, None] * rmin, s, grids.UINT8)
-        fq = grids.fake_quant(centres[None, :], s, zp, grids.UINT8)
-        err = ((centres[None, :] - fq) ** 2 * counts[None, :]).sum(axis=1)
-        k = int(np.argmin(err))
-        if err[k] < best_err:
-            best_err, best_a = float(err[k]), float(chunk[k])
+        return grids.fake_quant(x[None, :], s, zp, grids.UINT8)
+
+    best_a = float(alphas[_argmin_coarse_to_fine(alphas, lambda c: _chunked_errors(centres, counts, c, fake_quant))])
     return _clip(lo, hi, best_a * rmin, best_a * rmax)
 
 

@@ -12,15 +12,8 @@ calibration paragraphs; larger sample counts cycle them (memory and time behave 
 
     python tools/bench/calibration_vs_ort.py [--samples 32 128 512] [--out calib_bench.json]
 
-Cost against inference (``--vs-forward``): per zoo model, each in its own process on the same
-calibration data: the plain FP32 forward passes (one ORT call per sample, as the data comes),
-onnxq's calibration (the ``calibrate`` timing of ``quantize``), and the whole ``onnxq quantize
---no-eval`` (its process's wall time, imports included) against ORT's ``quant_pre_process`` +
-``quantize_static`` (MinMax, QDQ, per-channel; its process's wall time; its reader holds the
-arrays in memory, read once).
-
-    python tools/bench/calibration_vs_ort.py --vs-forward [--models minilm-l6-v2 efficientnet-lite0 smollm2-6l]
-                                             [--calib-method mse] [--out calib_vs_forward.json]
+Cost against inference (FP32 forward vs calibration, quantize vs quantize_static per model):
+tools/bench/calib_speed.py.
 
 Accuracy (``--accuracy``): for each zoo model, one ``onnxq.calibrate`` pass writes a
 table; then every method x target quantizes from that table (INT8) and the zoo's task metric is
@@ -46,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _rss import peak_rss_mb  # noqa: E402
+from calib_speed import MemoryReader  # noqa: E402
 
 ONNXQ_METHODS = ("entropy", "percentile", "mse")
 ORT_METHODS = ("Entropy", "Percentile")
@@ -85,7 +79,7 @@ def _job_ort(model, calib, method, workdir):
         calibrate_method=getattr(CalibrationMethod, method),
         extra_options=opts,
     )
-    reader = _MemoryReader(calib)
+    reader = MemoryReader(calib)
     cal.collect_data(reader)
     t_collect = time.perf_counter() - t
     t = time.perf_counter()
@@ -105,10 +99,7 @@ def job_main(argv):
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # ORT's calibrators print progress
             with tempfile.TemporaryDirectory(prefix="onnxq-calbench-") as tmp:
-                if tool in _VS_FORWARD_JOBS:
-                    info = _VS_FORWARD_JOBS[tool](model, calib, method)
-                else:
-                    info = _job_onnxq(model, calib, method) if tool == "onnxq" else _job_ort(model, calib, method, tmp)
+                info = _job_onnxq(model, calib, method) if tool == "onnxq" else _job_ort(model, calib, method, tmp)
     except MemoryError:
         info = {"error": "failed: out of memory"}
     except Exception as exc:  # ORT reports allocation failures as its own exceptions
@@ -118,13 +109,6 @@ def job_main(argv):
     info["seconds"] = time.perf_counter() - t
     info["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(info), flush=True)
-
-
-_VS_FORWARD_JOBS = {
-    "forward": lambda model, calib, _: _forward_job(model, calib),
-    "onnxq-calibration": lambda model, calib, method: _onnxq_calibration_job(model, calib, method),
-    "ort-quantize": lambda model, calib, _: _ort_quantize_job(model, calib),
-}
 
 
 def run_job(tool, model, calib, method, cap_gb):
@@ -185,114 +169,6 @@ def print_speed(rows):
                 print(f"{n} samples: ORT Entropy / onnxq {m}: time x{ort['seconds'] / o['seconds']:.1f}, peak RSS x{ort['peak_rss_mb'] / o['peak_rss_mb']:.1f}")
 
 
-# ------------------------------------------------------------------------------ cost vs inference
-def _forward_job(model, calib):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = len(os.sched_getaffinity(0))  # as onnxq's calibration session
-    session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
-    ranks = {i.name: len(i.shape) for i in session.get_inputs()}
-    arrays = dict(np.load(calib))
-    n = len(next(iter(arrays.values())))
-    feeds = [{k: (v[i : i + 1] if v.ndim == ranks[k] else v[i]) for k, v in arrays.items()} for i in range(n)]
-    t = time.perf_counter()
-    for feed in feeds:
-        session.run(None, feed)
-    return {"forward_s": time.perf_counter() - t, "samples": n}
-
-
-def _onnxq_calibration_job(model, calib, method):
-    import onnxq
-
-    with tempfile.TemporaryDirectory(prefix="onnxq-calfwd-") as tmp:
-        result = onnxq.quantize(model, Path(tmp) / "q.onnx", calib, calib_method=None if method == "default" else method, evaluate=False, report=False, quiet=True)
-    return {"calibrate_s": result.timings["calibrate"], "quantize_in_process_s": result.timings["total"]}
-
-
-class _MemoryReader:
-    """ORT's CalibrationDataReader over arrays read once (not an npz member re-read per sample)."""
-
-    def __init__(self, path, ranks=None):
-        self.arrays = dict(np.load(path))
-        self.n = len(next(iter(self.arrays.values())))
-        self.ranks, self.i = ranks or {}, 0
-
-    def get_next(self):
-        if self.i >= self.n:
-            return None
-        feed = {k: (v[self.i : self.i + 1] if v.ndim == self.ranks.get(k, v.ndim) else v[self.i]) for k, v in self.arrays.items()}
-        self.i += 1
-        return feed
-
-
-def _ort_quantize_job(model, calib):
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(prefix="onnxq-calfwd-") as tmp:
-        pre = os.path.join(tmp, "pre.onnx")
-        try:
-            quant_pre_process(str(model), pre, skip_symbolic_shape=False)
-        except Exception:  # ORT's symbolic shape inference gives up on some exporter outputs
-            quant_pre_process(str(model), pre, skip_symbolic_shape=True)
-        ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in onnx.load(pre, load_external_data=False).graph.input}
-        quantize_static(
-            pre, os.path.join(tmp, "q.onnx"), _MemoryReader(calib, ranks), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
-    return {}
-
-
-def _timed_process(args):
-    """Run this script's job ``args`` in a child; its JSON line plus the child's wall time."""
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="onnxq-calfwd-") as cwd:  # ORT's tools may write side files to the cwd
-        env = {**os.environ, "ONNXQ_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--job", *args], capture_output=True, text=True, env=env, cwd=cwd)
-    wall = time.perf_counter() - t
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = proc.stderr.strip().splitlines()
-        return {"error": tail[-1][:300] if tail else f"exit {proc.returncode}", "wall_s": wall}
-    return {**json.loads(lines[-1]), "wall_s": wall}
-
-
-def bench_vs_forward(models, method):
-    from onnxq import zoo
-
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="onnxq-calfwd-") as tmp:
-        for name in models:
-            case = zoo.export_case(name, Path(tmp) / name)
-            model, calib = str(case["model"]), str(case["calib"])
-            fwd = _timed_process(["forward", model, calib, "-", "0"])
-            cal = _timed_process(["onnxq-calibration", model, calib, method, "0"])
-            ort_q = _timed_process(["ort-quantize", model, calib, "-", "0"])
-            row = {
-                "model": name, "samples": fwd.get("samples"), "method": method, "forward_s": fwd.get("forward_s"),
-                "calibrate_s": cal.get("calibrate_s"), "onnxq_quantize_s": cal.get("wall_s"), "ort_quantize_s": ort_q.get("wall_s"),
-                "errors": [r["error"] for r in (fwd, cal, ort_q) if "error" in r],
-            }
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
-
-
-def print_vs_forward(rows):
-    print(f"\n{'model':<20}{'samples':>8}{'FP32 fwd s':>11}{'calib s':>9}{'calib/fwd':>10}{'onnxq q s':>11}{'ORT q s':>9}{'onnxq/ORT':>10}")
-    for r in rows:
-        if r["errors"]:
-            print(f"{r['model']:<20} error: {r['errors']}")
-            continue
-        print(
-            f"{r['model']:<20}{r['samples']:>8}{r['forward_s']:>11.2f}{r['calibrate_s']:>9.2f}{r['calibrate_s'] / r['forward_s']:>10.2f}"
-            f"{r['onnxq_quantize_s']:>11.2f}{r['ort_quantize_s']:>9.2f}{r['onnxq_quantize_s'] / r['ort_quantize_s']:>10.2f}"
-        )
-
-
 # ------------------------------------------------------------------------------ accuracy
 def bench_accuracy(models, targets, methods):
     from onnxq import zoo
@@ -347,19 +223,12 @@ def main():
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort"], choices=["onnxq", "ort"])
     ap.add_argument("--ort-cap-gb", type=float, default=16.0, help="address-space cap of each ORT job (0: none)")
     ap.add_argument("--accuracy", action="store_true", help="accuracy per method on zoo models instead of speed")
-    ap.add_argument("--vs-forward", action="store_true", help="calibration cost against FP32 inference, and quantize --no-eval against quantize_static, per zoo model")
-    ap.add_argument("--calib-method", default="default", help="--vs-forward: onnxq's range method (default: its default, mse)")
     ap.add_argument("--models", nargs="+", default=["minilm-l6-v2", "efficientnet-lite0", "smollm2-135m"])
     ap.add_argument("--targets", nargs="+", default=["tensorrt", "ort"])
     ap.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy", "mse"])
     ap.add_argument("--out")
     args = ap.parse_args()
-    if args.vs_forward:
-        models = args.models if "--models" in sys.argv else ["minilm-l6-v2", "efficientnet-lite0", "smollm2-6l"]
-        rows = bench_vs_forward(models, args.calib_method)
-        print_vs_forward(rows)
-        out = args.out or "calib_vs_forward.json"
-    elif args.accuracy:
+    if args.accuracy:
         rows = bench_accuracy(args.models, args.targets, args.methods)
         print_accuracy(rows)
         out = args.out or "calib_accuracy.json"
