@@ -77,22 +77,24 @@ def _make_external_lazy(model: ir.Model, path: Path) -> None:
             tensor = init.const_value
             if not isinstance(tensor, ir.ExternalTensor):
                 continue
-            source = Path(tensor.path).resolve()
+            source, folder = Path(tensor.path).resolve(), Path(tensor.base_dir or ".").resolve()
+            if folder not in source.parents:  # as onnx_ir's own reads require: no file outside the model's folder
+                raise ModelLoadError(f"{path}: the external weight data of {name!r} is outside the model's folder ({tensor.location}); keep the data file next to the model")
             offset, length = tensor.offset or 0, tensor.length if tensor.length is not None else tensor.nbytes
             size = source.stat().st_size if source.is_file() else -1
             if size < 0 or size < offset + length:
                 found = "is missing" if size < 0 else f"holds {size} bytes, not the {offset + length} it needs"
                 raise ModelLoadError(f"{path}: the external weight data of {name!r} cannot be read ({source} {found}); keep the data file next to the model")
-            read = functools.partial(_read_external, source, offset, length, tensor.dtype, tensor.shape, tensor.location, tensor.base_dir)
+            read = functools.partial(_read_external, source, offset, length, tensor.dtype, tensor.shape)
             init.const_value = ir.LazyTensor(read, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
 
 
-def _read_external(source: Path, offset: int, length: int, dtype: ir.DataType, shape: ir.Shape, location: str, base_dir: str) -> ir.Tensor:
+def _read_external(source: Path, offset: int, length: int, dtype: ir.DataType, shape: ir.Shape) -> ir.Tensor:
     """The tensor's bytes read from ``source`` into memory of its own (no mapping stays open)."""
     if dtype.bitwidth >= 8 and dtype != ir.DataType.STRING:
         array = np.fromfile(source, dtype=np.dtype(dtype.numpy()).newbyteorder("<"), count=int(np.prod(shape.numpy())), offset=offset)
         return ir.Tensor(array.reshape(shape.numpy()), dtype=dtype)
-    mapped = ir.ExternalTensor(location, offset, length, dtype, shape=shape, name="", base_dir=base_dir)  # packed 2/4/6-bit types
+    mapped = ir.ExternalTensor(source.name, offset, length, dtype, shape=shape, name="", base_dir=source.parent)  # packed 2/4/6-bit types
     try:
         return ir.Tensor(np.array(mapped.numpy()), dtype=dtype)
     finally:

@@ -122,3 +122,35 @@ def test_a_large_output_is_all_or_nothing(tmp_path, cnn_case, monkeypatch):
     assert sorted(p.name for p in out_dir.iterdir()) == ["q.onnx", "q.onnx.data", "q.report.json"]
     assert modelio.external_data_files(out_dir / "q.onnx") == [out_dir / "q.onnx.data"]
     onnx.checker.check_model(str(out_dir / "q.onnx"))
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path):
+    from onnxq.errors import ModelLoadError
+
+    path, _ = _big_external_model(tmp_path / "src")
+    (tmp_path / "src" / "m.onnx.data").rename(tmp_path / "elsewhere.data")
+    proto = onnx.load(path, load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../elsewhere.data"
+    onnx.save(proto, path)
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        modelio.load(path)
+
+
+def test_packed_int4_external_weights_are_read_lazily(tmp_path):
+    import ml_dtypes
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    values = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
+    tensor = onnx.numpy_helper.from_array(values.astype(ml_dtypes.int4), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Cast", ["w"], ["y"], to=onnx.TensorProto.FLOAT)], "g", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])], [tensor],
+    )
+    path = folder / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]), path, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    loaded = modelio.load(path).graph.initializers["w"].const_value
+    assert isinstance(loaded, ir.LazyTensor)
+    np.testing.assert_array_equal(loaded.numpy().astype(np.int8), values)
