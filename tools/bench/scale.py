@@ -190,13 +190,18 @@ def _onnxq(model, calib, out, method):
     return {"step_peak_mb": {k: round(v) for k, v in peaks.items()}, "output_mb": round(out_bytes / 2**20)}
 
 
+_ORT_STAGE = [""]  # where ORT's job is, for the report of a failure
+
+
 def _ort(model, calib, out, _method):
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out + ".pre.onnx"
+    _ORT_STAGE[0] = "quant_pre_process"
     quant_pre_process(model, pre, skip_symbolic_shape=True, save_as_external_data=True)
+    _ORT_STAGE[0] = "quantize_static"
     arrays = dict(np.load(calib))
     ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in onnx.load(pre, load_external_data=False).graph.input}
 
@@ -230,7 +235,9 @@ def job_main(tool, model, calib, method, cap_gb):
             info = {"error": "out of memory"}
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            info = {"error": "out of memory" if any(s in text.lower() for s in ("bad_alloc", "memory", "allocat")) else text}
+            info = {"error": "out of memory" if any(s in text.lower() for s in ("bad_alloc", "memory", "allocat")) else text, "detail": text}
+        if "error" in info and _ORT_STAGE[0]:
+            info["error"] += f" (in {_ORT_STAGE[0]})"
     # per-step measurement resets VmHWM: the whole run's peak is the largest step's
     info.update(seconds=time.perf_counter() - t, peak_rss_mb=max(peak_rss_mb(), info.get("step_peak_mb", {}).get("whole", 0)))
     print(json.dumps(info), flush=True)
