@@ -1,6 +1,7 @@
 """Load and save ONNX models through onnx_ir, atomically and with external data when large.
 
-Inputs are never modified: loading reads the file, and saving refuses to write over the input.
+Inputs are never modified: loading reads the file (external weights lazily, read from their side
+file on each use), and saving refuses to write over the input.
 Outputs are first written beside their destination and then renamed into place, so an interrupted
 run leaves no partial file.
 """
@@ -60,18 +61,44 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise ModelLoadError(f"{path} holds no graph; it is probably not an ONNX model")
-    try:
-        # External weights are read into memory now: a missing side file fails here, sessions
-        # built from the model do not depend on the working directory, and no output ever
-        # references the input's data file (it gets its weights inline, or its own side file).
-        ir.external_data.load_to_model(model)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path}: its external weight data cannot be read ({exc}); keep the data file "
-            "next to the model"
-        ) from None
+    # External weights stay on disk, read each time they are used and never kept mapped (a
+    # 2.8B decoder's 11 GB would otherwise become resident): a missing or short side file fails
+    # here, reads do not depend on the working directory, and no output or session ever
+    # references the input's data file (tensors are serialized from their bytes).
+    _make_external_lazy(model, path)
     _check_weights(model, path)
     return model
+
+
+def _make_external_lazy(model: ir.Model, path: Path) -> None:
+    """Replace every external initializer by a tensor read from its file on each use."""
+    for graph in model.graphs():
+        for name, init in graph.initializers.items():
+            tensor = init.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            source, folder = Path(tensor.path).resolve(), Path(tensor.base_dir or ".").resolve()
+            if folder not in source.parents:  # as onnx_ir's own reads require: no file outside the model's folder
+                raise ModelLoadError(f"{path}: the external weight data of {name!r} is outside the model's folder ({tensor.location}); keep the data file next to the model")
+            offset, length = tensor.offset or 0, tensor.length if tensor.length is not None else tensor.nbytes
+            size = source.stat().st_size if source.is_file() else -1
+            if size < 0 or size < offset + length:
+                found = "is missing" if size < 0 else f"holds {size} bytes, not the {offset + length} it needs"
+                raise ModelLoadError(f"{path}: the external weight data of {name!r} cannot be read ({source} {found}); keep the data file next to the model")
+            read = functools.partial(_read_external, source, offset, length, tensor.dtype, tensor.shape)
+            init.const_value = ir.LazyTensor(read, dtype=tensor.dtype, shape=tensor.shape, name=tensor.name)
+
+
+def _read_external(source: Path, offset: int, length: int, dtype: ir.DataType, shape: ir.Shape) -> ir.Tensor:
+    """The tensor's bytes read from ``source`` into memory of its own (no mapping stays open)."""
+    if dtype.bitwidth >= 8 and dtype != ir.DataType.STRING:
+        array = np.fromfile(source, dtype=np.dtype(dtype.numpy()).newbyteorder("<"), count=int(np.prod(shape.numpy())), offset=offset)
+        return ir.Tensor(array.reshape(shape.numpy()), dtype=dtype)
+    mapped = ir.ExternalTensor(source.name, offset, length, dtype, shape=shape, name="", base_dir=source.parent)  # packed 2/4/6-bit types
+    try:
+        return ir.Tensor(np.array(mapped.numpy()), dtype=dtype)
+    finally:
+        mapped.release()
 
 
 def checker_reason(path: str | os.PathLike) -> str | None:
@@ -90,8 +117,8 @@ def checker_reason(path: str | os.PathLike) -> str | None:
 def _check_weights(model: ir.Model, path: Path) -> None:
     """Every initializer holds the bytes its shape and type need (a damaged file may not)."""
     for name, init in model.graph.initializers.items():
-        if init.const_value is None:
-            continue
+        if init.const_value is None or isinstance(init.const_value, ir.LazyTensor):
+            continue  # lazy: an external tensor whose file size was checked (reading it all would defeat it)
         try:
             init.const_value.numpy()
         except Exception as exc:
