@@ -6,8 +6,9 @@ MatMulNBitsQuantizer on the same model and data, in one process.
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
-(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
-and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
+(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head", INT8 by default),
+and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left;
+"+head4 +emb4": both INT4, ``--head-bits 4``);
 onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
 same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
@@ -40,7 +41,7 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, calib_n=None):
+def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, head_bits=8, calib_n=None):
     import onnxq
 
     options = {"weight_method": method} if method != "rtn" else {}
@@ -49,7 +50,7 @@ def quantize_onnxq(case, out, *, precision, target, block, method, head=False, e
     t = time.perf_counter()
     calib = case["calib"] if method != "rtn" or precision not in ("w4a16", "w8a16") else None
     onnxq.quantize(case["model"], out, calib, precision=precision, target=target, block_size=block,
-                   quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
+                   quantize_head=head, quantize_embedding=embedding, head_bits=head_bits, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
     return time.perf_counter() - t
 
 
@@ -121,6 +122,7 @@ def variants(model: str, blocks, methods):
             rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
+            rows.append((f"onnxq w4a16 {method} ort b{block} +head4 +emb4", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True, "head_bits": 4}))
             rows.append((f"onnxq w4a8 {method} tensorrt b{block}", "onnxq", {"precision": "w4a8", "target": "tensorrt", "block": block, "method": method}))
         rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
@@ -145,7 +147,7 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: 
         try:
             if kind == "onnxq":
                 seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
-                                         embedding=opts.get("embedding", False), calib_n=calib_n)
+                                         embedding=opts.get("embedding", False), head_bits=opts.get("head_bits", 8), calib_n=calib_n)
             else:
                 seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"], algo=opts.get("algo", "default"))
             rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
