@@ -40,6 +40,7 @@ from onnxq.weights import weight_source
 DAMPING = 0.01  # λ = DAMPING × mean(diag H) (the reference's percdamp)
 UPDATE_BLOCK = 128  # channels per lazy update (the reference's blocksize)
 HESSIAN_BUDGET_BYTES = 1 << 30  # float64 Hessians held during one calibration pass
+INT4_TO_INT8 = {"int4": "int8", "uint4": "uint8"}  # a sensitive weight's wider dtype on the same target
 
 
 class HessianAccumulator:
@@ -206,6 +207,32 @@ def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.nd
         entry.offsets = encode_offsets(np.moveaxis(offsets, 0, entry.axis % 2))
         errors[name] = tuple(layer_errors(w, [dequantize_blocked(v, scale, zero, 0, entry.block_size) for v in (rtn, q)], h))
     return errors
+
+
+def promote_sensitive(model: ir.Model, plan: QuantPlan, readers: dict[str, tuple[list[str], np.ndarray]], share: float) -> list[str]:
+    """Keep ``share`` of the weights' elements at 8 bits: the 4-bit weights of ``readers``
+    ({activation: (nodes, Hessian)}) whose round-to-nearest output error relative to their output
+    (:func:`layer_error`) is largest get the 8-bit dtype of the plan's target. Returns them."""
+    by_name = {n.name: n for n in model.graph}
+    ranked = []
+    for nodes, h in readers.values():
+        for name in nodes:
+            entry = plan.weight(name, 1)
+            w = sq.weight_matrix(by_name[name])
+            if entry.dtype not in INT4_TO_INT8 or w.shape[0] != h.shape[0]:
+                continue
+            fake = fake_quant_blocked(w, 0, entry.block_size, GRIDS[entry.dtype], entry_clip(entry, w.shape))
+            ranked.append((-layer_error(w, fake, h), name, w.size))
+    budget = share * sum(size for _, _, size in ranked)
+    promoted = []
+    for _, name, size in sorted(ranked):  # largest error first; ties in name order
+        if size > budget:
+            continue  # a smaller weight further down may still fit
+        budget -= size
+        entry = plan.weight(name, 1)
+        entry.dtype, entry.clip = INT4_TO_INT8[entry.dtype], None  # a 4-bit clip search does not fit 8 bits
+        promoted.append(name)
+    return promoted
 
 
 def hessian_chunks(model: ir.Model, plan: QuantPlan, targets: dict[str, list[str]], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:

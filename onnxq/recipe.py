@@ -75,6 +75,7 @@ class Recipe:
     weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
     gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
+    int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class Recipe:
             "head_bits": _head_bits(self.head_bits, source),
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
             "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
+            "int8_share": _share(self.int8_share, source),
             "dynamic": _flag(self.dynamic, "dynamic", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
@@ -161,6 +163,8 @@ class Recipe:
             raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
         if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
             raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
+        if values["int8_share"] and (values["precision"] not in ("w4a16", "w4a8") or values["weight_method"] not in ("gptq", "awq+gptq")):
+            raise RecipeError(f"{_at(source)}--int8-share ranks 4-bit weights by their Hessian output error: pass --precision w4a16 --weight-method gptq (or awq+gptq) with it")
         if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):
             raise RecipeError(f"{_at(source)}--dynamic is INT8 on the ort target with run-time activation scales: pass --target ort --precision int8, without --smoothquant / --bias-correction")
         return dataclasses.replace(self, **values)
@@ -289,6 +293,16 @@ def _block_size(value, source: str) -> int:
     if n not in BLOCK_SIZES:
         raise RecipeError(f"{_at(source)}--block-size takes one of {list(BLOCK_SIZES)}, got {value!r}")
     return n
+
+
+def _share(value, source: str) -> float:
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = None
+    if share is None or isinstance(value, bool) or not 0.0 <= share <= 1.0:
+        raise RecipeError(f"{_at(source)}--int8-share takes a fraction between 0 and 1 (e.g. 0.25), got {value!r}")
+    return share
 
 
 def _head_bits(value, source: str) -> int:
