@@ -12,7 +12,7 @@ and the embedding too (``--quantize-embedding``, "+emb": no float copy of the ti
 onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
 same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
-not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``. Columns: the zoo metric (6 layers:
+not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``; ``gptq-s0.25`` is GPTQ with ``--int8-share 0.25``. Columns: the zoo metric (6 layers:
 next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
 to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
 and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
@@ -47,6 +47,9 @@ def quantize_onnxq(case, out, *, precision, target, block, method, head=False, e
     options = {"weight_method": method} if method != "rtn" else {}
     if method.endswith("-noact"):  # GPTQ without act-order
         options = {"weight_method": method.removesuffix("-noact"), "gptq_act_order": False}
+    if "-s" in method:  # gptq-s0.25: --int8-share 0.25
+        base, share = method.split("-s")
+        options = {"weight_method": base, "int8_share": float(share)}
     t = time.perf_counter()
     calib = case["calib"] if method != "rtn" or precision not in ("w4a16", "w8a16") else None
     onnxq.quantize(case["model"], out, calib, precision=precision, target=target, block_size=block,
