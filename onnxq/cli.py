@@ -283,6 +283,8 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "quantize_head": (("--quantize-head",), {"action": "store_true", "help": "weight-only: quantize the LM head (the MatMul/Gemm writing a graph output) too; by default it stays float"}),
     "weight_method": (("--weight-method",), {"choices": ["rtn", "awq", "gptq", "awq+gptq"], "help": "weight-only: rtn (round to nearest, no data needed), awq (per-channel scales and per-block clipping searched on --calib rows), gptq (each weight's rounding chosen against its layer's Hessian from --calib), or awq+gptq (GPTQ on the AWQ-scaled model) (default: rtn)"}),
     "dynamic": (("--dynamic",), {"action": "store_true", "help": "ort target, int8: quantize MatMul/Gemm activations at run time (DynamicQuantizeLinear + MatMulInteger, as quantize_dynamic); no calibration data needed"}),
+    "head_bits": (("--head-bits",), {"type": int, "choices": [4, 8], "help": "weight-only: bits of the LM head's and the embedding table's weights under --quantize-head / --quantize-embedding (default: 8; 4 costs SmolLM2-135M a third of its perplexity, docs/weight-only.md)"}),
+    "int8_share": (("--int8-share",), {"type": float, "metavar": "F", "help": "weight-only GPTQ: keep this share (0-1) of the 4-bit weights' elements at 8 bits, the products whose 4-bit output error on their Hessian is largest first (default: 0)"}),
     "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),
     "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
@@ -306,7 +308,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order", "dynamic")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "head_bits", "weight_method", "gptq_act_order", "int8_share", "dynamic")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 CORRECTIONS = ("equalize", "rotate", "rotate_online", "bias_correction", "depthwise_min_snr")

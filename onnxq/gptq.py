@@ -40,6 +40,7 @@ from onnxq.weights import weight_source
 DAMPING = 0.01  # λ = DAMPING × mean(diag H) (the reference's percdamp)
 UPDATE_BLOCK = 128  # channels per lazy update (the reference's blocksize)
 HESSIAN_BUDGET_BYTES = 1 << 30  # float64 Hessians held during one calibration pass
+INT4_TO_INT8 = {"int4": "int8", "uint4": "uint8"}  # a sensitive weight's wider dtype on the same target
 
 
 class HessianAccumulator:
@@ -62,30 +63,55 @@ class HessianAccumulator:
         self.rows += rows.shape[0]
 
 
-def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``(H + λI)⁻¹ = UᵀU``)."""
-    h = h.copy()
-    h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
-    return np.linalg.cholesky(np.linalg.inv(h)).T
+class HessianFactor:
+    """What GPTQ needs of one Hessian, computed once for all the weights reading its activation:
+    the channel order (act-order: largest ``H_jj`` first, stable), the never-active channels and
+    the upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` in that order (``(H + λI)⁻¹ = UᵀU``)."""
+
+    def __init__(self, h: np.ndarray, *, act_order: bool = True):
+        h = np.array(h, dtype=np.float64)
+        self.dead = np.diag(h) == 0  # a channel never active: its weight is irrelevant, as in the reference
+        h[self.dead, self.dead] = 1.0
+        k = h.shape[0]
+        self.order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+        h = h[np.ix_(self.order, self.order)]
+        h[np.diag_indices_from(h)] += DAMPING * np.mean(np.diag(h))
+        # (H + λI)⁻¹'s upper factor from one Cholesky of the reversed H: if J H J = L Lᵀ
+        # (J reverses the channels) then H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), J L⁻¹ J upper triangular
+        lower = np.linalg.cholesky(h[::-1, ::-1])
+        self.u = np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
 
 
-def gptq_quantize(weight: np.ndarray, h: np.ndarray, grid: str, block: int, clip: np.ndarray | float = 1.0, *, act_order: bool = True) -> np.ndarray:
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """``L⁻¹`` of a lower-triangular ``L`` by blocked forward substitution (numpy has no
+    triangular solver; a general inverse costs an LU factorization more)."""
+    k = lower.shape[0]
+    inv = np.zeros_like(lower)
+    step = UPDATE_BLOCK
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        diag_inv = np.linalg.inv(lower[i1:i2, i1:i2])
+        inv[i1:i2, i1:i2] = diag_inv
+        if i1:  # rows i1:i2 of L⁻¹ left of the diagonal block: -D⁻¹ · L[i1:i2, :i1] · L⁻¹[:i1, :i1]
+            inv[i1:i2, :i1] = -diag_inv @ (lower[i1:i2, :i1] @ inv[:i1, :i1])
+    return inv
+
+
+def gptq_quantize(weight: np.ndarray, h: np.ndarray | HessianFactor, grid: str, block: int, clip: np.ndarray | float = 1.0, *, act_order: bool = True) -> np.ndarray:
     """GPTQ's integers (``grid``'s numpy type) for ``weight`` ``[K, N]`` (K: the reduction axis)
-    with the Hessian ``h`` ``[K, K]``, on the static scales of blocks of ``block`` along K."""
+    with the Hessian ``h`` ``[K, K]`` (or its :class:`HessianFactor`, which then decides the
+    order), on the static scales of blocks of ``block`` along K."""
     g = GRIDS[grid]
+    factor = h if isinstance(h, HessianFactor) else HessianFactor(h, act_order=act_order)
     w = np.asarray(weight, dtype=np.float32)
     _, scale, zero = quantize_blocked(w, 0, block, g, clip)
     k = w.shape[0]
     w = w.astype(np.float64)
-    h = np.asarray(h, dtype=np.float64).copy()
-    dead = np.diag(h) == 0  # a channel never active: its weight is irrelevant, as in the reference
-    h[dead, dead] = 1.0
-    w[dead] = 0.0
-    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    w, h = w[order], h[np.ix_(order, order)]
+    w[factor.dead] = 0.0
+    order, u = factor.order, factor.u
+    w = w[order]
     row_scale = scale.astype(np.float64)[order // block]
     row_zero = zero.astype(np.float64)[order // block]
-    u = _inverse_cholesky(h)
     lowest = -g.qmax if g.symmetric else g.qmin
     q = np.zeros(w.shape, dtype=np.float64)
     for i1 in range(0, k, UPDATE_BLOCK):
@@ -94,36 +120,43 @@ def gptq_quantize(weight: np.ndarray, h: np.ndarray, grid: str, block: int, clip
         for i in range(i1, i2):
             q[i] = np.clip(np.rint(w[i] / row_scale[i]) + row_zero[i], lowest, g.qmax)
             err[i - i1] = (w[i] - (q[i] - row_zero[i]) * row_scale[i]) / u[i, i]
-            w[i + 1 : i2] -= np.outer(u[i, i + 1 : i2], err[i - i1])
+            w[i + 1 : i2] -= u[i, i + 1 : i2, None] * err[i - i1]
         w[i2:] -= u[i1:i2, i2:].T @ err
     return q[np.argsort(order)].astype(g.numpy_type)
 
 
-def search_clip(weight: np.ndarray, h: np.ndarray, grid: str, block: int) -> np.ndarray:
+def search_clip(weight: np.ndarray, h: np.ndarray, grid: str, block: int, columns: int = 2048) -> np.ndarray:
     """Per block and column of ``weight`` ``[K, N]`` the index into :data:`CLIP_RATIOS` whose
     round-to-nearest block gives the least output error ``Δᵀ H_bb Δ`` (AWQ's clip search with the
-    whole pass's Hessian instead of sampled rows)."""
-    k = weight.shape[0]
-    n_blocks = -(-k // block)
-    best_err = np.full((n_blocks, weight.shape[1]), np.inf)
-    best_idx = np.zeros((n_blocks, weight.shape[1]), dtype=np.uint8)
-    for i, ratio in enumerate(CLIP_RATIOS):
-        delta = fake_quant_blocked(weight, 0, block, GRIDS[grid], ratio).astype(np.float64) - weight
-        for b in range(n_blocks):
+    whole pass's Hessian instead of sampled rows). All ratios of a block in one product, over
+    ``columns`` output columns at a time (bounded memory for a wide head)."""
+    k, n = weight.shape
+    best_idx = np.zeros((-(-k // block), n), dtype=np.uint8)
+    for c in range(0, n, columns):
+        w = weight[:, c : c + columns]
+        deltas = np.stack([fake_quant_blocked(w, 0, block, GRIDS[grid], ratio).astype(np.float64) - w for ratio in CLIP_RATIOS], axis=1)  # [K, ratios, cols]
+        for b in range(best_idx.shape[0]):
             part = slice(b * block, min(k, (b + 1) * block))
-            err = np.sum(delta[part] * (h[part, part] @ delta[part]), axis=0)
-            better = err < best_err[b]
-            best_err[b, better] = err[better]
-            best_idx[b, better] = i
+            d = deltas[part].reshape(deltas[part].shape[0], -1)
+            err = np.sum(d * (h[part, part] @ d), axis=0).reshape(len(CLIP_RATIOS), w.shape[1])
+            best_idx[b, c : c + columns] = np.argmin(err, axis=0)  # the first of equal errors, as a strict < scan keeps
     return best_idx
 
 
 def layer_error(weight: np.ndarray, dequantized: np.ndarray, h: np.ndarray) -> float:
     """The output error ``tr(ΔWᵀ H ΔW)`` of replacing ``weight`` ``[K, N]`` by ``dequantized``,
     relative to ``tr(Wᵀ H W)`` (the squared output, summed over the Hessian's rows)."""
-    delta = np.asarray(dequantized, dtype=np.float64) - weight
+    return layer_errors(weight, [dequantized], h)[0]
+
+
+def layer_errors(weight: np.ndarray, candidates: list[np.ndarray], h: np.ndarray) -> list[float]:
+    """:func:`layer_error` of each candidate, in one product with ``h``."""
     w = np.asarray(weight, dtype=np.float64)
-    return float(np.sum(delta * (h @ delta)) / (np.sum(w * (h @ w)) or 1.0))
+    n = w.shape[1]
+    stacked = np.concatenate([w] + [np.asarray(c, dtype=np.float64) - w for c in candidates], axis=1)
+    energy = np.sum(stacked * (h @ stacked), axis=0)
+    total = float(np.sum(energy[:n])) or 1.0
+    return [float(np.sum(energy[(i + 1) * n : (i + 2) * n])) / total for i in range(len(candidates))]
 
 
 def encode_offsets(offsets: np.ndarray) -> str:
@@ -158,6 +191,7 @@ def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.nd
     error)} relative output errors, both on the entry's (clipped) scales."""
     by_name = {n.name: n for n in model.graph}
     errors = {}
+    factor = HessianFactor(h, act_order=act_order)
     for name in nodes:
         entry = plan.weight(name, 1)
         w = sq.weight_matrix(by_name[name])
@@ -168,11 +202,37 @@ def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.nd
             entry.clip = encode_clip(search_clip(w, h, entry.dtype, entry.block_size))  # [blocks, N] for any axis
         clip = entry_clip(entry, w.shape)
         rtn, scale, zero = quantize_blocked(w, 0, entry.block_size, g, clip)
-        q = gptq_quantize(w, h, entry.dtype, entry.block_size, clip, act_order=act_order)
+        q = gptq_quantize(w, factor, entry.dtype, entry.block_size, clip)
         offsets = q.astype(np.int16) - rtn.astype(np.int16)
         entry.offsets = encode_offsets(np.moveaxis(offsets, 0, entry.axis % 2))
-        errors[name] = tuple(layer_error(w, dequantize_blocked(v, scale, zero, 0, entry.block_size), h) for v in (rtn, q))
+        errors[name] = tuple(layer_errors(w, [dequantize_blocked(v, scale, zero, 0, entry.block_size) for v in (rtn, q)], h))
     return errors
+
+
+def promote_sensitive(model: ir.Model, plan: QuantPlan, readers: dict[str, tuple[list[str], np.ndarray]], share: float) -> list[str]:
+    """Keep ``share`` of the weights' elements at 8 bits: the 4-bit weights of ``readers``
+    ({activation: (nodes, Hessian)}) whose round-to-nearest output error relative to their output
+    (:func:`layer_error`) is largest get the 8-bit dtype of the plan's target. Returns them."""
+    by_name = {n.name: n for n in model.graph}
+    ranked = []
+    for nodes, h in readers.values():
+        for name in nodes:
+            entry = plan.weight(name, 1)
+            w = sq.weight_matrix(by_name[name])
+            if entry.dtype not in INT4_TO_INT8 or w.shape[0] != h.shape[0]:
+                continue
+            fake = fake_quant_blocked(w, 0, entry.block_size, GRIDS[entry.dtype], entry_clip(entry, w.shape))
+            ranked.append((-layer_error(w, fake, h), name, w.size))
+    budget = share * sum(size for _, _, size in ranked)
+    promoted = []
+    for _, name, size in sorted(ranked):  # largest error first; ties in name order
+        if size > budget:
+            continue  # a smaller weight further down may still fit
+        budget -= size
+        entry = plan.weight(name, 1)
+        entry.dtype, entry.clip = INT4_TO_INT8[entry.dtype], None  # a 4-bit clip search does not fit 8 bits
+        promoted.append(name)
+    return promoted
 
 
 def hessian_chunks(model: ir.Model, plan: QuantPlan, targets: dict[str, list[str]], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[str]]:

@@ -311,7 +311,7 @@ def build(
     emit.emit(model, plan, ["fold"])
     if recipe.weight_method in ("gptq", "awq+gptq") and not any(w.offsets for w in plan.weights.values()):
         t = time.perf_counter()
-        _decide_gptq(model, plan, data, recipe.gptq_act_order)
+        _decide_gptq(model, plan, data, recipe.gptq_act_order, recipe.int8_share)
         timings["gptq"] = time.perf_counter() - t
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
     _measured_placement(model, plan, recipe, data, timings)
@@ -425,7 +425,7 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
-def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool) -> None:
+def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool, int8_share: float = 0.0) -> None:
     """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, from the Hessians of
     their inputs summed in calibration passes over the (AWQ-folded) model, a bounded set per pass."""
     if data is None:
@@ -435,6 +435,9 @@ def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool) -> Non
     for chunk in gptq.hessian_chunks(model, plan, targets):
         hessians = {name: gptq.HessianAccumulator(-1) for name in chunk}
         collect(model, chunk, data, progress=True, reservoirs=hessians)
+        if int8_share:  # per pass: one pass holds every Hessian of a model up to ~1.5B parameters
+            promoted = gptq.promote_sensitive(model, plan, {a: (targets[a], hessians[a].h) for a in chunk if hessians[a].h is not None}, int8_share)
+            log(f"onnxq: GPTQ: {len(promoted)} weights with the largest 4-bit output error kept at 8 bits (--int8-share {int8_share:g})")
         for name in chunk:
             if hessians[name].h is not None:
                 errors.update(gptq.plan_gptq_nodes(model, plan, targets[name], hessians.pop(name).h, act_order=act_order))

@@ -34,6 +34,7 @@ PRECISIONS = ("int8", "fp8", "w4a16", "w8a16", "w4a8")
 # weight-only precisions: INT4 / INT8 weights in blocks along the reduction axis, float activations
 WEIGHT_ONLY = ("w4a16", "w8a16", "w4a8")  # w4a8: the blocked INT4 weights of w4a16, FP8 activations
 BLOCK_SIZES = (32, 64, 128)
+HEAD_BITS = (4, 8)  # weight-only LM head / embedding table: INT4 like the body, or INT8
 WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
 PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
@@ -70,9 +71,11 @@ class Recipe:
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
     quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
     quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
+    head_bits: int = 8  # weight-only: bits of the LM head's and the embedding table's weights when quantized
     weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
     gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
+    int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -142,8 +145,10 @@ class Recipe:
             "block_size": _block_size(self.block_size, source),
             "quantize_head": _flag(self.quantize_head, "quantize-head", source),
             "quantize_embedding": _flag(self.quantize_embedding, "quantize-embedding", source),
+            "head_bits": _head_bits(self.head_bits, source),
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
             "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
+            "int8_share": _share(self.int8_share, source),
             "dynamic": _flag(self.dynamic, "dynamic", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
@@ -158,6 +163,8 @@ class Recipe:
             raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
         if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
             raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
+        if values["int8_share"] and (values["precision"] not in ("w4a16", "w4a8") or values["weight_method"] not in ("gptq", "awq+gptq")):
+            raise RecipeError(f"{_at(source)}--int8-share ranks 4-bit weights by their Hessian output error: pass --precision w4a16 --weight-method gptq (or awq+gptq) with it")
         if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):
             raise RecipeError(f"{_at(source)}--dynamic is INT8 on the ort target with run-time activation scales: pass --target ort --precision int8, without --smoothquant / --bias-correction")
         return dataclasses.replace(self, **values)
@@ -285,6 +292,23 @@ def _block_size(value, source: str) -> int:
     n = _count(value, "block-size", source, minimum=1)
     if n not in BLOCK_SIZES:
         raise RecipeError(f"{_at(source)}--block-size takes one of {list(BLOCK_SIZES)}, got {value!r}")
+    return n
+
+
+def _share(value, source: str) -> float:
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = None
+    if share is None or isinstance(value, bool) or not 0.0 <= share <= 1.0:
+        raise RecipeError(f"{_at(source)}--int8-share takes a fraction between 0 and 1 (e.g. 0.25), got {value!r}")
+    return share
+
+
+def _head_bits(value, source: str) -> int:
+    n = _count(value, "head-bits", source, minimum=1)
+    if n not in HEAD_BITS:
+        raise RecipeError(f"{_at(source)}--head-bits takes one of {list(HEAD_BITS)}, got {value!r}")
     return n
 
 

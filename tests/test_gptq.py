@@ -69,14 +69,7 @@ def test_gptq_model_is_closer_to_fp32_and_replays(decoder_case, tmp_path, method
     assert main(["quantize", str(model), "--no-eval", "-q", "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "p.json")]) == 0
     assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "g.onnx").read_bytes()
     assert main([*common, "-o", str(tmp_path / "rtn.onnx")]) == 0
-    x = np.load(evald)["x"]
-
-    def run(path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return np.concatenate([session.run(["logits"], {"x": x[i : i + 1]})[0] for i in range(len(x))])
-
-    ref = run(model)
-    err = {name: float(np.sum((run(tmp_path / f"{name}.onnx") - ref) ** 2)) for name in ("g", "rtn")}
+    err = _logits_errors(model, evald, {name: tmp_path / f"{name}.onnx" for name in ("g", "rtn")})
     assert err["g"] < err["rtn"], err
 
 
@@ -98,3 +91,29 @@ def test_plan_offsets_outside_the_grid_are_refused(decoder_case, tmp_path, capsy
     plan.save(tmp_path / "bad.json")
     assert main(["quantize", str(model), "-q", "-o", str(tmp_path / "bad.onnx"), "--plan", str(tmp_path / "bad.json")]) == 2
     assert "GPTQ offsets" in capsys.readouterr().err
+
+
+def test_int8_share_keeps_the_worst_weights_at_8_bits_and_replays(decoder_case, tmp_path):
+    model, calib, evald = decoder_case
+    common = ["quantize", str(model), "--no-eval", "-q", "--precision", "w4a16", "--block-size", "32", "--target", "ort", "--weight-method", "gptq", "--calib", str(calib)]
+    assert main([*common, "-o", str(tmp_path / "g.onnx")]) == 0
+    assert main([*common, "-o", str(tmp_path / "s.onnx"), "--int8-share", "0.5", "--save-plan", str(tmp_path / "p.json")]) == 0
+    plan = QuantPlan.load(tmp_path / "p.json")
+    sizes = {dtype: sum(w.offset_values().size for w in plan.weights.values() if w.dtype == dtype) for dtype in ("uint4", "uint8")}
+    assert 0 < sizes["uint8"] <= sizes["uint4"]  # at most half the elements at 8 bits
+    assert main(["quantize", str(model), "--no-eval", "-q", "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "p.json")]) == 0
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    err = _logits_errors(model, evald, {name: tmp_path / f"{name}.onnx" for name in ("g", "s")})
+    assert err["s"] < err["g"], err
+
+
+def _logits_errors(model, evald, candidates: dict) -> dict[str, float]:
+    """{name: summed squared logit error against ``model``} of each candidate on the eval data."""
+    x = np.load(evald)["x"]
+
+    def run(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(["logits"], {"x": x[i : i + 1]})[0] for i in range(len(x))])
+
+    ref = run(model)
+    return {name: float(np.sum((run(path) - ref) ** 2)) for name, path in candidates.items()}

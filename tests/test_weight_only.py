@@ -241,15 +241,19 @@ def _tied_lm(path, vocab: int = 100, hidden: int = 64):
     return {i.name: numpy_helper.to_array(i) for i in inits}
 
 
-def test_quantized_embedding_and_tied_head_leave_no_float_table(tmp_path):
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_quantized_embedding_and_tied_head_leave_no_float_table(tmp_path, head_bits):
+    """The table and the head take --head-bits (INT8 by default), the body INT4."""
     weights = _tied_lm(tmp_path / "lm.onnx")
-    args = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head", "--quantize-embedding"]
+    args = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head", "--quantize-embedding", "--head-bits", str(head_bits)]
+    table = f"uint{head_bits}"
     q = _quantize(tmp_path / "lm.onnx", tmp_path / "q.onnx", *args, "--save-plan", str(tmp_path / "p.json"))
     assert [n.op_type for n in q.graph.node if n.domain == "com.microsoft"] == ["GatherBlockQuantized"]
     floats = [int(np.prod(i.dims)) for i in q.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert max(floats) == 200  # only scales ([100, 2] of the table) are float: no float table is left
     ids = (np.arange(8) * 7).reshape(1, 8)
-    emb = fake_quant_blocked(weights["emb"], 1, 32, GRIDS["uint4"])
+    emb = fake_quant_blocked(weights["emb"], 1, 32, GRIDS[table])
+    assert json.loads((tmp_path / "p.json").read_text())["weights"]["proj:1"]["dtype"] == "uint4" and json.loads((tmp_path / "p.json").read_text())["weights"]["head:1"]["dtype"] == table
     want = emb[ids] @ fake_quant_blocked(weights["w"], 0, 32, GRIDS["uint4"]) @ emb.T
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     np.testing.assert_allclose(got, want, rtol=0.02, atol=0.02 * np.abs(want).max())  # ORT's MatMulNBits: INT8 activations inside

@@ -39,7 +39,7 @@ def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
     elif recipe.weight_only:
         from onnxq.placement.weight_only import place as weight_only_place
 
-        plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding)
+        plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding, head_bits=recipe.head_bits)
     else:
         plan = place(model, recipe.target, precision=recipe.precision)
     apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)

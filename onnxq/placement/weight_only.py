@@ -9,6 +9,8 @@ Rules:
 - tensorrt: symmetric INT4 / INT8 (zero points 0, TensorRT's rule); ort: asymmetric UINT4 /
   UINT8 with a zero point per block (ONNX Runtime fuses the blocked DequantizeLinear → MatMul
   into its ``MatMulNBits`` kernel itself; measured in docs/weight-only.md);
+- the LM head and the embedding table, when quantized, get ``head_bits`` (default 8: INT8 blocks,
+  the 4-bit body's precision elsewhere; measured in docs/weight-only.md);
 - the LM head (a product whose output is a graph output) stays float unless ``quantize_head``:
   on SmolLM2 (6 layers, block 128) an INT4 head drops next-token agreement from 0.76 to 0.65
   (docs/weight-only.md); the head is one product, but its error reaches every logit;
@@ -39,8 +41,14 @@ WEIGHT_ONLY_DTYPE = {
 }
 
 
-def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeDecision:
-    """The decision for one MatMul/Gemm: its weight blocked at the plan's precision, or float."""
+def table_dtype(plan: QuantPlan, head_bits: int) -> str:
+    """The weight dtype of the LM head and the embedding table: ``head_bits`` wide on the plan's
+    target (an INT8 table and head keep SmolLM2-135M's perplexity; INT4 costs a third of it)."""
+    return WEIGHT_ONLY_DTYPE[(plan.target, "w8" if head_bits == 8 else "w4")]
+
+
+def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int, dtype: str | None = None) -> NodeDecision:
+    """The decision for one MatMul/Gemm: its weight blocked at the plan's precision (or ``dtype``), or float."""
     w_index = 1
     w = node.inputs[w_index] if len(node.inputs) > w_index else None
     source = weight_source(w)
@@ -52,14 +60,14 @@ def weight_only_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> Nod
     if shape is None or len(shape) != 2:
         return NodeDecision(node.op_type, FLOAT, {}, "weight is not a 2-D matrix: weight-only blocks need [K, N]")
     axis = weight_input_axis(node)
-    dtype = WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
+    dtype = dtype or WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
     plan.set_weight(node.name, w_index, WeightQuant(dtype=dtype, axis=axis, block_size=block_size))
     if plan.precision == "w4a8":  # FP8 E4M3 activations as well
         return NodeDecision(node.op_type, plan.precision, {0: "activation", w_index: "weight"}, f"{dtype} weights in blocks of {block_size} along the reduction axis, FP8 activations")
     return NodeDecision(node.op_type, plan.precision, {w_index: "weight"}, f"weight-only {dtype}, blocks of {block_size} along the reduction axis")
 
 
-def embedding_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeDecision:
+def embedding_decision(node: ir.Node, plan: QuantPlan, block_size: int, dtype: str) -> NodeDecision:
     """An embedding Gather (a 2-D float table gathered on axis 0): its table in blocks along the
     hidden axis, run by ORT's GatherBlockQuantized (ort target only)."""
     table = node.inputs[0]
@@ -67,20 +75,21 @@ def embedding_decision(node: ir.Node, plan: QuantPlan, block_size: int) -> NodeD
         return NodeDecision(node.op_type, FLOAT, {}, "not an embedding: the data is not a 2-D float initializer")
     if node.attributes.get_int("axis", 0) != 0 or node.inputs[1] is None or node.inputs[1].const_value is not None:
         return NodeDecision(node.op_type, FLOAT, {}, "not an embedding: gathers a constant or on an axis other than 0")
-    dtype = WEIGHT_ONLY_DTYPE[(plan.target, plan.precision)]
     plan.set_weight(node.name, 0, WeightQuant(dtype=dtype, axis=1, block_size=block_size))
     return NodeDecision(node.op_type, plan.precision, {0: "weight"}, f"embedding table {dtype}, blocks of {block_size} along the hidden axis (GatherBlockQuantized)")
 
 
-def place(model: ir.Model, target: str, precision: str, block_size: int, *, quantize_head: bool = False, quantize_embedding: bool = False) -> QuantPlan:
-    """The weight-only plan of ``model``: ``precision`` is the recipe's ("w4a16" or "w8a16")."""
+def place(model: ir.Model, target: str, precision: str, block_size: int, *, quantize_head: bool = False, quantize_embedding: bool = False, head_bits: int = 8) -> QuantPlan:
+    """The weight-only plan of ``model``: ``precision`` is the recipe's ("w4a16" or "w8a16");
+    the head and the embedding table, when quantized, get ``head_bits``."""
     plan = QuantPlan(target=target, precision=NODE_PRECISION[precision], min_opset=WEIGHT_ONLY_MIN_OPSET)
     if quantize_embedding:
         for node in rules.nodes(model, ["Gather"]):
-            plan.nodes[node.name] = embedding_decision(node, plan, block_size)
+            plan.nodes[node.name] = embedding_decision(node, plan, block_size, table_dtype(plan, head_bits))
     for node in rules.nodes(model, MATMUL_OPS):
-        if not quantize_head and any(out.is_graph_output() for out in node.outputs):
+        head = any(out.is_graph_output() for out in node.outputs)
+        if head and not quantize_head:
             plan.nodes[node.name] = NodeDecision(node.op_type, FLOAT, {}, "LM head (writes a graph output): kept float; --quantize-head quantizes it")
             continue
-        plan.nodes[node.name] = weight_only_decision(node, plan, block_size)
+        plan.nodes[node.name] = weight_only_decision(node, plan, block_size, table_dtype(plan, head_bits) if head else None)
     return plan

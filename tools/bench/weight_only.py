@@ -6,12 +6,13 @@ MatMulNBitsQuantizer on the same model and data, in one process.
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
-(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head"),
-and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left);
+(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head", INT8 by default),
+and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left;
+"+head4 +emb4": both INT4, ``--head-bits 4``);
 onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
 same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
-not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``. Columns: the zoo metric (6 layers:
+not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``; ``gptq-s0.25`` is GPTQ with ``--int8-share 0.25``. Columns: the zoo metric (6 layers:
 next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
 to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
 and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -28,23 +30,30 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread unless told otherwise: on a loaded machine OpenBLAS's spinning worker threads made
+# GPTQ's 576-wide Cholesky take 1.4 s instead of 10 ms (set before numpy loads OpenBLAS).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 
 def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, calib_n=None):
+def quantize_onnxq(case, out, *, precision, target, block, method, head=False, embedding=False, head_bits=8, calib_n=None):
     import onnxq
 
     options = {"weight_method": method} if method != "rtn" else {}
     if method.endswith("-noact"):  # GPTQ without act-order
         options = {"weight_method": method.removesuffix("-noact"), "gptq_act_order": False}
+    if "-s" in method:  # gptq-s0.25: --int8-share 0.25
+        base, share = method.split("-s")
+        options = {"weight_method": base, "int8_share": float(share)}
     t = time.perf_counter()
     calib = case["calib"] if method != "rtn" or precision not in ("w4a16", "w8a16") else None
     onnxq.quantize(case["model"], out, calib, precision=precision, target=target, block_size=block,
-                   quantize_head=head, quantize_embedding=embedding, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
+                   quantize_head=head, quantize_embedding=embedding, head_bits=head_bits, calib_samples=calib_n, report=False, evaluate=False, quiet=True, **options)
     return time.perf_counter() - t
 
 
@@ -116,6 +125,7 @@ def variants(model: str, blocks, methods):
             rows.append((f"onnxq w4a16 {method} tensorrt b{block}", "onnxq", {"precision": "w4a16", "target": "tensorrt", "block": block, "method": method}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True}))
             rows.append((f"onnxq w4a16 {method} ort b{block} +head +emb", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True}))
+            rows.append((f"onnxq w4a16 {method} ort b{block} +head4 +emb4", "onnxq", {"precision": "w4a16", "target": "ort", "block": block, "method": method, "head": True, "embedding": True, "head_bits": 4}))
             rows.append((f"onnxq w4a8 {method} tensorrt b{block}", "onnxq", {"precision": "w4a8", "target": "tensorrt", "block": block, "method": method}))
         rows.append((f"ORT MatMulNBits RTN sym b{block}", "ort", {"block": block, "symmetric": True}))
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
@@ -140,7 +150,7 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: 
         try:
             if kind == "onnxq":
                 seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
-                                         embedding=opts.get("embedding", False), calib_n=calib_n)
+                                         embedding=opts.get("embedding", False), head_bits=opts.get("head_bits", 8), calib_n=calib_n)
             else:
                 seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"], algo=opts.get("algo", "default"))
             rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
