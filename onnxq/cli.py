@@ -96,10 +96,30 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
+    from onnxq.mixed_precision.options import TargetNotMetError
+
+    try:
+        result = _run_solve(args)
+    except TargetNotMetError as exc:
+        # a result, like a failed check: the candidates' report is written (exit 1), no plan
+        print(f"onnxq: target not met: {exc}", file=sys.stderr)
+        return 1
+    c = result.chosen
+    print(
+        f"wrote {result.output} ({c['high_precision_layers']} of {len(result.order)} layers in high precision; "
+        f"accuracy {c['accuracy']:.4f}; cost x{c['cost']:.3f} of all-8-bit; "
+        f"{c['matmul_macs_8bit_fraction']:.1%} of MatMul/Gemm MACs in 8 bits), {result.report_path}"
+        + (f", {result.curve_path}" if result.curve_path else "")
+        + (f", {result.model_path}" if result.model_path else "")
+    )
+    return 0
+
+
+def _run_solve(args: argparse.Namespace):
     from onnxq.mixed_precision.solver import solve
 
     recipe = _recipe(args)
-    result = solve(
+    return solve(
         args.sweep,
         args.model,
         args.calib,
@@ -120,15 +140,6 @@ def _solve(args: argparse.Namespace) -> int:
         save_model=args.save_model,
         quiet=args.quiet,
     )
-    c = result.chosen
-    print(
-        f"wrote {result.output} ({c['high_precision_layers']} of {len(result.order)} layers in high precision; "
-        f"accuracy {c['accuracy']:.4f}; cost x{c['cost']:.3f} of all-8-bit; "
-        f"{c['matmul_macs_8bit_fraction']:.1%} of MatMul/Gemm MACs in 8 bits), {result.report_path}"
-        + (f", {result.curve_path}" if result.curve_path else "")
-        + (f", {result.model_path}" if result.model_path else "")
-    )
-    return 0
 
 
 def _zoo_list(args: argparse.Namespace) -> int:

@@ -163,6 +163,12 @@ def test_bad_inputs_are_clear_errors(attention_case, tmp_path, capsys):
     with pytest.raises(SolverError, match="not met even with every layer the --min-8bit-macs floor allows"):
         solve(tmp_path / "s.json", model, calib, tmp_path / "unmet.json", eval=evald, target_cosine=0.999999, min_8bit_macs=0.99, quiet=True)
     assert not (tmp_path / "unmet.json").exists() and json.loads((tmp_path / "unmet.solve.json").read_text())["candidates"]
+    # through the CLI (whose whole command is one transaction) the report the message names is
+    # written too: an unmet target is a result (exit 1), not an error that leaves nothing behind
+    code = main(["solve", str(tmp_path / "s.json"), model, "--calib", calib, "--eval", evald, "-o", str(tmp_path / "cli_unmet.json"), "--target-cosine", "0.999999", "--min-8bit-macs", "0.99", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("onnxq: target not met:") and "cli_unmet.solve.json" in err, err
+    assert not (tmp_path / "cli_unmet.json").exists() and json.loads((tmp_path / "cli_unmet.solve.json").read_text())["candidates"]
     partial = sweep(model, calib, tmp_path / "part.json", layers_only=["qk"], quiet=True, plot=False)
     assert [la.name for la in partial.layers] == ["qk"]
     with pytest.raises(SweepError, match="covers 1 of the model's 4 layers"):

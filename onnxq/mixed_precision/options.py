@@ -18,6 +18,15 @@ class SolverError(OnnxqError):
     """A solver request cannot be met or is malformed."""
 
 
+class TargetNotMetError(SolverError):
+    """The solver ran but no candidate within the limits meets the target; ``report`` is the
+    ``.solve.json`` holding every candidate evaluated (None without an output path)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
 def check_precisions(precisions: str | Sequence[str]) -> tuple[str, ...]:
     """Candidate precisions as a tuple; an unknown one is an error naming the known ones."""
     if isinstance(precisions, str):

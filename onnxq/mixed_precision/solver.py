@@ -61,7 +61,7 @@ from .candidates import apply_smoothing, assemble_plan, prepare_opset, qdq_proto
 from .costs import layer_costs
 from .e2e import Evaluator
 from .groups import Layer, layer_groups
-from .options import SolverError, SweepError, check_precisions
+from .options import SolverError, SweepError, TargetNotMetError, check_precisions
 from .ranges import Ranges, calibrate_ranges
 from .search import ORDERS, apply_macs_floor, best_precisions, cheapest_meeting, initial_count, promotion_order, smallest_passing_count, undominated
 from .sweep import SweepResult
@@ -428,7 +428,7 @@ def solve(
             # The candidates evaluated stay for the user to look at: they are written, and the
             # error is raised once they are in place.
             report = _write_outputs(SolveResult(None, None, _evaluated(families), families[0].promotion.order), output, target, plot)
-            unmet = SolverError(_unmet(families, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""))
+            unmet = TargetNotMetError(_unmet(families, len(problem.layers)) + (f"; the candidates evaluated are in {report}" if report else ""), report)
         else:
             unmet = None
             cands, chosen_k = choice
