@@ -25,7 +25,7 @@ from onnxq.calibrators.batching import (
     sample_count,
 )
 from onnxq.calibrators.blocks import maybe_by_blocks
-from onnxq.calibrators.histogram import Histogram, sample_elements
+from onnxq.calibrators.histogram import Histogram
 from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
 from onnxq.calibrators.table import CalibrationTable, TensorStats
@@ -274,7 +274,7 @@ def _update_all(updates: list[tuple], promoted: set[int], results: list, samples
             continue
         stats.update(lo, hi)
         if stats.histogram is not None:
-            stats.histogram.update(sample_elements(results[vi], samples), max(abs(float(lo)), abs(float(hi))))
+            stats.histogram.update_sampled(results[vi], samples, max(abs(float(lo)), abs(float(hi))))
         if ci is not None:
             stats.update_channels(results[ci])
         if cmin is not None:
