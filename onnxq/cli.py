@@ -284,6 +284,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "weight_method": (("--weight-method",), {"choices": ["rtn", "awq", "gptq", "awq+gptq"], "help": "weight-only: rtn (round to nearest, no data needed), awq (per-channel scales and per-block clipping searched on --calib rows), gptq (each weight's rounding chosen against its layer's Hessian from --calib), or awq+gptq (GPTQ on the AWQ-scaled model) (default: rtn)"}),
     "dynamic": (("--dynamic",), {"action": "store_true", "help": "ort target, int8: quantize MatMul/Gemm activations at run time (DynamicQuantizeLinear + MatMulInteger, as quantize_dynamic); no calibration data needed"}),
     "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),
+    "attention_probs": (("--attention-probs",), {"choices": ["int8", "fp8", "float"], "help": "int8 plans: attention's P·V products (a MatMul reading a Softmax's output) at int8 like every MatMul, fp8 (both operands E4M3: TensorRT on Ada/Hopper GPUs) or float (default: int8)"}),
     "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
     "high_precision": (("--high-precision",), {"choices": ["fp32", "fp16"], "help": "precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)"}),
@@ -306,7 +307,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order", "dynamic")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "weight_method", "gptq_act_order", "dynamic", "attention_probs")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 CORRECTIONS = ("equalize", "rotate", "rotate_online", "bias_correction", "depthwise_min_snr")

@@ -3,15 +3,18 @@ once (``--rotate --rotate-online B``, SmoothQuant, MinMax, ``tensorrt`` target, 
 the same plan replayed with one class of quantized inputs kept in float at a time.
 
     python tools/bench/rotation_diagnosis.py [--smoothquant auto|none] [--online 128]
-        [--precision int8|fp8] [--only LABEL ...] [--out diag.json]
+        [--precision int8|fp8] [--only LABEL ...] [--probs-methods entropy percentile mse]
+        [--out diag.json]
 
 Rows: all 8-bit; only the weights quantized (activations float); only the activations (weights
 float); per class of MatMul — the norms' readers Q/K/V (``qkv``), gate/up (``gateup``), the LM
 head (``head``), the writers ``o_proj`` (``o``) and ``down_proj`` (``down``), attention's Q·Kᵀ
 (``qk``) and P·V (``pv``: also P and V apart) — its activation inputs kept float, then the whole
 node. Classes come from the plan's rotation (norm readers by their count, writers, online
-writers) and the graph (a P·V MatMul reads a Softmax's output). Metrics: the zoo's top-1
-agreement and KL against FP32.
+writers) and the graph (a P·V MatMul reads a Softmax's output). ``--probs-methods``: rows with
+every MatMul in 8 bits but P's range (the Softmax outputs P·V reads) taken from that range
+method's plan (the model quantized once more with it; only P's entries copied). Metrics: the
+zoo's top-1 agreement and KL against FP32.
 """
 
 from __future__ import annotations
@@ -76,12 +79,24 @@ def without(plan, keep):
     return plan
 
 
+def with_probs_from(plan, other, classes, model_path):
+    """``plan`` with the INT8 ranges of the P·V nodes' first inputs (P) copied from ``other``."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    first_input = {n.name: n.input[0] for n in graph.node}
+    plan = copy.deepcopy(plan)
+    for name in (n for n, c in classes.items() if c == "pv"):
+        tensor = first_input[name]
+        plan.activations[tensor] = copy.deepcopy(other.activations[tensor])
+    return plan
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoothquant", default="auto")
     ap.add_argument("--online", type=int, default=128)
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these")
+    ap.add_argument("--probs-methods", nargs="*", default=[], help="rows with P's range from these range methods")
     ap.add_argument("--out", default="bench_rotation_diagnosis.json")
     args = ap.parse_args()
     import onnxq
@@ -97,10 +112,14 @@ def main():
         onnxq.quantize(case["model"], work / "q.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
                        rotate=True, rotate_online=args.online, save_plan=work / "plan.json", report=False, evaluate=False, quiet=True)
         plan = QuantPlan.load(work / "plan.json")
-        for label, keep in variants(node_classes(plan, case["model"])).items():
-            if args.only and not any(o in label for o in args.only):
-                continue
-            onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=without(plan, keep), report=False, evaluate=False, quiet=True)
+        classes = node_classes(plan, case["model"])
+        plans = {label: without(plan, keep) for label, keep in variants(classes).items() if not args.only or any(o in label for o in args.only)}
+        for method in args.probs_methods:
+            onnxq.quantize(case["model"], work / "m.onnx", case["calib"], target="tensorrt", precision=args.precision, method=method, smoothquant=sq,
+                           rotate=True, rotate_online=args.online, save_plan=work / "m.json", report=False, evaluate=False, quiet=True)
+            plans[f"all 8-bit, P's range from {method}"] = with_probs_from(plan, QuantPlan.load(work / "m.json"), classes, case["model"])
+        for label, variant in plans.items():
+            onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=variant, report=False, evaluate=False, quiet=True)
             metrics = entry.evaluate(work / "v.onnx")
             rows.append({"variant": label, "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
             print(json.dumps(rows[-1]), flush=True)
