@@ -4,7 +4,7 @@ the same plan replayed with one class of quantized inputs kept in float at a tim
 
     python tools/bench/rotation_diagnosis.py [--smoothquant auto|none] [--online 128]
         [--precision int8|fp8] [--only LABEL ...] [--probs-methods entropy percentile mse]
-        [--out diag.json]
+        [--unnormalized-probs] [--out diag.json]
 
 Rows: all 8-bit; only the weights quantized (activations float); only the activations (weights
 float); per class of MatMul — the norms' readers Q/K/V (``qkv``), gate/up (``gateup``), the LM
@@ -13,7 +13,11 @@ head (``head``), the writers ``o_proj`` (``o``) and ``down_proj`` (``down``), at
 node. Classes come from the plan's rotation (norm readers by their count, writers, online
 writers) and the graph (a P·V MatMul reads a Softmax's output). ``--probs-methods``: rows with
 every MatMul in 8 bits but P's range (the Softmax outputs P·V reads) taken from that range
-method's plan (the model quantized once more with it; only P's entries copied). Metrics: the
+method's plan (the model quantized once more with it; only P's entries copied).
+``--unnormalized-probs``: a row where each Softmax is rewritten (exact in float, FlashAttention's
+order) as ``exp(s - rowmax(s))`` into P·V and the product divided by the row sum after, so every
+row of P reaches 1 and uses the whole INT8 grid; the rewritten model quantized like the base
+(every MatMul INT8; the per-head rotations do not find this layout and are skipped). Metrics: the
 zoo's top-1 agreement and KL against FP32.
 """
 
@@ -90,6 +94,44 @@ def with_probs_from(plan, other, classes, model_path):
     return plan
 
 
+def unnormalized_probs(path, out) -> None:
+    """Write ``path`` with each Softmax feeding one P·V MatMul replaced by exp(s - rowmax) and
+    the P·V output divided by the row sum of those exps (the same function in float)."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph.initializer.append(helper.make_tensor("rowmax_axes", TensorProto.INT64, [1], [-1]))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    nodes, divisions = [], {}
+    for node in graph.node:
+        users = readers.get(node.output[0], []) if node.op_type == "Softmax" else []
+        if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != node.output[0]:
+            nodes.append(node)
+            continue
+        s, k, pv = node.input[0], node.name, users[0]
+        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+            rowmax = helper.make_node("ReduceMax", [s, "rowmax_axes"], [k + "_max"], name=k + "_max", keepdims=1)
+        else:
+            rowmax = helper.make_node("ReduceMax", [s], [k + "_max"], name=k + "_max", keepdims=1, axes=[-1])
+        nodes += [rowmax,
+                  helper.make_node("Sub", [s, k + "_max"], [k + "_shifted"], name=k + "_sub"),
+                  helper.make_node("Exp", [k + "_shifted"], [node.output[0]], name=k + "_exp"),
+                  helper.make_node("ReduceSum", [node.output[0], "rowmax_axes"], [k + "_sum"], name=k + "_sum", keepdims=1)]
+        divisions[pv.name] = helper.make_node("Div", [pv.output[0] + "_unnormalized", k + "_sum"], [pv.output[0]], name=k + "_div")
+        pv.output[0] += "_unnormalized"
+    ordered = []
+    for node in nodes:
+        ordered += [node, divisions[node.name]] if node.name in divisions else [node]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    onnx.save(model, str(out))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoothquant", default="auto")
@@ -97,6 +139,7 @@ def main():
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these")
     ap.add_argument("--probs-methods", nargs="*", default=[], help="rows with P's range from these range methods")
+    ap.add_argument("--unnormalized-probs", action="store_true", help="a row with each Softmax rewritten as exp(s - rowmax), divided after P·V")
     ap.add_argument("--out", default="bench_rotation_diagnosis.json")
     args = ap.parse_args()
     import onnxq
@@ -122,6 +165,13 @@ def main():
             onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=variant, report=False, evaluate=False, quiet=True)
             metrics = entry.evaluate(work / "v.onnx")
             rows.append({"variant": label, "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.unnormalized_probs:
+            unnormalized_probs(case["model"], work / "u.onnx")
+            onnxq.quantize(work / "u.onnx", work / "v.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
+                           rotate=True, rotate_online=args.online, report=False, evaluate=False, quiet=True)
+            metrics = entry.evaluate(work / "v.onnx")
+            rows.append({"variant": "all 8-bit, P unnormalized (exp(s - rowmax), divided after P·V)", "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
             print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
