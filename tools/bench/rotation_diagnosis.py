@@ -2,7 +2,7 @@
 once (``--rotate --rotate-online B``, SmoothQuant, MinMax, ``tensorrt`` target, plan saved), then
 the same plan replayed with one class of quantized inputs kept in float at a time.
 
-    python tools/bench/rotation_diagnosis.py [--smoothquant auto|none] [--online 128]
+    python tools/bench/rotation_diagnosis.py [--model smollm2-6l|smollm2-135m] [--smoothquant auto|none] [--online 128]
         [--precision int8|fp8] [--only LABEL ...] [--probs-methods entropy percentile mse]
         [--unnormalized-probs] [--out diag.json]
 
@@ -16,8 +16,11 @@ every MatMul in 8 bits but P's range (the Softmax outputs P·V reads) taken from
 method's plan (the model quantized once more with it; only P's entries copied).
 ``--unnormalized-probs``: a row where each Softmax is rewritten (exact in float, FlashAttention's
 order) as ``exp(s - rowmax(s))`` into P·V and the product divided by the row sum after, so every
-row of P reaches 1 and uses the whole INT8 grid; the rewritten model quantized like the base
-(every MatMul INT8; the per-head rotations do not find this layout and are skipped). Metrics: the
+row of P reaches 1 and uses the whole INT8 grid. The rotations are folded first (the per-head
+ones look for the Softmax), the rewrite is applied to the rotated float model, which is then
+quantized like the base without ``--rotate`` (the inserted online Hadamard MatMuls excluded, so
+float as with ``--rotate-online``); a control row quantizes the same pre-rotated model without the
+rewrite. Metrics: the
 zoo's top-1 agreement and KL against FP32.
 """
 
@@ -94,6 +97,23 @@ def with_probs_from(plan, other, classes, model_path):
     return plan
 
 
+def prerotated(path, online: int, out) -> list[str]:
+    """Write ``path`` with the rotations of ``--rotate --rotate-online online`` folded (float);
+    returns the inserted online Hadamard MatMuls."""
+    from onnxq import emit, modelio
+    from onnxq.passes.preprocess import load_and_preprocess
+    from onnxq.plan import QuantPlan
+    from onnxq.rotation import find_residual_stream
+
+    model = load_and_preprocess(path)
+    before = {n.name for n in model.graph}
+    plan = QuantPlan(target="tensorrt")
+    plan.rotation = find_residual_stream(model, online_block=online)
+    emit.emit(model, plan, ["rotate"])
+    onnx.save(modelio.to_proto(model), str(out))
+    return sorted(n.name for n in model.graph if n.op_type == "MatMul" and n.name not in before)
+
+
 def unnormalized_probs(path, out) -> None:
     """Write ``path`` with each Softmax feeding one P·V MatMul replaced by exp(s - rowmax) and
     the P·V output divided by the row sum of those exps (the same function in float)."""
@@ -132,47 +152,70 @@ def unnormalized_probs(path, out) -> None:
     onnx.save(model, str(out))
 
 
+def plan_rows(args, entry, case, work: Path, sq) -> list[dict]:
+    """The model quantized once (plan saved), then the plan's variants replayed, one row each."""
+    import onnxq
+    from onnxq.plan import QuantPlan
+
+    onnxq.quantize(case["model"], work / "q.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
+                   rotate=True, rotate_online=args.online, save_plan=work / "plan.json", report=False, evaluate=False, quiet=True)
+    plan = QuantPlan.load(work / "plan.json")
+    classes = node_classes(plan, case["model"])
+    plans = {label: without(plan, keep) for label, keep in variants(classes).items() if not args.only or any(o in label for o in args.only)}
+    for method in args.probs_methods:
+        onnxq.quantize(case["model"], work / "m.onnx", case["calib"], target="tensorrt", precision=args.precision, method=method, smoothquant=sq,
+                       rotate=True, rotate_online=args.online, save_plan=work / "m.json", report=False, evaluate=False, quiet=True)
+        plans[f"all 8-bit, P's range from {method}"] = with_probs_from(plan, QuantPlan.load(work / "m.json"), classes, case["model"])
+    rows = []
+    for label, variant in plans.items():
+        onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=variant, report=False, evaluate=False, quiet=True)
+        rows.append(row(label, entry.evaluate(work / "v.onnx")))
+    return rows
+
+
+def unnormalized_rows(args, entry, case, work: Path, sq) -> list[dict]:
+    """The rotated float model quantized without and with the unnormalized-P rewrite."""
+    import onnxq
+
+    inserted = prerotated(case["model"], args.online, work / "r.onnx")
+    unnormalized_probs(work / "r.onnx", work / "u.onnx")
+    rows = []
+    for label, model in (("all 8-bit, rotated beforehand (control)", "r.onnx"), ("all 8-bit, P unnormalized (exp(s - rowmax), divided after P·V)", "u.onnx")):
+        onnxq.quantize(work / model, work / "v.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
+                       exclude=inserted, report=False, evaluate=False, quiet=True)
+        rows.append(row(label, entry.evaluate(work / "v.onnx")))
+    return rows
+
+
+def row(label: str, metrics: dict) -> dict:
+    out = {"variant": label, **{k: round(v, 4) for k, v in metrics.items() if k in ("top1_agreement", "kl", "perplexity")}}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-6l", help="zoo decoder: smollm2-6l or smollm2-135m")
     ap.add_argument("--smoothquant", default="auto")
     ap.add_argument("--online", type=int, default=128)
     ap.add_argument("--precision", default="int8")
-    ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these")
+    ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose label contains one of these ('-': none of the plan's rows)")
     ap.add_argument("--probs-methods", nargs="*", default=[], help="rows with P's range from these range methods")
-    ap.add_argument("--unnormalized-probs", action="store_true", help="a row with each Softmax rewritten as exp(s - rowmax), divided after P·V")
+    ap.add_argument("--unnormalized-probs", action="store_true", help="rows with each Softmax rewritten as exp(s - rowmax), divided after P·V")
     ap.add_argument("--out", default="bench_rotation_diagnosis.json")
     args = ap.parse_args()
-    import onnxq
     from onnxq import zoo
-    from onnxq.plan import QuantPlan
 
-    entry = zoo.get("smollm2-6l")
+    entry = zoo.get(args.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxq-rot-diag-") as tmp:
         work = Path(tmp)
-        case = zoo.export_case("smollm2-6l", work / "s6")
+        case = zoo.export_case(args.model, work / "case")
         sq = None if args.smoothquant == "none" else args.smoothquant
-        onnxq.quantize(case["model"], work / "q.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
-                       rotate=True, rotate_online=args.online, save_plan=work / "plan.json", report=False, evaluate=False, quiet=True)
-        plan = QuantPlan.load(work / "plan.json")
-        classes = node_classes(plan, case["model"])
-        plans = {label: without(plan, keep) for label, keep in variants(classes).items() if not args.only or any(o in label for o in args.only)}
-        for method in args.probs_methods:
-            onnxq.quantize(case["model"], work / "m.onnx", case["calib"], target="tensorrt", precision=args.precision, method=method, smoothquant=sq,
-                           rotate=True, rotate_online=args.online, save_plan=work / "m.json", report=False, evaluate=False, quiet=True)
-            plans[f"all 8-bit, P's range from {method}"] = with_probs_from(plan, QuantPlan.load(work / "m.json"), classes, case["model"])
-        for label, variant in plans.items():
-            onnxq.quantize(case["model"], work / "v.onnx", case["calib"], plan=variant, report=False, evaluate=False, quiet=True)
-            metrics = entry.evaluate(work / "v.onnx")
-            rows.append({"variant": label, "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
-            print(json.dumps(rows[-1]), flush=True)
+        if args.only != ["-"]:
+            rows += plan_rows(args, entry, case, work, sq)
         if args.unnormalized_probs:
-            unnormalized_probs(case["model"], work / "u.onnx")
-            onnxq.quantize(work / "u.onnx", work / "v.onnx", case["calib"], target="tensorrt", precision=args.precision, method="minmax", smoothquant=sq,
-                           rotate=True, rotate_online=args.online, report=False, evaluate=False, quiet=True)
-            metrics = entry.evaluate(work / "v.onnx")
-            rows.append({"variant": "all 8-bit, P unnormalized (exp(s - rowmax), divided after P·V)", "top1_agreement": round(metrics["top1_agreement"], 4), "kl": round(metrics["kl"], 4)})
-            print(json.dumps(rows[-1]), flush=True)
+            rows += unnormalized_rows(args, entry, case, work, sq)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
