@@ -7,11 +7,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-
 from llama_synthetic import llama_decoder
+from synthetic import save
+
 from onnxq.cli import main
 from onnxq.recipe import Recipe, RecipeError
-from synthetic import save
 
 SEQ, VOCAB = 16, 96  # head dim 16, 16 keys: P·V and Q·Kᵀ large enough for the policy to quantize
 
@@ -68,3 +68,24 @@ def test_fp8_probabilities_need_tensorrt_and_int8():
     with pytest.raises(RecipeError, match="precision int8"):
         Recipe(precision="fp8", attention_probs="float").validated()
     assert Recipe(target="ort", attention_probs="float").validated().attention_probs == "float"
+
+
+def test_pv_is_found_through_data_moves_only():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxq.placement.attention import probability_products
+
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Cast", ["p"], ["pc"], name="cast", to=f),
+        helper.make_node("Transpose", ["pc"], ["pt"], name="move", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["pt", "v"], ["c"], name="pv"),
+        helper.make_node("Relu", ["p"], ["pr"], name="relu"),  # not a data move
+        helper.make_node("MatMul", ["pr", "v"], ["d"], name="not_pv"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f, [1, 4, 4]) for n in ("s", "v")],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("c", "d")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert probability_products(model) == ["pv"]

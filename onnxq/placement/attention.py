@@ -13,10 +13,10 @@ import onnx_ir as ir
 
 from onnxq.placement.rules import nodes
 from onnxq.plan import FLOAT, QuantPlan
-from onnxq.recipe import ATTENTION_PROBS
 
 # ops that only move or retype the probabilities on their way from the Softmax to P·V
 _DATA_MOVES = ("Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Identity")
+
 
 def reads_softmax(value: ir.Value | None) -> bool:
     """Whether ``value`` is a Softmax output, directly or through data moves alone."""
@@ -46,4 +46,4 @@ def set_attention_probs(model: ir.Model, plan: QuantPlan, precision: str) -> lis
         changed.append(name)
     return changed
 
-__all__ = ["ATTENTION_PROBS", "probability_products", "reads_softmax", "set_attention_probs"]
+__all__ = ["probability_products", "reads_softmax", "set_attention_probs"]
