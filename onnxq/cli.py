@@ -297,6 +297,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "head_bits": (("--head-bits",), {"type": int, "choices": [4, 8], "help": "weight-only: bits of the LM head's and the embedding table's weights under --quantize-head / --quantize-embedding (default: 8; 4 costs SmolLM2-135M a third of its perplexity, docs/weight-only.md)"}),
     "int8_share": (("--int8-share",), {"type": float, "metavar": "F", "help": "weight-only GPTQ: keep this share (0-1) of the 4-bit weights' elements at 8 bits, the products whose 4-bit output error on their Hessian is largest first (default: 0)"}),
     "gptq_act_order": (("--gptq-act-order",), {"action": argparse.BooleanOptionalAction, "help": "weight-only GPTQ: quantize input channels in decreasing order of their Hessian diagonal (default: on)"}),
+    "attention_probs": (("--attention-probs",), {"choices": ["int8", "fp8", "float"], "help": "int8 plans: attention's P·V products (a MatMul reading a Softmax's output) at int8 like every MatMul, fp8 (both operands E4M3: TensorRT on Ada/Hopper GPUs) or float (default: int8)"}),
     "quantize_embedding": (("--quantize-embedding",), {"action": "store_true", "help": "weight-only, ort target: quantize the embedding Gather's table too (com.microsoft GatherBlockQuantized); with a tied LM head pass --quantize-head as well"}),
     "block_size": (("--block-size",), {"type": int, "choices": [32, 64, 128], "metavar": "32|64|128", "help": "weight-only: weights per scale along the reduction axis (default: 128)"}),
     "high_precision": (("--high-precision",), {"choices": ["fp32", "fp16"], "help": "precision of the non-quantized regions: fp32, or fp16 with explicit Casts (norms, softmax inputs and tensors that overflow FP16 stay FP32) (default: fp32)"}),
@@ -319,7 +320,7 @@ RECIPE_OPTIONS: dict[str, tuple[tuple[str, ...], dict]] = {
     "bias_correction": (("--bias-correction",), {"action": "store_true", "help": "add to each quantized Conv/Gemm's bias the opposite of its quantized output's mean error per channel, measured on --calib"}),
     "depthwise_min_snr": (("--depthwise-min-snr",), {"type": float, "metavar": "DB", "help": "keep in float each depthwise Conv whose own quantized output's SNR, measured on --calib, is below DB (e.g. 34)"}),
 }
-PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "head_bits", "weight_method", "gptq_act_order", "int8_share", "dynamic")
+PLACEMENT = ("target", "precision", "high_precision", "exclude", "exclude_op", "include", "include_op", "per_tensor_weights", "block_size", "quantize_head", "quantize_embedding", "head_bits", "weight_method", "gptq_act_order", "int8_share", "dynamic", "attention_probs")
 CALIBRATION = ("calib_samples", "calib_method", "percentile")
 SMOOTHING = ("smoothquant", "split_outliers")
 CORRECTIONS = ("equalize", "rotate", "rotate_online", "bias_correction", "depthwise_min_snr")

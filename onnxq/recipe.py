@@ -37,6 +37,7 @@ BLOCK_SIZES = (32, 64, 128)
 HEAD_BITS = (4, 8)  # weight-only LM head / embedding table: INT4 like the body, or INT8
 WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
+ATTENTION_PROBS = ("int8", "fp8", "float")  # onnxq.placement.attention's choices for P·V
 PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
 
 
@@ -76,6 +77,7 @@ class Recipe:
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
     gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
     int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
+    attention_probs: str = "int8"  # attention's P·V products: "int8" (as every MatMul), "fp8" or "float"
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -150,6 +152,7 @@ class Recipe:
             "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
             "int8_share": _share(self.int8_share, source),
             "dynamic": _flag(self.dynamic, "dynamic", source),
+            "attention_probs": _choice(self.attention_probs, ATTENTION_PROBS, "attention-probs", source),
         }
         _check_percentile_method(values["percentile"], values["calib_method"], source)
         if values["split_outliers"] and values["smoothquant"] is None:
@@ -167,6 +170,7 @@ class Recipe:
             raise RecipeError(f"{_at(source)}--int8-share ranks 4-bit weights by their Hessian output error: pass --precision w4a16 --weight-method gptq (or awq+gptq) with it")
         if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):
             raise RecipeError(f"{_at(source)}--dynamic is INT8 on the ort target with run-time activation scales: pass --target ort --precision int8, without --smoothquant / --bias-correction")
+        _check_attention_probs(values, source)
         return dataclasses.replace(self, **values)
 
     @property
@@ -234,6 +238,15 @@ def _check_percentile_method(percentile, method, source: str) -> None:
     methods = set(method.values()) if isinstance(method, Mapping) else {method}
     if percentile is not None and method is not None and "percentile" not in methods:
         raise RecipeError(f"{_at(source)}--percentile only applies to --calib-method percentile (the method here is {method!r}); drop --percentile or pass --calib-method percentile")
+
+
+def _check_attention_probs(values: Mapping, source: str) -> None:
+    """P·V at FP8 or float is a change of an INT8 plan; FP8 nodes are TensorRT's (Ada/Hopper)."""
+    probs = values["attention_probs"]
+    if probs != "int8" and (values["precision"] != "int8" or values["dynamic"]):
+        raise RecipeError(f"{_at(source)}--attention-probs {probs} changes attention's P·V in an INT8 plan: pass --precision int8 (without --dynamic)")
+    if probs == "fp8" and values["target"] != "tensorrt":
+        raise RecipeError(f"{_at(source)}--attention-probs fp8 is for the tensorrt target (FP8 MatMuls need TensorRT on Ada/Hopper GPUs): pass --target tensorrt, or --attention-probs float")
 
 
 def _percentile(value, source: str) -> float | None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.placement.attention import set_attention_probs
 from onnxq.placement.rules import apply_filters
 from onnxq.plan import QuantPlan
 from onnxq.recipe import Recipe
@@ -42,6 +43,7 @@ def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
         plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding, head_bits=recipe.head_bits)
     else:
         plan = place(model, recipe.target, precision=recipe.precision)
+        set_attention_probs(model, plan, recipe.attention_probs)
     apply_filters(model, plan, exclude=recipe.exclude, exclude_op=recipe.exclude_op, include=recipe.include, include_op=recipe.include_op)
     if recipe.per_tensor_weights:
         for entry in plan.weights.values():

@@ -3,11 +3,13 @@ SmoothQuant, INT8 and FP8, next to ORT quantize_static in the same run, on the z
 
     python tools/bench/rotation.py [--models smollm2-6l smollm2-135m] [--precisions int8 fp8]
         [--rotate off on on+64] [--smoothquant none auto auto+16] [--methods minmax mse]
-        [--calib-samples N] [--eval-samples N] [--tools onnxq ort] [--out bench.json]
+        [--attention-probs int8 fp8 float] [--calib-samples N] [--eval-samples N] [--tools onnxq ort]
+        [--out bench.json]
 
 Rows per model: FP32; onnxq per (precision, range method, SmoothQuant setting — ``auto+16`` is
 ``--smoothquant auto --split-outliers 16`` —, rotation: ``on+64`` is ``--rotate
---rotate-online 64``), every MatMul/Gemm quantized (the
+--rotate-online 64``, and ``--attention-probs``: attention's P·V at INT8, FP8 or float), every
+MatMul/Gemm quantized (the
 ``tensorrt`` target's placement); ORT quantize_static (QDQ, MinMax, per-channel symmetric INT8
 weights, symmetric INT8 activations; its own process through tools/bench/_job.py).
 Metrics are the zoo's: SmolLM2 6-layer next-token top-1 agreement and KL vs FP32, SmolLM2-135M
@@ -41,7 +43,7 @@ def _smoothing(label: str):
     return (alpha if alpha == "auto" else float(alpha)), int(split or 0)
 
 
-def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None):
+def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None, attention_probs="int8"):
     import onnxq
 
     alpha, split = _smoothing(label)
@@ -49,7 +51,7 @@ def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None):
     t = time.perf_counter()
     onnxq.quantize(
         case["model"], out, case["calib"], target="tensorrt", precision=precision, method=method, smoothquant=alpha,
-        split_outliers=split, rotate=rotate == "on", rotate_online=int(online or 0), calib_samples=calib_n, report=False, evaluate=False, quiet=True,
+        split_outliers=split, rotate=rotate == "on", rotate_online=int(online or 0), calib_samples=calib_n, attention_probs=attention_probs, report=False, evaluate=False, quiet=True,
     )
     return {"seconds": round(time.perf_counter() - t, 1)}
 
@@ -99,15 +101,9 @@ def bench_model(name, args, work):
         for method in args.methods:
             for label in args.smoothquant:
                 for rotate in args.rotate:
-                    out = work / name / f"onnxq.{precision}.{method}.{label}.{rotate}.onnx"
-                    row = {"model": name, "tool": "onnxq", "precision": precision, "method": method, "smoothquant": label, "rotate": rotate}
-                    try:
-                        row.update(quantize_onnxq(case, out, precision, method, label, rotate, args.calib_samples))
-                        row["metrics"] = entry.evaluate(out, n=args.eval_samples)
-                    except Exception as exc:  # a failing setting is a row, not the end of the benchmark
-                        row["error"] = f"{type(exc).__name__}: {exc}"
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for probs in args.attention_probs if precision == "int8" else ["int8"]:
+                        rows.append(onnxq_row(entry, case, work / name, args, precision, method, label, rotate, probs))
+                        print(json.dumps(rows[-1]), flush=True)
     if "ort" in args.tools:
         out = work / name / "ort.onnx"
         row = {"model": name, "tool": "ort", "precision": "int8", "method": "minmax", "smoothquant": "none", "rotate": "off", **run_job("ort", case["model"], out, case["calib"], "tensorrt")}
@@ -118,15 +114,26 @@ def bench_model(name, args, work):
     return rows
 
 
+def onnxq_row(entry, case, work, args, precision, method, label, rotate, probs):
+    out = work / f"onnxq.{precision}.{method}.{label}.{rotate}.{probs}.onnx"
+    row = {"model": entry.name, "tool": "onnxq", "precision": precision, "method": method, "smoothquant": label, "rotate": rotate, "attention_probs": probs}
+    try:
+        row.update(quantize_onnxq(case, out, precision, method, label, rotate, args.calib_samples, probs))
+        row["metrics"] = entry.evaluate(out, n=args.eval_samples)
+    except Exception as exc:  # a failing setting is a row, not the end of the benchmark
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
 def print_table(rows):
     for model in dict.fromkeys(r["model"] for r in rows):
         keys = KEY_METRICS.get(model, ())
         fp32 = next((r for r in rows if r["model"] == model and r["tool"] == "fp32"), None)
         print(f"\n{model}")
-        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
+        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}{'P·V':<6}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
         for r in (r for r in rows if r["model"] == model):
             m = r.get("metrics", {})
-            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}"
+            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}{r.get('attention_probs', '-'):<6}"
             line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             if "perplexity" in m and fp32 is not None and "perplexity" in fp32.get("metrics", {}):
                 line += f"{m['perplexity'] / fp32['metrics']['perplexity']:>9.3f}x"
@@ -145,6 +152,7 @@ def main():
     ap.add_argument("--rotate", nargs="+", default=["off", "on", "on+64"], help="off, on, or on+B (with --rotate-online B)")
     ap.add_argument("--smoothquant", nargs="+", default=["none", "auto"], help="none, an α, auto, with +N for --split-outliers N")
     ap.add_argument("--methods", nargs="+", default=["minmax"])
+    ap.add_argument("--attention-probs", nargs="+", default=["int8"], help="INT8 rows: P·V at int8, fp8 or float")
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort"])

@@ -1,0 +1,91 @@
+"""--attention-probs: attention's P·V products (found from the Softmax they read) at FP8 or in
+float inside an INT8 plan, written into the plan and replayed byte for byte (fast tier: a
+synthetic GQA decoder)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from llama_synthetic import llama_decoder
+from synthetic import save
+
+from onnxq.cli import main
+from onnxq.recipe import Recipe, RecipeError
+
+SEQ, VOCAB = 16, 96  # head dim 16, 16 keys: P·V and Q·Kᵀ large enough for the policy to quantize
+
+
+def _quantize(tmp_path, probs: str, extra=()):
+    path = save(llama_decoder(hidden=64, seq=SEQ), tmp_path / "llama.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=np.random.default_rng(2).integers(0, VOCAB, (8, SEQ)).astype(np.int64))
+    a, b, plan = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "plan.json"
+    argv = ["quantize", str(path), "-o", str(a), "--calib", str(calib), "--attention-probs", probs, "--save-plan", str(plan), "-q", *extra]
+    assert main(argv) == 0
+    assert main(["quantize", str(path), "-o", str(b), "--plan", str(plan), "--no-eval", "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    return json.loads(plan.read_text())["nodes"], onnx.load(a).graph
+
+
+def _dq_types(graph: onnx.GraphProto, node_name: str) -> list[int | None]:
+    """The element type each input of ``node_name`` is dequantized from (None: not dequantized)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    quantized_type = {}
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2:
+            zero = next(i for i in graph.initializer if i.name == n.input[2])
+            quantized_type[n.output[0]] = zero.data_type
+    node = next(n for n in graph.node if n.name == node_name)
+    types = []
+    for tensor in node.input:
+        dq = producer.get(tensor)
+        types.append(quantized_type.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None)
+    return types
+
+
+@pytest.mark.parametrize("probs", ["fp8", "float"])
+def test_pv_at_the_asked_precision_replays_byte_for_byte(tmp_path, probs):
+    nodes, graph = _quantize(tmp_path, probs, ["--rotate", "--rotate-online", "32"])
+    pv = sorted(n for n in nodes if n.endswith(".pv"))
+    assert len(pv) == 2 and all(nodes[n]["precision"] == probs for n in pv)
+    others = [d["precision"] for n, d in nodes.items() if n not in pv and d["precision"] != "float"]
+    assert others and set(others) == {"int8"}  # the projections and Q·Kᵀ stay INT8
+    expected = [onnx.TensorProto.FLOAT8E4M3FN] * 2 if probs == "fp8" else [None, None]
+    assert all(_dq_types(graph, n) == expected for n in pv)
+    assert _dq_types(graph, "layers.0.qk") == [onnx.TensorProto.INT8] * 2
+
+
+def test_default_keeps_pv_int8(tmp_path):
+    nodes, graph = _quantize(tmp_path, "int8")
+    assert nodes["layers.0.pv"]["precision"] == "int8"
+    assert _dq_types(graph, "layers.0.pv") == [onnx.TensorProto.INT8] * 2
+
+
+def test_fp8_probabilities_need_tensorrt_and_int8():
+    with pytest.raises(RecipeError, match="tensorrt"):
+        Recipe(target="ort", attention_probs="fp8").validated()
+    with pytest.raises(RecipeError, match="precision int8"):
+        Recipe(precision="fp8", attention_probs="float").validated()
+    assert Recipe(target="ort", attention_probs="float").validated().attention_probs == "float"
+
+
+def test_pv_is_found_through_data_moves_only():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxq.placement.attention import probability_products
+
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Cast", ["p"], ["pc"], name="cast", to=f),
+        helper.make_node("Transpose", ["pc"], ["pt"], name="move", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["pt", "v"], ["c"], name="pv"),
+        helper.make_node("Relu", ["p"], ["pr"], name="relu"),  # not a data move
+        helper.make_node("MatMul", ["pr", "v"], ["d"], name="not_pv"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f, [1, 4, 4]) for n in ("s", "v")],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("c", "d")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert probability_products(model) == ["pv"]
