@@ -3,7 +3,8 @@
 Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
 
 0. ``rotate``: the rotation of a decoder's residual stream (``plan.rotation``), before
-   calibration like ``equalize`` (it changes every range after it);
+   calibration like ``equalize`` (it changes every range after it), and the unnormalized
+   attention probabilities (``plan.attention``: calibration must see E, not P);
    ``equalize``: cross-layer equalization (``plan.equalization``); a stage of its own because it
    runs before calibration (it changes the activations' ranges; SmoothQuant's fold needs them);
 1. ``fold``: SmoothQuant scales and split-off outlier channels (``plan.smoothquant``);
@@ -40,6 +41,7 @@ from onnxq.passes.provenance import RecordProvenancePass
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.rotate import RotatePass
 from onnxq.passes.smoothquant import SmoothQuantPass
+from onnxq.passes.unnormalized_softmax import UnnormalizedSoftmaxPass
 from onnxq.plan import QuantPlan
 
 STAGES = ("rotate", "equalize", "fold", "quantize", "finish")
@@ -48,7 +50,8 @@ STAGES = ("rotate", "equalize", "fold", "quantize", "finish")
 def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
     """The passes of one emit stage for ``plan``."""
     if stage == "rotate":
-        return [RotatePass(plan.rotation)] if plan.rotation is not None else []
+        rotate = [RotatePass(plan.rotation)] if plan.rotation is not None else []
+        return [*rotate, *([UnnormalizedSoftmaxPass(plan.attention)] if plan.attention is not None and plan.attention.unnormalized else [])]
     if stage == "equalize":
         return [EqualizePass(plan.equalization)] if plan.equalization is not None and plan.equalization.pairs else []
     if stage == "fold":

@@ -343,7 +343,8 @@ def _measured_placement(model: ir.Model, plan: QuantPlan, recipe: Recipe, data, 
 
 def fold_rotation(model: ir.Model, plan: QuantPlan, recipe: Recipe) -> None:
     """Decide the residual stream's rotation if asked and absent, and fold it: before
-    calibration, which must see the rotated activations (quantize, and the sweep's and solver's base)."""
+    calibration, which must see the rotated activations (quantize, and the sweep's and solver's base).
+    The same stage rewrites the unnormalized attention probabilities placement decided (``plan.attention``)."""
     if recipe.rotate and plan.rotation is None:
         plan.rotation = find_residual_stream(model, online_block=recipe.rotate_online)
     if plan.rotation is not None:

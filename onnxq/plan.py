@@ -410,6 +410,27 @@ class RotationPlan:
         )
 
 
+# --- attention probabilities (decided by onnxq.placement.attention, executed by passes/unnormalized_softmax.py) ---
+
+
+@dataclass
+class AttentionPlan:
+    """``unnormalized``: [Softmax, P·V] pairs whose Softmax becomes ``exp(s - rowmax(s))`` and
+    whose P·V output is divided by that exp's row sums (``--attention-probs unnormalized``)."""
+
+    unnormalized: list[list[str]] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"unnormalized": [list(pair) for pair in self.unnormalized]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> AttentionPlan:
+        pairs = [list(pair) for pair in data.get("unnormalized", [])]
+        if not all(len(pair) == 2 and all(isinstance(name, str) for name in pair) for pair in pairs):
+            raise ValueError("attention.unnormalized is a list of [softmax, pv] node name pairs")
+        return cls(unnormalized=pairs)
+
+
 @dataclass
 class QuantPlan:
     target: str
@@ -433,6 +454,7 @@ class QuantPlan:
     # depthwise conv -> its own quantized output's SNR (dB) on the calibration data (None: not measured)
     local_snr: dict[str, float] | None = None
     rotation: RotationPlan | None = None
+    attention: AttentionPlan | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -518,6 +540,7 @@ class QuantPlan:
             **({"bias_correction": self.bias_correction} if self.bias_correction is not None else {}),
             **({"local_snr": self.local_snr} if self.local_snr is not None else {}),
             **({"rotation": self.rotation.to_json()} if self.rotation is not None else {}),
+            **({"attention": self.attention.to_json()} if self.attention is not None else {}),
         }
 
     @classmethod
@@ -552,6 +575,7 @@ class QuantPlan:
                 bias_correction=data.get("bias_correction"),
                 local_snr=data.get("local_snr"),
                 rotation=RotationPlan.from_json(data["rotation"]) if data.get("rotation") else None,
+                attention=AttentionPlan.from_json(data["attention"]) if data.get("attention") else None,
             )
             plan.check_values(source)
             return plan

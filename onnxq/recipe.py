@@ -37,7 +37,7 @@ BLOCK_SIZES = (32, 64, 128)
 HEAD_BITS = (4, 8)  # weight-only LM head / embedding table: INT4 like the body, or INT8
 WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 HIGH_PRECISIONS = ("fp32", "fp16")
-ATTENTION_PROBS = ("int8", "fp8", "float")  # onnxq.placement.attention's choices for P·V
+ATTENTION_PROBS = ("int8", "fp8", "float", "unnormalized")  # onnxq.placement.attention's choices for P·V
 PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
 
 
@@ -77,7 +77,7 @@ class Recipe:
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
     gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
     int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
-    attention_probs: str = "int8"  # attention's P·V products: "int8" (as every MatMul), "fp8" or "float"
+    attention_probs: str = "int8"  # attention's P·V products: "int8" (as every MatMul), "fp8", "float" or "unnormalized" (INT8 on exp(s - rowmax))
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # --- construction ------------------------------------------------------------------------
@@ -241,7 +241,8 @@ def _check_percentile_method(percentile, method, source: str) -> None:
 
 
 def _check_attention_probs(values: Mapping, source: str) -> None:
-    """P·V at FP8 or float is a change of an INT8 plan; FP8 nodes are TensorRT's (Ada/Hopper)."""
+    """P·V at FP8, in float or on unnormalized probabilities is a change of an INT8 plan; FP8
+    nodes are TensorRT's (Ada/Hopper)."""
     probs = values["attention_probs"]
     if probs != "int8" and (values["precision"] != "int8" or values["dynamic"]):
         raise RecipeError(f"{_at(source)}--attention-probs {probs} changes attention's P·V in an INT8 plan: pass --precision int8 (without --dynamic)")

@@ -89,3 +89,76 @@ def test_pv_is_found_through_data_moves_only():
                               [helper.make_tensor_value_info(n, f, None) for n in ("c", "d")])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert probability_products(model) == ["pv"]
+
+
+# --- --attention-probs unnormalized: E = exp(s - rowmax) into P·V, P·V divided by E's row sums ---
+
+
+def _float_outputs(proto: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: ids})[0]
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before 18, an input from 18
+def test_unnormalized_probabilities_compute_the_same_function(opset):
+    import onnx_ir as ir
+
+    from onnxq import emit
+    from onnxq.placement.attention import unnormalized_pairs
+    from onnxq.plan import AttentionPlan, QuantPlan
+
+    proto = llama_decoder(hidden=64, seq=SEQ)
+    if opset != 17:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    model = ir.from_proto(proto)
+    pairs = unnormalized_pairs(model)
+    assert pairs == [[f"layers.{i}.softmax", f"layers.{i}.pv"] for i in range(2)]
+    plan = QuantPlan(target="tensorrt", attention=AttentionPlan(unnormalized=pairs))
+    rewritten = ir.to_proto(emit.emit(model, plan, ["rotate"]))
+    onnx.checker.check_model(rewritten)
+    assert "Softmax" not in {n.op_type for n in rewritten.graph.node}
+    ids = np.random.default_rng(3).integers(0, VOCAB, (1, SEQ)).astype(np.int64)
+    expected, got = _float_outputs(proto, ids), _float_outputs(rewritten, ids)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_unnormalized_pv_reads_e_at_int8_and_replays_byte_for_byte(tmp_path):
+    nodes, graph = _quantize(tmp_path, "unnormalized", ["--calib-method", "minmax"])
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["attention"]["unnormalized"] == [[f"layers.{i}.softmax", f"layers.{i}.pv"] for i in range(2)]
+    assert nodes["layers.0.pv"]["precision"] == "int8"
+    assert _dq_types(graph, "layers.0.pv") == [onnx.TensorProto.INT8] * 2
+    producer = {o: n for n in graph.node for o in n.output}
+    dq = producer[next(n for n in graph.node if n.name == "layers.0.pv").input[0]]
+    assert producer[producer[dq.input[0]].input[0]].op_type == "Exp"  # P·V's first input quantizes E
+    scale = onnx.numpy_helper.to_array(next(i for i in graph.initializer if i.name == dq.input[1]))
+    assert abs(float(scale) * 127 - 1) < 1e-3  # every row of E peaks at exactly 1
+    divide = next(n for n in graph.node if n.name == "layers.0.pv/normalize")
+    assert divide.op_type == "Div" and producer[divide.input[1]].op_type == "ReduceSum"
+
+
+def test_unnormalized_needs_int8_and_keeps_shared_probabilities():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from onnxq.placement.attention import unnormalized_pairs
+
+    with pytest.raises(RecipeError, match="precision int8"):
+        Recipe(precision="fp8", attention_probs="unnormalized").validated()
+    assert Recipe(target="ort", attention_probs="unnormalized").validated().attention_probs == "unnormalized"
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Softmax", ["s"], ["p"], name="shared", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["c"], name="pv"),
+        helper.make_node("Relu", ["p"], ["r"], name="other_reader"),
+        helper.make_node("Softmax", ["s"], ["q"], name="first_axis", axis=1),
+        helper.make_node("MatMul", ["q", "v"], ["d"], name="pv_first_axis"),
+        helper.make_node("Softmax", ["s"], ["t"], name="last_axis", axis=2),
+        helper.make_node("MatMul", ["t", "v"], ["e"], name="pv_last_axis"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f, [1, 4, 4]) for n in ("s", "v")],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("c", "r", "d", "e")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert unnormalized_pairs(model) == [["last_axis", "pv_last_axis"]]
