@@ -162,3 +162,23 @@ def test_unnormalized_needs_int8_and_keeps_shared_probabilities():
                               [helper.make_tensor_value_info(n, f, None) for n in ("c", "r", "d", "e")])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert unnormalized_pairs(model) == [["last_axis", "pv_last_axis"]]
+
+
+def test_unnormalized_sweep_and_solve_replay(tmp_path):
+    """The sweep and the solver fold the rewrite on their base (pipeline.fold_rotation): the
+    solver's model replays byte for byte from its plan, which keeps the pairs."""
+    from onnxq.mixed_precision.sweep import sweep
+
+    path = save(llama_decoder(hidden=64, seq=SEQ), tmp_path / "llama.onnx")
+    rng = np.random.default_rng(4)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, ids=rng.integers(0, VOCAB, (8, SEQ)).astype(np.int64))
+    np.savez(evald, ids=rng.integers(0, VOCAB, (4, SEQ)).astype(np.int64))
+    common = ["--calib", str(calib), "--eval", str(evald)]
+    # the sweep CLI has no --attention-probs (nor --recipe passing it on): the API's recipe carries it
+    sweep(path, calib, tmp_path / "s.json", eval=evald, recipe=Recipe(attention_probs="unnormalized", calib_method="minmax"), quiet=True)
+    assert main(["solve", str(tmp_path / "s.json"), str(path), *common, "-o", str(tmp_path / "plan.json"),
+                 "--max-high-precision-layers", "1", "--save-model", str(tmp_path / "solved.onnx"), "-q"]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["attention"]["unnormalized"]
+    assert main(["quantize", str(path), "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "plan.json"), "--no-eval", "-q"]) == 0
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "solved.onnx").read_bytes()

@@ -82,7 +82,7 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
         if p != FLOAT:
             counts[p] = counts.get(p, 0) + 1
     default = max(counts, key=counts.__getitem__) if counts else base.precision
-    plan = QuantPlan(target=base.target, precision=default, smoothquant=base.smoothquant, min_opset=base.min_opset, recipe=base.recipe, equalization=base.equalization, rotation=base.rotation)
+    plan = QuantPlan(target=base.target, precision=default, smoothquant=base.smoothquant, min_opset=base.min_opset, recipe=base.recipe, equalization=base.equalization, rotation=base.rotation, attention=base.attention)
     by_name = {n.name: n for n in model.graph}
     for name, d in base.nodes.items():
         p = assignment.get(name, FLOAT) if d.quantized else d.precision

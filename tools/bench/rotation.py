@@ -3,12 +3,12 @@ SmoothQuant, INT8 and FP8, next to ORT quantize_static in the same run, on the z
 
     python tools/bench/rotation.py [--models smollm2-6l smollm2-135m] [--precisions int8 fp8]
         [--rotate off on on+64] [--smoothquant none auto auto+16] [--methods minmax mse]
-        [--attention-probs int8 fp8 float] [--calib-samples N] [--eval-samples N] [--tools onnxq ort]
+        [--attention-probs int8 fp8 float unnormalized] [--calib-samples N] [--eval-samples N] [--tools onnxq ort]
         [--out bench.json]
 
 Rows per model: FP32; onnxq per (precision, range method, SmoothQuant setting — ``auto+16`` is
 ``--smoothquant auto --split-outliers 16`` —, rotation: ``on+64`` is ``--rotate
---rotate-online 64``, and ``--attention-probs``: attention's P·V at INT8, FP8 or float), every
+--rotate-online 64``, and ``--attention-probs``: attention's P·V at INT8, FP8, float, or INT8 on unnormalized exp(s - rowmax)), every
 MatMul/Gemm quantized (the
 ``tensorrt`` target's placement); ORT quantize_static (QDQ, MinMax, per-channel symmetric INT8
 weights, symmetric INT8 activations; its own process through tools/bench/_job.py).
@@ -130,10 +130,10 @@ def print_table(rows):
         keys = KEY_METRICS.get(model, ())
         fp32 = next((r for r in rows if r["model"] == model and r["tool"] == "fp32"), None)
         print(f"\n{model}")
-        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}{'P·V':<6}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
+        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}{'P·V':<13}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
         for r in (r for r in rows if r["model"] == model):
             m = r.get("metrics", {})
-            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}{r.get('attention_probs', '-'):<6}"
+            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}{r.get('attention_probs', '-'):<13}"
             line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             if "perplexity" in m and fp32 is not None and "perplexity" in fp32.get("metrics", {}):
                 line += f"{m['perplexity'] / fp32['metrics']['perplexity']:>9.3f}x"
@@ -152,7 +152,7 @@ def main():
     ap.add_argument("--rotate", nargs="+", default=["off", "on", "on+64"], help="off, on, or on+B (with --rotate-online B)")
     ap.add_argument("--smoothquant", nargs="+", default=["none", "auto"], help="none, an α, auto, with +N for --split-outliers N")
     ap.add_argument("--methods", nargs="+", default=["minmax"])
-    ap.add_argument("--attention-probs", nargs="+", default=["int8"], help="INT8 rows: P·V at int8, fp8 or float")
+    ap.add_argument("--attention-probs", nargs="+", default=["int8"], choices=["int8", "fp8", "float", "unnormalized"], help="INT8 rows: P·V at int8, fp8, float or unnormalized (int8 on exp(s - rowmax))")
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort"])
