@@ -75,18 +75,10 @@ def _sweep(args: argparse.Namespace) -> int:
         eval=args.eval,
         mode=args.mode,
         precisions=args.precisions,
-        target=recipe.target,
+        recipe=recipe,  # flags and --recipe FILE merged: every field the sweep uses, none dropped
         metric=_metric_spec(args),
-        calib_samples=recipe.calib_samples,
         eval_samples=args.eval_samples,
-        method=recipe.calib_method,
-        percentile=recipe.percentile,
         layers_only=args.layers.split(",") if args.layers else None,
-        smoothquant=recipe.smoothquant,
-        split_outliers=recipe.split_outliers,
-        equalize=recipe.equalize,
-        rotate=recipe.rotate,
-        rotate_online=recipe.rotate_online,
         quiet=args.quiet,
     )
     if not args.quiet:
@@ -472,7 +464,7 @@ def _mixed_precision_parsers(sub) -> None:
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     _add_metric(s, "e2e mode: also compute this task metric per layer; solve repeats it")
     _add_eval_samples(s)
-    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize", "rotate", "rotate_online"))
+    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize", "rotate", "rotate_online", "attention_probs"))
     _add_quiet(s, "no progress or table")
     s.set_defaults(func=_sweep)
 

@@ -175,8 +175,13 @@ def test_unnormalized_sweep_and_solve_replay(tmp_path):
     np.savez(calib, ids=rng.integers(0, VOCAB, (8, SEQ)).astype(np.int64))
     np.savez(evald, ids=rng.integers(0, VOCAB, (4, SEQ)).astype(np.int64))
     common = ["--calib", str(calib), "--eval", str(evald)]
-    # the sweep CLI has no --attention-probs (nor --recipe passing it on): the API's recipe carries it
-    sweep(path, calib, tmp_path / "s.json", eval=evald, recipe=Recipe(attention_probs="unnormalized", calib_method="minmax"), quiet=True)
+    assert main(["sweep", str(path), *common, "-o", str(tmp_path / "s.json"), "--attention-probs", "unnormalized", "--calib-method", "minmax", "-q"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["recipe"]["attention-probs"] == "unnormalized"
+    # a --recipe file's key reaches the sweep too (it used to pass on a fixed list of fields)
+    (tmp_path / "r.yaml").write_text("attention-probs: unnormalized\ncalib-method: minmax\n")
+    sweep_api = sweep(path, calib, None, eval=evald, recipe=Recipe(attention_probs="unnormalized", calib_method="minmax"), quiet=True, plot=False)
+    assert main(["sweep", str(path), *common, "-o", str(tmp_path / "s2.json"), "--recipe", str(tmp_path / "r.yaml"), "-q"]) == 0
+    assert json.loads((tmp_path / "s2.json").read_text())["recipe"] == sweep_api.recipe
     assert main(["solve", str(tmp_path / "s.json"), str(path), *common, "-o", str(tmp_path / "plan.json"),
                  "--max-high-precision-layers", "1", "--save-model", str(tmp_path / "solved.onnx"), "-q"]) == 0
     assert json.loads((tmp_path / "plan.json").read_text())["attention"]["unnormalized"]
