@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from onnxq import emit, modelio
 from onnxq.errors import OnnxqError
+from onnxq.ops import reduce_node
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.plan import WEIGHT_DTYPE, NodeDecision, QuantPlan, WeightQuant
 from onnxq.progress import progress_bar
@@ -47,16 +48,6 @@ def _activation_source(node: ir.Node, decision: NodeDecision) -> dict[int, str]:
     if pad is not None and pad.op_type == "Pad":
         sources[0] = pad.inputs[0].name
     return sources
-
-
-def _mean_over_all_but_channel(value: ir.Value, rank: int, name: str, opset: int) -> tuple[ir.Node, ir.Value | None]:
-    """ReduceMean over every axis but 1 (and the axes initializer it needs from opset 18 on)."""
-    axes = [a for a in range(rank) if a != 1]
-    if opset >= 18:
-        axes_value = ir.Value(name=f"{name}_axes", const_value=ir.tensor(np.asarray(axes, np.int64), name=f"{name}_axes"))
-        node = ir.node("ReduceMean", [value, axes_value], attributes={"keepdims": 0}, name=name)
-        return node, axes_value
-    return ir.node("ReduceMean", [value], attributes={"keepdims": 0, "axes": axes}, name=name), None
 
 
 def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[QuantPlan, list[tuple[ir.Node, ir.Value]]]:
@@ -92,7 +83,8 @@ def _channel_means(model: ir.Model, errors: list[tuple[ir.Node, ir.Value]]) -> l
     outputs = []
     for node, error in errors:
         rank = len(node.inputs[1].const_value.shape) if node.op_type == "Conv" else 2
-        mean, axes = _mean_over_all_but_channel(error, rank, f"{node.name}/bias_mean_error", opset)
+        over = [a for a in range(rank) if a != 1]
+        mean, axes = reduce_node("ReduceMean", error, over, opset, f"{node.name}/bias_mean_error", keepdims=False)
         if axes is not None:
             model.graph.register_initializer(axes)
         mean.outputs[0].name, mean.outputs[0].dtype = f"{node.name}/bias_mean_error", error.dtype

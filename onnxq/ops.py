@@ -189,3 +189,25 @@ def static_macs(node: ir.Node, shapes: Mapping[str, list[int]]) -> int:
         m, k, n = gemm_dims(node)
         return int(m * k * n) if None not in (m, k, n) else 0
     return linear_macs(node, sa, shapes.get(b.name) or list(b.shape or []), so)
+
+
+# The opset from which a Reduce* op reads its axes as an optional int64 input instead of the
+# ``axes`` attribute (ReduceSum moved at 13, the others at 18).
+REDUCE_AXES_INPUT_SINCE = {
+    "ReduceSum": 13, "ReduceMax": 18, "ReduceMin": 18, "ReduceMean": 18, "ReduceProd": 18,
+    "ReduceSumSquare": 18, "ReduceL1": 18, "ReduceL2": 18, "ReduceLogSum": 18, "ReduceLogSumExp": 18,
+}
+
+
+def reduce_node(op_type: str, x: ir.Value, axes: Sequence[int], opset: int, name: str, keepdims: bool) -> tuple[ir.Node, ir.Value | None]:
+    """A ``op_type`` node named ``name`` reducing ``x`` over ``axes``, written for ``opset``.
+
+    Returns the node and, where the opset wants the axes as an input, the int64 constant the node
+    reads (``{name}_axes``, not yet in any graph: the caller registers it as an initializer or
+    makes it a Constant node's output); else None (the axes are an attribute)."""
+    if opset < REDUCE_AXES_INPUT_SINCE[op_type]:
+        return ir.node(op_type, [x], attributes={"keepdims": int(keepdims), "axes": list(axes)}, name=name), None
+    array = np.asarray(list(axes), dtype=np.int64)
+    axes_value = ir.Value(name=f"{name}_axes", const_value=ir.tensor(array, name=f"{name}_axes"))
+    axes_value.dtype, axes_value.shape = ir.DataType.INT64, ir.Shape(array.shape)
+    return ir.node(op_type, [x, axes_value], attributes={"keepdims": int(keepdims)}, name=name), axes_value

@@ -239,13 +239,16 @@ def test_collect_per_channel_amax_and_histograms_equal_numpy():
     assert table.tensors["probs"].histogram.total == 5 * 16 * 16
 
 
-def test_collect_conv_input_channel_amax(tmp_path):
-    model = _typed(synthetic.residual_cnn())
+@pytest.mark.parametrize("opset", [17, 18])  # the reductions' axes: an attribute before 18, an input from 18
+def test_collect_conv_input_channel_amax(tmp_path, opset):
+    model = _typed(synthetic.residual_cnn(opset=opset))
     rng = np.random.default_rng(6)
     feeds = [{"x": rng.normal(0, 1, (1, 16, 8, 8)).astype(np.float32) * np.arange(1, 17, dtype=np.float32)[None, :, None, None]} for _ in range(3)]
-    table = collect(model, ["x"], feeds, progress=False, channel_axes={"x": 1})
+    table = collect(model, ["x"], feeds, progress=False, channel_axes={"x": 1}, channel_ranges={"x"})
     xs = np.concatenate([f["x"] for f in feeds])
     np.testing.assert_array_equal(table.tensors["x"].channel_amax, np.abs(xs).max(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(table.tensors["x"].channel_min, xs.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(table.tensors["x"].channel_max, xs.max(axis=(0, 2, 3)))
     assert table.tensors["x"].histogram is None
 
 

@@ -28,7 +28,7 @@ def _w(rng, shape, spread):
     return (w * np.exp(rng.normal(0, spread, (shape[0],) + (1,) * (len(shape) - 1)))).astype(np.float32)
 
 
-def mobile_block(seed: int = 0, spread: float = 1.0) -> onnx.ModelProto:
+def mobile_block(seed: int = 0, spread: float = 1.0, opset: int = 17) -> onnx.ModelProto:
     """x[1,16,12,12] → Conv 1×1 (16→32) → Relu → depthwise 3×3 → Clip(0, 6) → Conv 1×1 (32→16)
     → Conv 3×3 (16→16) → Relu → GlobalAveragePool → Flatten → Gemm(16→6) → LeakyRelu → Gemm(6→3)."""
     rng = np.random.default_rng(seed)
@@ -60,7 +60,7 @@ def mobile_block(seed: int = 0, spread: float = 1.0) -> onnx.ModelProto:
         nodes, "mobile_block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 12])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
 @pytest.fixture
@@ -166,3 +166,18 @@ def test_one_correction_per_output_channel_of_every_quantized_conv(block_case):
     assert all(len(v) == channels[n] for n, v in corrections.items())
     plan.bias_correction = corrections
     assert QuantPlan.from_json(json.loads(json.dumps(plan.to_json()))).bias_correction == corrections
+
+
+def test_bias_corrections_are_the_same_at_opset_18(block_case, tmp_path):
+    """The per-channel mean error is reduced with ``axes`` as an attribute at 17 and as an input
+    at 18 (ReduceMean's change): the same model gives the same corrections at both."""
+    _, calib, _ = block_case
+    data = [{"x": d[None]} for d in np.load(calib)["x"]]
+    corrections = []
+    for opset in (17, 18):
+        path = save(mobile_block(opset=opset), tmp_path / f"block{opset}.onnx")
+        plan, _ = build(load_and_preprocess(path), Recipe(), data)
+        corrections.append(measure_corrections(load_and_preprocess(path), plan, data))
+    assert corrections[0].keys() == corrections[1].keys() and corrections[0]
+    for name, values in corrections[0].items():
+        np.testing.assert_allclose(corrections[1][name], values, rtol=1e-5, atol=1e-7)

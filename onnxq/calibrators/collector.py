@@ -30,6 +30,7 @@ from onnxq.calibrators.reservoir import RowReservoir
 from onnxq.calibrators.subgraphs import Promotion, iter_graphs, reduce_promoted
 from onnxq.calibrators.table import CalibrationTable, TensorStats
 from onnxq.errors import DataError, OnnxqError
+from onnxq.ops import reduce_node
 from onnxq.progress import log, progress_bar
 from onnxq.runtime import ort as ort_rt
 
@@ -55,14 +56,17 @@ def float_tensors(model: ir.Model, tensors: Sequence[str]) -> list[str]:
     return [t for t in tensors if t in values and values[t].dtype in _FLOAT_TYPES]
 
 
-def _reduce_max(x: ir.Value, axes: list[int], opset: int, name: str, op: str = "ReduceMax") -> list[ir.Node]:
-    if opset >= 18:
-        axes_value = ir.Value(name=f"{name}/axes", const_value=ir.tensor(np.array(axes, dtype=np.int64), name=f"{name}/axes"))
-        const = ir.node("Constant", [], attributes={"value": axes_value.const_value}, name=f"{name}/axes")
-        const.outputs[0].name = f"{name}/axes_value"
-        node = ir.node(op, [x, const.outputs[0]], attributes={"keepdims": 0}, name=name)
-        return [const, node]
-    return [ir.node(op, [x], attributes={"keepdims": 0, "axes": axes}, name=name)]
+def _reduce(op: str, x: ir.Value, axes: list[int], opset: int, name: str) -> list[ir.Node]:
+    """``op`` over ``axes`` (keepdims 0), as the opset wants; axes read as an input come from a
+    Constant node, not an initializer: the statistics nodes are added to whichever graph defines
+    ``x`` (an If/Loop body too) and removed again with nothing else to undo."""
+    node, axes_value = reduce_node(op, x, axes, opset, name, keepdims=False)
+    if axes_value is None:
+        return [node]
+    const = ir.node("Constant", [], attributes={"value": axes_value.const_value}, name=f"{name}/axes")
+    const.outputs[0].name = f"{name}/axes_value"
+    node.replace_input_with(1, const.outputs[0])
+    return [const, node]
 
 
 def augment_with_reductions(
@@ -133,7 +137,7 @@ def augment_with_reductions(
             absnode = ir.node("Abs", [value], name=f"onnxq_calib/Abs/{name}")
             absnode.outputs[0].name = f"{name}::onnxq_abs"
             absnode.outputs[0].dtype = value.dtype
-            reduce = _reduce_max(absnode.outputs[0], [a for a in range(rank) if a != axis], opset, f"onnxq_calib/ReduceMaxChannel/{name}")
+            reduce = _reduce("ReduceMax", absnode.outputs[0], [a for a in range(rank) if a != axis], opset, f"onnxq_calib/ReduceMaxChannel/{name}")
             out = reduce[-1].outputs[0]
             out.name = f"{name}::onnxq_channel_amax"
             out.dtype = value.dtype
@@ -142,7 +146,7 @@ def augment_with_reductions(
             if name in channel_ranges:
                 for op in ("ReduceMin", "ReduceMax"):
                     kind = op[6:].lower()
-                    reduce = _reduce_max(value, [a for a in range(rank) if a != axis], opset, f"onnxq_calib/{op}ChannelRange/{name}", op)
+                    reduce = _reduce(op, value, [a for a in range(rank) if a != axis], opset, f"onnxq_calib/{op}ChannelRange/{name}")
                     out = reduce[-1].outputs[0]
                     out.name = f"{name}::onnxq_channel_{kind}"
                     out.dtype = value.dtype

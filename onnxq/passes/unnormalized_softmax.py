@@ -18,23 +18,19 @@ attribute. The pass decides nothing: the pairs come from the plan
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import PlanError
-from onnxq.passes.initializers import add_initializer
+from onnxq.ops import reduce_node
 from onnxq.plan import AttentionPlan
 from onnxq.progress import log
 
 
 def _reduce_last_axis(graph: ir.Graph, op_type: str, value: ir.Value, name: str, opset: int) -> ir.Node:
     """``op_type`` (ReduceMax/ReduceSum) over the last axis with keepdims, axes as the opset wants."""
-    axes_as_input = opset >= (18 if op_type == "ReduceMax" else 13)
-    if axes_as_input:
-        axes = add_initializer(graph, f"{name}_axes", np.array([-1], dtype=np.int64))
-        node = ir.node(op_type, [value, axes], attributes={"keepdims": 1}, name=name)
-    else:
-        node = ir.node(op_type, [value], attributes={"keepdims": 1, "axes": [-1]}, name=name)
+    node, axes = reduce_node(op_type, value, [-1], opset, name, keepdims=True)
+    if axes is not None:
+        graph.register_initializer(axes)
     node.outputs[0].name = name
     _same_type(node.outputs[0], value, shape=False)
     return node
