@@ -213,3 +213,15 @@ def test_subsampled_histogram_counts_rare_large_values_exactly():
     coarse_full, coarse_sampled = full.counts.reshape(8, -1).sum(1), sampled.counts.reshape(8, -1).sum(1)
     big = coarse_full > 0.05 * full.total
     np.testing.assert_allclose(coarse_sampled[big], coarse_full[big], rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tail_is_every_element_at_least_a_quarter_of_its_samples_largest_magnitude(dtype):
+    """Per sample: a largest |x| that is negative, one that is positive, a sample of zeros (all
+    of it is the tail) and a NaN (no tail); the same elements as the definition on |x|."""
+    rows = np.random.default_rng(2).normal(0, 1, (4, 500)).astype(dtype)
+    rows[0, 11], rows[1, 12], rows[2], rows[3, 5] = -30, 30, 0, np.nan
+    magnitude = np.abs(rows)
+    expected = magnitude >= (histogram.TAIL_FRACTION * magnitude.max(axis=1))[:, None]
+    np.testing.assert_array_equal(histogram._tail(rows), expected)
+    assert expected[2].all() and not expected[3].any() and 0 < expected[0].sum() < 500

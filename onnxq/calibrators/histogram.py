@@ -49,18 +49,23 @@ def _stride(per_sample: int, cap: int) -> int:
     return s
 
 
+def _strided(x: np.ndarray, samples: int, cap: int) -> tuple[np.ndarray, int]:
+    """(every ``s``-th element of each sample of ``x``, ``s``); (``x``, 1) when ``x`` is counted
+    whole (:func:`sample_elements`)."""
+    if x.ndim == 0 or samples < 1 or x.shape[0] % samples or x.size // samples <= cap:
+        return x, 1
+    rows = x.reshape(samples, -1)
+    stride = _stride(rows.shape[1], cap)
+    return rows[:, ::stride], stride
+
+
 def sample_elements(x: np.ndarray, samples: int, cap: int | None = None) -> np.ndarray:
     """The elements of ``x`` (a batch of ``samples`` samples along axis 0) a histogram counts:
     all of them when a sample has at most ``cap`` elements, else every ``s``-th element of each
     sample (:func:`_stride`; a view, no copy). The positions depend only on the sample's size, so
     the histogram does not depend on the batch split. A tensor whose leading axis is not a
     multiple of ``samples`` is counted whole."""
-    cap = SAMPLE_ELEMENTS if cap is None else cap
-    x = np.asarray(x)
-    if x.ndim == 0 or samples < 1 or x.shape[0] % samples or x.size // samples <= cap:
-        return x
-    rows = x.reshape(samples, -1)
-    return rows[:, :: _stride(rows.shape[1], cap)]
+    return _strided(np.asarray(x), samples, SAMPLE_ELEMENTS if cap is None else cap)[0]
 
 
 def range_for(amax: float) -> float:
@@ -69,6 +74,19 @@ def range_for(amax: float) -> float:
         return 0.0
     m, e = math.frexp(amax)  # amax = m * 2**e, 0.5 <= m < 1
     return math.ldexp(1.0, e - 1) if m == 0.5 else math.ldexp(1.0, e)
+
+
+def _tail(rows: np.ndarray) -> np.ndarray:
+    """Where ``|x| >= TAIL_FRACTION`` times the largest ``|x|`` of its row (a sample): two
+    comparisons per element against the row's threshold, no ``abs`` copy of the batch (row by row
+    with a scalar threshold: twice as fast as broadcasting a column of thresholds)."""
+    largest = np.maximum(rows.max(axis=1), -rows.min(axis=1))
+    tail = np.empty(rows.shape, dtype=bool)
+    below = np.empty(rows.shape[1], dtype=bool)
+    for row, out, threshold in zip(rows, tail, TAIL_FRACTION * largest):
+        np.greater_equal(row, threshold, out=out)
+        out |= np.less_equal(row, -threshold, out=below)
+    return tail
 
 
 class Histogram:
@@ -124,14 +142,12 @@ class Histogram:
         its subsample: every element of a sample at least ``TAIL_FRACTION`` of the sample's
         largest ``|x|``, and every ``s``-th of the others counted ``s`` times (module docstring)."""
         x = np.asarray(x)
-        sampled = sample_elements(x, samples)
-        if sampled is x or range_for(amax) == 0.0:
+        sampled, stride = _strided(x, samples, SAMPLE_ELEMENTS)
+        if stride == 1 or range_for(amax) == 0.0:
             self.update(x, amax)
             return
         rows = x.reshape(samples, -1)
-        stride = _stride(rows.shape[1], SAMPLE_ELEMENTS)  # sample_elements' stride
-        magnitude = np.abs(rows)
-        tail = magnitude >= (TAIL_FRACTION * magnitude.max(axis=1))[:, None]
+        tail = _tail(rows)
         self.update(rows[tail], amax)
         self.update(sampled[~tail[:, ::stride]], amax, weight=stride)
 
