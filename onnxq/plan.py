@@ -109,6 +109,16 @@ def activation_precision(precision: str) -> str:
     return ACTIVATION_PRECISION.get(precision, precision)
 
 
+def inputs_at(inputs: dict[int, str], precision: str) -> dict[int, str]:
+    """A node's quantized inputs {index: kind} once the node is at ``precision``: an int32 bias
+    (kind ``bias``) lives on an int8 node's accumulator grid (activation scale × weight scale),
+    so a node moved to another quantized precision (FP8, a solver's promotion) keeps its bias
+    float; a float node keeps every kind (set back to int8 in the JSON, it is a QGemm again)."""
+    if precision in ("int8", FLOAT):
+        return dict(inputs)
+    return {index: kind for index, kind in inputs.items() if kind != "bias"}
+
+
 def _high_precision(value: str, source: str) -> str:
     if value not in HIGH_PRECISIONS:
         raise PlanError(f"{source}: high_precision {value!r} is not one of {list(HIGH_PRECISIONS)}")
@@ -493,6 +503,7 @@ class QuantPlan:
         if precision != FLOAT and not decision.inputs:
             raise PlanError(f"node {node!r} has no quantizable inputs in the plan ({decision.reason}); it stays float")
         decision.precision = precision
+        decision.inputs = inputs_at(decision.inputs, precision)
 
     # --- weights, keyed by the node and input that read them ---------------------------------
     @staticmethod

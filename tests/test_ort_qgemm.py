@@ -5,14 +5,23 @@ activation scale × weight scale, so ONNX Runtime's CPU provider runs it as QGem
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq import modelio
+from onnxq.errors import PlanError
+from onnxq.mixed_precision.candidates import assemble_plan, qdq_proto
+from onnxq.mixed_precision.ranges import calibrate_ranges
+from onnxq.mixed_precision.sweep import sweep
+from onnxq.passes.preprocess import load_and_preprocess
 from onnxq.pipeline import quantize
-from onnxq.plan import QuantPlan
+from onnxq.placement import place
+from onnxq.plan import QUANTIZED_PRECISIONS, QuantPlan
 from tests.synthetic import IR_VERSION, random_npz, save
 
 
@@ -93,3 +102,40 @@ def test_tensorrt_target_keeps_the_head_float(tmp_path):
     calib = random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 4)
     result = quantize(path, tmp_path / "q.onnx", calib, target="tensorrt", report=False, evaluate=False, quiet=True)
     assert not result.plan.nodes["head"].quantized
+
+
+def _bias_producer(proto: onnx.ModelProto) -> str:
+    """What the head Gemm reads as its bias: "float" (the initializer) or the op producing it."""
+    head = next(n for n in proto.graph.node if n.name == "head")
+    producer = next((n for n in proto.graph.node if head.input[2] in n.output), None)
+    return "float" if producer is None else producer.op_type
+
+
+def test_an_int32_bias_is_decided_for_int8_nodes_only(tmp_path):
+    """The solver's candidates, plan.set_precision and the sweep's twins decide a node's inputs
+    at its precision: an FP8 node's decision has no ``bias`` input (its bias stays float); the
+    Q/DQ pass executes the plan and refuses a ``bias`` input on a node that is not int8."""
+    path = save(classifier(), tmp_path / "cls.onnx")
+    calib = random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 8)
+    model = load_and_preprocess(path)
+    base = place(model, "ort")
+    assert base.nodes["head"].inputs[2] == "bias"
+    feeds = [{"x": x[None]} for x in np.load(calib)["x"]]
+    ranges = calibrate_ranges(model, base, feeds, QUANTIZED_PRECISIONS)
+    float_proto = modelio.to_proto(model)
+    for precision, bias in (("int8", "DequantizeLinear"), ("fp8", "float")):
+        plan = assemble_plan(model, base, {"c1": "int8", "head": precision}, ranges)
+        assert ("bias" in plan.nodes["head"].inputs.values()) == (precision == "int8")
+        assert _bias_producer(qdq_proto(float_proto, plan)) == bias
+    assert assemble_plan(model, base, {"c1": "int8"}, ranges).nodes["head"].inputs[2] == "bias"  # float keeps it
+    promoted = QuantPlan.from_json(base.to_json())
+    promoted.set_precision("head", "fp8")
+    assert "bias" not in promoted.nodes["head"].inputs.values()
+    bad = assemble_plan(model, base, {"c1": "int8", "head": "fp8"}, ranges)
+    bad.nodes["head"].inputs[2] = "bias"
+    with pytest.raises(PlanError, match="only an int8 node"):
+        qdq_proto(float_proto, bad)
+    # the local sweep's FP8 twin of the head is built from the same rule (the pass would refuse it)
+    result = sweep(path, calib, eval=calib, mode="local", target="ort", plot=False, quiet=True)
+    head_layer = next(layer.name for layer in result.layers if "head" in layer.nodes)
+    assert all(math.isfinite(result.local[head_layer][p]["snr_db"]) for p in QUANTIZED_PRECISIONS)

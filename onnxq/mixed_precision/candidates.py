@@ -20,7 +20,7 @@ from onnxq import emit, modelio
 from onnxq.passes.opset import require_opset
 from onnxq.passes.qdq import FP8_MIN_OPSET
 from onnxq.pipeline import fold_smoothquant
-from onnxq.plan import FLOAT, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
+from onnxq.plan import FLOAT, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant, inputs_at
 from onnxq.progress import log
 
 from .ranges import Ranges
@@ -75,7 +75,8 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
     """The plan with each node of ``assignment`` at its precision and every other node in float.
 
     Float nodes keep their ``inputs``, so setting one back to a quantized precision in the JSON
-    and replaying it (which calibrates again) is all a user needs to do.
+    and replaying it (which calibrates again) is all a user needs to do; a node at FP8 keeps its
+    bias float (:func:`onnxq.plan.inputs_at`).
     """
     counts: dict[str, int] = {}
     for p in assignment.values():
@@ -86,7 +87,7 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
     by_name = {n.name: n for n in model.graph}
     for name, d in base.nodes.items():
         p = assignment.get(name, FLOAT) if d.quantized else d.precision
-        plan.nodes[name] = NodeDecision(d.op_type, p, dict(d.inputs), (reasons or {}).get(name, d.reason))
+        plan.nodes[name] = NodeDecision(d.op_type, p, inputs_at(d.inputs, p), (reasons or {}).get(name, d.reason))
         if not d.quantized:
             continue
         node = by_name[name]

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxq import modelio
 from onnxq.metrics import snr_db
 from onnxq.ops import LINEAR_OPS
-from onnxq.plan import WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant
+from onnxq.plan import WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant, inputs_at
 from onnxq.progress import progress_bar
 from onnxq.runtime import ort as ort_rt
 
@@ -98,7 +98,7 @@ class _TwinBuilder:
         twin = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()), name=f"{node.name}/twin_{precision}")
         twin.outputs[0].name = f"{ref.name}/twin_{precision}"
         twin.outputs[0].dtype, twin.outputs[0].shape = ref.dtype, ref.shape
-        self.twin_plan.nodes[twin.name] = NodeDecision(node.op_type, precision, inputs, f"sweep twin of {node.name}")
+        self.twin_plan.nodes[twin.name] = NodeDecision(node.op_type, precision, inputs_at(inputs, precision), f"sweep twin of {node.name}")
         diff = ir.node("Sub", [twin.outputs[0], ref], name=f"{node.name}/diff_{precision}")
         diff.outputs[0].name = f"{node.name}/diff_{precision}"
         nodes, noise = _scalar_out("ReduceSumSquare", [diff.outputs[0]], f"{node.name}/noise_{precision}")

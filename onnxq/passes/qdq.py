@@ -16,9 +16,9 @@ Rule: for every quantized node in the plan, at the node's precision (INT8 or FP8
 - a weight-only embedding Gather (ort target) becomes ``com.microsoft::GatherBlockQuantized`` on
   the blocked UINT4/UINT8 table;
 - an input marked ``bias`` (ort target, a Gemm at INT8) is replaced by an int32 initializer and
-  a DequantizeLinear at scale = the node's activation scale × its weight scale per output channel,
-  which ORT needs to run DQ→Gemm as QGemm (a float bias leaves it a float Gemm); at FP8 the bias
-  stays float;
+  a DequantizeLinear at scale = the node's activation scale × its weight scale per output channel
+  (from the plan's entries for inputs 0 and 1), which ORT needs to run DQ→Gemm as QGemm (a float
+  bias leaves it a float Gemm); only an INT8 node has one (:func:`onnxq.plan.inputs_at`);
 - each tensor in ``plan.outputs`` gets the same Q→DQ pair (at the plan's precision) for all of
   its consumers.
 FP8 Q/DQ exists from opset 19: a plan with an FP8 node first raises the model's opset to 19
@@ -33,9 +33,9 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
-from onnxq.grids import CLIP_RATIOS, GRIDS, quantize_bias, quantize_blocked, quantize_weight
+from onnxq.grids import CLIP_RATIOS, GRIDS, WEIGHT_GRIDS, channel_scales, quantize_bias, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
-from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, QuantPlan, WeightQuant, activation_precision
+from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, ActivationQuant, NodeDecision, QuantPlan, WeightQuant, activation_precision
 from onnxq.weights import weight_source
 
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GatherBlockQuantized)
@@ -74,6 +74,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 _release_if_unused(source)
                 modified = True
                 continue
+            # from the float weight, before its quantized copy replaces (and frees) it
+            bias_scale = self._accumulator_scale(node, decision) if "bias" in decision.inputs.values() else None
             for index, kind in sorted(decision.inputs.items()):
                 if index >= len(node.inputs) or node.inputs[index] is None:
                     raise PlanError(f"the plan quantizes input {index} of {name!r}, which has no such input")
@@ -87,9 +89,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     node.replace_input_with(index, self._weight(value, decision.precision, name, index, node.graph))
                     _release_if_unused(weight_source(value))
                 elif kind == "bias":
-                    if decision.precision != "int8":
-                        continue  # an FP8 (or solver-promoted) reader keeps its float bias
-                    node.replace_input_with(index, self._int32_bias(node, index))
+                    node.replace_input_with(index, self._int32_bias(node, index, bias_scale))
                     _release_if_unused(weight_source(value))
                 else:
                     raise PlanError(f"input kind {kind!r} of node {name!r} is not one onnxq knows")
@@ -135,12 +135,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         node, attr = self._owners[id(graph)]
         return f"_in_{node.name}_{attr}"
 
-    def _activation(self, value: ir.Value, precision: str, graph: ir.Graph) -> ir.Value:
-        """Q→DQ of ``value`` in ``graph``: readers inside an If/Loop/Scan body read a pair of their
-        own body, so TensorRT and ORT see Q→DQ→op in one graph."""
-        key = (value.name, precision, id(graph))
-        if key in self._activation_dq:
-            return self._activation_dq[key]
+    def _activation_params(self, value: ir.Value, precision: str) -> ActivationQuant:
+        """The plan's calibrated parameters of ``value`` for readers at ``precision``."""
         params = self.plan.activation(value.name, precision)
         if params is None or params.scale is None:
             raise PlanError(
@@ -150,6 +146,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         expected = (FP8_DTYPE,) if precision == "fp8" else ("int8", "uint8")
         if params.dtype not in expected:
             raise PlanError(f"tensor {value.name!r}: a {precision} reader needs a {' or '.join(expected)} scale, the plan has {params.dtype}")
+        return params
+
+    def _activation(self, value: ir.Value, precision: str, graph: ir.Graph) -> ir.Value:
+        """Q→DQ of ``value`` in ``graph``: readers inside an If/Loop/Scan body read a pair of their
+        own body, so TensorRT and ORT see Q→DQ→op in one graph."""
+        key = (value.name, precision, id(graph))
+        if key in self._activation_dq:
+            return self._activation_dq[key]
+        params = self._activation_params(value, precision)
         ir_q, np_zero = GRIDS[params.dtype].ir_type, GRIDS[params.dtype].numpy_type
         np_float = _NP_FLOAT.get(value.dtype, np.float32)
         # The first precision keeps the plain names (INT8-only plans look as before).
@@ -180,6 +185,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         entry = self.plan.weights.get(source.initializer.name) or WeightQuant()
         return entry, entry.axis
 
+    def _weight_axis(self, node: str, index: int, source, rank: int) -> int | None:
+        """The per-channel axis (on the initializer, in [0, rank)) of input ``index`` of ``node``."""
+        params, axis = self._weight_params(node, index, source)
+        if params.dtype not in WEIGHT_DTYPE.values():
+            raise PlanError(f"weights quantize to {list(WEIGHT_DTYPE.values())} (symmetric); the plan asks for {params.dtype} for {source.initializer.name!r}")
+        if axis is not None and not -rank <= axis < rank:
+            raise PlanError(f"weight {source.initializer.name!r} has rank {rank}; axis {axis} does not exist")
+        return None if axis is None else axis % rank
+
     def _weight(self, value: ir.Value, precision: str, node: str, index: int, graph: ir.Graph) -> ir.Value:
         """A dequantized copy of the weight behind ``value``.
 
@@ -194,15 +208,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if source is None:
             raise PlanError(f"the plan quantizes {value.name!r} as a weight, but it is not a float initializer")
         init = source.initializer
-        params, axis = self._weight_params(node, index, source)
-        if params.dtype not in WEIGHT_DTYPE.values():
-            raise PlanError(f"weights quantize to {list(WEIGHT_DTYPE.values())} (symmetric); the plan asks for {params.dtype} for {init.name!r}")
+        array = init.const_value.numpy()
+        axis = self._weight_axis(node, index, source, array.ndim)
         # The reading node's precision decides the dtype (see onnxq.plan).
         dtype = WEIGHT_DTYPE[precision]
-        array = init.const_value.numpy()
-        if axis is not None and not -array.ndim <= axis < array.ndim:
-            raise PlanError(f"weight {init.name!r} has rank {array.ndim}; axis {axis} does not exist")
-        axis = None if axis is None else axis % array.ndim
         q, scale = quantize_weight(array, axis, dtype)
         name = init.name
         if source.transpose is not None:
@@ -228,21 +237,31 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._weight_dq[key] = dq.outputs[0]
         return dq.outputs[0]
 
-    def _int32_bias(self, node: ir.Node, index: int) -> ir.Value:
-        """The bias input ``index`` of ``node`` as int32 → DequantizeLinear, on the grid of the
-        node's integer accumulator: scale = its input's activation scale × its weight's scale
-        (both read from the DequantizeLinears just put on inputs 0 and 1)."""
+    def _accumulator_scale(self, node: ir.Node, decision: NodeDecision) -> np.ndarray:
+        """The scale of an int8 node's integer accumulator: its input's activation scale × its
+        weight's scale per output channel, each as its DequantizeLinear holds it (the plan's
+        activation entry and the weight's int8 grid, in the tensor's float type)."""
+        if decision.precision != "int8":
+            raise PlanError(f"the plan quantizes the bias of {node.name!r} as int32, which only an int8 node has (it is {decision.precision}); remove the bias from its inputs")
+        weight = weight_source(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if weight is None or decision.inputs.get(0) != "activation" or decision.inputs.get(1) != "weight":
+            raise PlanError(f"the plan quantizes the bias of {node.name!r} as int32, which needs inputs 0 and 1 quantized, a weight on 1")
+        act = node.inputs[0]
+        params = self._activation_params(act, "int8")
+        act_scale = np.array(params.scale, dtype=_NP_FLOAT.get(act.dtype, np.float32)).astype(np.float64)
+        array = weight.initializer.const_value.numpy()
+        grid_scale = channel_scales(array.astype(np.float32), self._weight_axis(node.name, 1, weight, array.ndim), WEIGHT_GRIDS["int8"])
+        weight_scale = grid_scale.astype(_NP_FLOAT.get(weight.initializer.dtype, np.float32)).astype(np.float64)
+        return (act_scale.reshape(()) * weight_scale).astype(np.float32)
+
+    def _int32_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> ir.Value:
+        """The bias input ``index`` of ``node`` as int32 → DequantizeLinear at ``scale`` (the
+        node's accumulator scale, :meth:`_accumulator_scale`)."""
         value = node.inputs[index]
         source = weight_source(value)
-        act, weight = (node.inputs[i].producer() if node.inputs[i] is not None else None for i in (0, 1))
-        if source is None or source.transpose is not None or act is None or weight is None or act.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
-            raise PlanError(f"the plan quantizes the bias of {node.name!r} as int32, which needs a constant 1-D bias and inputs 0 and 1 quantized")
-        act_scale = act.inputs[1].const_value.numpy().astype(np.float64)
-        weight_scale = weight.inputs[1].const_value.numpy().astype(np.float64)
-        bias = source.initializer.const_value.numpy()
-        if act_scale.size != 1 or bias.ndim != 1 or weight_scale.size not in (1, bias.size):
-            raise PlanError(f"the int32 bias of {node.name!r} needs a per-tensor activation scale and a weight scale per output channel ({bias.size})")
-        scale = (act_scale.reshape(()) * weight_scale).astype(np.float32)
+        bias = source.initializer.const_value.numpy() if source is not None and source.transpose is None else None
+        if bias is None or bias.ndim != 1 or scale.size not in (1, bias.size):
+            raise PlanError(f"the int32 bias of {node.name!r} needs a constant 1-D bias, a per-tensor activation scale and a weight scale per output channel")
         shared = len(source.initializer.uses()) > 1  # another reader has its own activation/weight scales
         name = f"{node.name}_{source.initializer.name}" if shared else source.initializer.name
         name += self._scope_suffix(node.graph)
