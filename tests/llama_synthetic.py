@@ -4,6 +4,12 @@ ids → Gather(E) → L × [RMSNorm → Q (bias), K, V (GQA: fewer KV heads, rep
 ``value_bias``) → causal softmax attention → o_proj (bias) → + residual → RMSNorm → SiLU(gate)·up → down → + residual]
 → RMSNorm → MatMul(Transpose(E)) (a tied LM head). One residual channel of the embedding is
 large and the norm weights have outlier channels, as real LLMs have.
+
+Options for the calibration-block tests (the defaults build the model above, unchanged): the
+embeddings as a graph input ``x`` instead of ids, the additive mask as a graph input (read by
+every layer), a rotary-like factor ``rot = Cos(pos)`` computed in layer 1 from a graph input
+``pos`` and multiplied into Q from layer 1 on (a tensor crossing later blocks), and a symbolic
+batch dimension.
 """
 
 from __future__ import annotations
@@ -55,13 +61,18 @@ def _layer(i: int, x: str, dims: dict, rng, inits: list) -> tuple[list, str]:
         inits.append(_init(f"{p}.{name}.weight", rng.normal(0, 1 / np.sqrt(shape[0]), shape)))
     inits += [_init(f"{p}.q.bias", rng.normal(0, 0.1, heads * d)), _init(f"{p}.o.bias", rng.normal(0, 0.1, hidden))]
     v_out = f"{p}_v0" if dims["value_bias"] else f"{p}_v"
+    rotate = dims["rotary"] and i >= 1
     nodes, hn = _rmsnorm(x, f"{p}.input_norm", hidden, rng, inits)
     nodes += [
         helper.make_node("MatMul", [hn, f"{p}.q.weight"], [f"{p}_q0"], name=f"{p}.q_proj"),
-        helper.make_node("Add", [f"{p}_q0", f"{p}.q.bias"], [f"{p}_q"], name=f"{p}.q_bias"),
+        helper.make_node("Add", [f"{p}_q0", f"{p}.q.bias"], [f"{p}_qb" if rotate else f"{p}_q"], name=f"{p}.q_bias"),
         helper.make_node("MatMul", [hn, f"{p}.k.weight"], [f"{p}_k"], name=f"{p}.k_proj"),
         helper.make_node("MatMul", [hn, f"{p}.v.weight"], [v_out], name=f"{p}.v_proj"),
     ]
+    if dims["rotary"] and i == 1:
+        nodes.append(helper.make_node("Cos", ["pos"], ["rot"], name="rotary"))
+    if rotate:
+        nodes.append(helper.make_node("Mul", [f"{p}_qb", "rot"], [f"{p}_q"], name=f"{p}.rotate"))
     if dims["value_bias"]:  # Qwen2-style: a bias on the values (its own random stream, after the weights)
         inits.append(_init(f"{p}.v.bias", np.random.default_rng(i + 100).normal(0, 0.5, kv * d)))
         nodes.append(helper.make_node("Add", [v_out, f"{p}.v.bias"], [f"{p}_v"], name=f"{p}.v_bias"))
@@ -93,23 +104,35 @@ def _layer(i: int, x: str, dims: dict, rng, inits: list) -> tuple[list, str]:
     return nodes, f"{p}_y"
 
 
-def llama_decoder(hidden: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seq: int = 12, seed: int = 0, value_bias: bool = False) -> onnx.ModelProto:
+def llama_decoder(
+    hidden: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 96, seq: int = 12, seed: int = 0,
+    value_bias: bool = False, *, embeddings_input: bool = False, mask_input: bool = False, rotary_input: bool = False,
+    batch: int | str = 1,
+) -> onnx.ModelProto:
     assert kv_heads < heads and heads % kv_heads == 0, "grouped-query attention: fewer KV heads than heads"
     rng = np.random.default_rng(seed)
     d = hidden // heads
-    dims = {"hidden": hidden, "heads": heads, "kv": kv_heads, "head_dim": d, "ffn": 2 * hidden, "seq": seq, "value_bias": value_bias}
+    dims = {"hidden": hidden, "heads": heads, "kv": kv_heads, "head_dim": d, "ffn": 2 * hidden, "seq": seq, "value_bias": value_bias, "rotary": rotary_input}
     table = rng.normal(0, 1, (vocab, hidden))
     table[:, 3] *= 20.0  # a massive residual channel
     mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -1e9)
+    b = 1 if batch == 1 else 0  # Reshape: 0 copies the (symbolic) batch dimension
     inits = [
         _init("embed.weight", table), _init("two", np.array(2.0)), _init("eps", np.array(1e-6)),
-        _init("att_scale", np.array(1 / np.sqrt(d))), _init("mask", mask[None, None]),
-        _init(f"shape_{heads}_1", [1, seq, heads, d], np.int64), _init(f"shape_{kv_heads}_1", [1, seq, kv_heads, 1, d], np.int64),
+        _init("att_scale", np.array(1 / np.sqrt(d))), *([] if mask_input else [_init("mask", mask[None, None])]),
+        _init(f"shape_{heads}_1", [b, seq, heads, d], np.int64), _init(f"shape_{kv_heads}_1", [b, seq, kv_heads, 1, d], np.int64),
         _init(f"expand_{kv_heads}", [1, seq, kv_heads, heads // kv_heads, d], np.int64),
-        _init("shape_all", [1, seq, heads, d], np.int64), _init("shape_ctx", [1, seq, heads * d], np.int64),
+        _init("shape_all", [b, seq, heads, d], np.int64), _init("shape_ctx", [b, seq, heads * d], np.int64),
     ]
-    nodes = [helper.make_node("Gather", ["embed.weight", "ids"], ["embedding"], name="embed_tokens")]
-    x = "embedding"
+    if embeddings_input:
+        nodes, x, inputs = [], "x", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, seq, hidden])]
+    else:
+        nodes = [helper.make_node("Gather", ["embed.weight", "ids"], ["embedding"], name="embed_tokens")]
+        x, inputs = "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, [batch, seq])]
+    if mask_input:
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [batch, 1, seq, seq]))
+    if rotary_input:
+        inputs.append(helper.make_tensor_value_info("pos", TensorProto.FLOAT, [batch, seq, heads * d]))
     for i in range(layers):
         layer, x = _layer(i, x, dims, rng, inits)
         nodes += layer
@@ -119,9 +142,6 @@ def llama_decoder(hidden: int = 48, layers: int = 2, heads: int = 4, kv_heads: i
         helper.make_node("MatMul", [xn, "embed_t"], ["logits"], name="lm_head"),
     ]
     graph = helper.make_graph(
-        nodes, "llama_decoder",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq, vocab])],
-        inits,
+        nodes, "llama_decoder", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, vocab])], inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import synthetic
+from llama_synthetic import llama_decoder
 from test_calib_batching import _assert_tables_close
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibration import channel_axes
 from onnxq.calibrators import blocks as blocks_mod
@@ -22,76 +22,17 @@ from onnxq.placement import place
 from onnxq.recipe import Recipe, RecipeError
 from onnxq.runtime.ort import model_input_spec
 
-SEQ, HIDDEN, FFN, LAYERS = 8, 16, 24, 3
-
-
-def _rms(prefix: str, x: str, nodes: list, inits: list, rng) -> str:
-    inits.append(synthetic._init(f"{prefix}_w", rng.uniform(0.5, 1.5, (HIDDEN,))))
-    nodes += [
-        helper.make_node("Pow", [x, "two"], [f"{prefix}_sq"], name=f"{prefix}_pow"),
-        helper.make_node("ReduceMean", [f"{prefix}_sq"], [f"{prefix}_ms"], name=f"{prefix}_mean", axes=[-1], keepdims=1),
-        helper.make_node("Add", [f"{prefix}_ms", "eps"], [f"{prefix}_mse"], name=f"{prefix}_add"),
-        helper.make_node("Sqrt", [f"{prefix}_mse"], [f"{prefix}_rms"], name=f"{prefix}_sqrt"),
-        helper.make_node("Div", [x, f"{prefix}_rms"], [f"{prefix}_xn"], name=f"{prefix}_div"),
-        helper.make_node("Mul", [f"{prefix}_xn", f"{prefix}_w"], [f"{prefix}_out"], name=f"{prefix}_scale"),
-    ]
-    return f"{prefix}_out"
-
-
-def _layer(i: int, x: str, nodes: list, inits: list, rng) -> str:
-    """Attention with an additive mask (a graph input every layer reads) and, from layer 1 on, a
-    rotary-like factor computed in layer 1 from the graph input ``pos`` (read by later blocks only)."""
-    p = f"l{i}"
-    for w, shape in (("wq", (HIDDEN, HIDDEN)), ("wk", (HIDDEN, HIDDEN)), ("wv", (HIDDEN, HIDDEN)), ("wo", (HIDDEN, HIDDEN)), ("wg", (HIDDEN, FFN)), ("wu", (HIDDEN, FFN)), ("wd", (FFN, HIDDEN))):
-        inits.append(synthetic._init(f"{p}_{w}", rng.normal(0, 0.3, shape)))
-    hn = _rms(f"{p}_n1", x, nodes, inits, rng)
-    nodes += [helper.make_node("MatMul", [hn, f"{p}_wq"], [f"{p}_q0"], name=f"{p}_q_proj")]
-    if i == 1:
-        nodes.append(helper.make_node("Cos", ["pos"], ["rot"], name="rotary"))
-    if i >= 1:
-        nodes.append(helper.make_node("Mul", [f"{p}_q0", "rot"], [f"{p}_q"], name=f"{p}_rotate"))
-    else:
-        nodes.append(helper.make_node("Identity", [f"{p}_q0"], [f"{p}_q"], name=f"{p}_q_id"))
-    nodes += [
-        helper.make_node("MatMul", [hn, f"{p}_wk"], [f"{p}_k"], name=f"{p}_k_proj"),
-        helper.make_node("MatMul", [hn, f"{p}_wv"], [f"{p}_v"], name=f"{p}_v_proj"),
-        helper.make_node("Transpose", [f"{p}_k"], [f"{p}_kt"], name=f"{p}_kt", perm=[0, 2, 1]),
-        helper.make_node("MatMul", [f"{p}_q", f"{p}_kt"], [f"{p}_s0"], name=f"{p}_qk"),
-        helper.make_node("Add", [f"{p}_s0", "mask"], [f"{p}_s"], name=f"{p}_mask"),
-        helper.make_node("Softmax", [f"{p}_s"], [f"{p}_pr"], name=f"{p}_softmax", axis=-1),
-        helper.make_node("MatMul", [f"{p}_pr", f"{p}_v"], [f"{p}_ctx"], name=f"{p}_pv"),
-        helper.make_node("MatMul", [f"{p}_ctx", f"{p}_wo"], [f"{p}_o"], name=f"{p}_o_proj"),
-        helper.make_node("Add", [x, f"{p}_o"], [f"{p}_h"], name=f"{p}_res1"),
-    ]
-    hn2 = _rms(f"{p}_n2", f"{p}_h", nodes, inits, rng)
-    nodes += [
-        helper.make_node("MatMul", [hn2, f"{p}_wg"], [f"{p}_g"], name=f"{p}_gate_proj"),
-        helper.make_node("MatMul", [hn2, f"{p}_wu"], [f"{p}_u"], name=f"{p}_up_proj"),
-        helper.make_node("Sigmoid", [f"{p}_g"], [f"{p}_gs"], name=f"{p}_sig"),
-        helper.make_node("Mul", [f"{p}_g", f"{p}_gs"], [f"{p}_ga"], name=f"{p}_silu"),
-        helper.make_node("Mul", [f"{p}_ga", f"{p}_u"], [f"{p}_m"], name=f"{p}_swiglu"),
-        helper.make_node("MatMul", [f"{p}_m", f"{p}_wd"], [f"{p}_d"], name=f"{p}_down_proj"),
-        helper.make_node("Add", [f"{p}_h", f"{p}_d"], [f"{p}_out"], name=f"{p}_res2"),
-    ]
-    return f"{p}_out"
+SEQ, HIDDEN, LAYERS = 8, 16, 3
 
 
 def decoder(layers: int = LAYERS) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    inits = [synthetic._init("two", np.array(2.0)), synthetic._init("eps", np.array(1e-6)), synthetic._init("head", rng.normal(0, 0.3, (HIDDEN, 32)))]
-    nodes: list = []
-    x = "x"
-    for i in range(layers):
-        x = _layer(i, x, nodes, inits, rng)
-    final = _rms("final", x, nodes, inits, rng)
-    nodes.append(helper.make_node("MatMul", [final, "head"], ["logits"], name="lm_head"))
-    inputs = [
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SEQ, HIDDEN]),
-        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", SEQ, SEQ]),
-        helper.make_tensor_value_info("pos", TensorProto.FLOAT, ["batch", SEQ, HIDDEN]),
-    ]
-    graph = helper.make_graph(nodes, "decoder", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", SEQ, 32])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=synthetic.IR_VERSION)
+    """The synthetic Llama with its embeddings, an additive mask (read by every layer) and a
+    rotary-like factor's input ``pos`` as graph inputs; the factor ``rot`` is computed in layer 1
+    and read by every later layer (a tensor crossing cuts it was not produced next to)."""
+    return llama_decoder(
+        hidden=HIDDEN, layers=layers, heads=2, kv_heads=1, vocab=32, seq=SEQ,
+        embeddings_input=True, mask_input=True, rotary_input=True, batch="batch",
+    )
 
 
 def _data(path, n: int = 7):
@@ -99,7 +40,7 @@ def _data(path, n: int = 7):
     mask = np.triu(np.full((SEQ, SEQ), -1e4, np.float32), 1)
     np.savez(
         path, x=rng.normal(0, 1, (n, 1, SEQ, HIDDEN)).astype(np.float32),
-        mask=np.broadcast_to(mask, (n, 1, SEQ, SEQ)).copy(), pos=rng.uniform(0, 6, (n, 1, SEQ, HIDDEN)).astype(np.float32),
+        mask=np.broadcast_to(mask, (n, 1, 1, SEQ, SEQ)).copy(), pos=rng.uniform(0, 6, (n, 1, SEQ, HIDDEN)).astype(np.float32),
     )
     return path
 
