@@ -565,7 +565,9 @@ class QuantPlan:
                 nodes[name] = NodeDecision(
                     op_type=d["op_type"],
                     precision=d["precision"],
-                    inputs={int(k): v for k, v in d.get("inputs", {}).items()},
+                    # a plan written before the bias rule lived here may give an FP8 node a bias
+                    # (the pass then kept it float): read it as that node's inputs are now
+                    inputs=inputs_at({int(k): v for k, v in d.get("inputs", {}).items()}, d["precision"]),
                     reason=d.get("reason", ""),
                 )
             check_precision(data.get("precision", "int8"), quantized=True, source=source)

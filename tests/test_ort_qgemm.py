@@ -135,6 +135,10 @@ def test_an_int32_bias_is_decided_for_int8_nodes_only(tmp_path):
     bad.nodes["head"].inputs[2] = "bias"
     with pytest.raises(PlanError, match="only an int8 node"):
         qdq_proto(float_proto, bad)
+    # a plan file that still gives the FP8 node its bias (written before this rule) reads as it now is
+    old_file = QuantPlan.from_json(bad.to_json())
+    assert "bias" not in old_file.nodes["head"].inputs.values()
+    assert _bias_producer(qdq_proto(float_proto, old_file)) == "float"
     # the local sweep's FP8 twin of the head is built from the same rule (the pass would refuse it)
     result = sweep(path, calib, eval=calib, mode="local", target="ort", plot=False, quiet=True)
     head_layer = next(layer.name for layer in result.layers if "head" in layer.nodes)
