@@ -395,6 +395,15 @@ class RotationPlan:
     online: list[str] = field(default_factory=list)
     head: HeadRotation | None = None  # per-head rotation of values / output projections
 
+    def online_macs(self) -> dict[str, tuple[int, int]]:
+        """{node: MACs per element of its inputs 0 and 1} of the float MatMuls the online rotation
+        inserts before it: ``online_block`` on a down projection's input, the head size on each
+        input of a ``Q·Kᵀ`` (what those nodes cost, always in float)."""
+        out = {name: (self.online_block, 0) for name in self.online}
+        if self.head is not None:
+            out.update({name: (self.head.size, self.head.size) for name in self.head.scores})
+        return out
+
     def to_json(self) -> dict:
         out = asdict(self)
         if self.head is None:

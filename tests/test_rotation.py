@@ -189,6 +189,18 @@ def test_sweep_and_solve_measure_and_keep_the_rotated_model(tmp_path):
     saved, plan_path = tmp_path / "solved.onnx", tmp_path / "plan.json"
     result = solve(tmp_path / "rot.json", path, calib, plan_path, eval=evald, max_high_precision_layers=1, save_model=saved, quiet=True, plot=False)
     assert result.plan.rotation is not None and result.plan.rotation.online_block == 16
+    # the inserted float MatMuls are each layer's float side MACs (seq 12, MLP width 96, block 16;
+    # 4 heads of 12 on both sides of Q·Kᵀ) and count against the 8-bit share
+    rotation = result.plan.rotation
+    assert rotation.online and rotation.head is not None and rotation.head.scores
+    expected = dict.fromkeys(rotation.online, 12 * 96 * 16) | dict.fromkeys(rotation.head.scores, 2 * (4 * 12 * 12) * 12)
+    by_layer = {la.name: la for la in rotated.layers}
+    for la in rotated.layers:
+        assert la.float_side_macs == sum(expected.get(n, 0) for n in la.nodes)
+    side = sum(la.float_side_macs for la in rotated.layers)
+    total = sum(la.matmul_macs for la in rotated.layers) + side
+    promoted = sum(by_layer[n].matmul_macs for n in result.chosen["promoted"])
+    assert result.chosen["matmul_macs_8bit_fraction"] == pytest.approx(1 - (side + promoted) / total)
     replayed = tmp_path / "replayed.onnx"
     assert main(["quantize", str(path), "-o", str(replayed), "--plan", str(plan_path), "--no-eval", "-q"]) == 0
     assert replayed.read_bytes() == saved.read_bytes()

@@ -188,10 +188,10 @@ def test_sweep_and_solver_with_smoothquant_and_split_outliers(decoder_case, tmp_
     result = sweep(model, calib, tmp_path / "s.json", eval=evald, smoothquant="auto", split_outliers=4, quiet=True, plot=False)
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["smoothquant"] == "auto" and saved["split_outliers"] == 4
-    assert any(la.split_macs > 0 for la in result.layers)
-    assert all(la.split_macs < la.matmul_macs for la in result.layers)
+    assert any(la.float_side_macs > 0 for la in result.layers)
+    assert all(la.float_side_macs < la.matmul_macs for la in result.layers)
     solved = solve(tmp_path / "s.json", model, calib, tmp_path / "plan.json", eval=evald, max_high_precision_layers=0, save_model=tmp_path / "mixed.onnx", quiet=True, plot=False)
-    side = sum(la.split_macs for la in result.layers)
+    side = sum(la.float_side_macs for la in result.layers)
     total = sum(la.matmul_macs for la in result.layers) + side
     assert solved.chosen["matmul_macs_8bit_fraction"] == pytest.approx(1 - side / total)
     q = onnx.load(str(tmp_path / "mixed.onnx"))

@@ -3,7 +3,8 @@ per precision, measured (``--latency-json``) or on a nominal roofline.
 
 The roofline, per layer and sample: time = max(MACs / peak, bytes / bandwidth), the 8-bit peak
 twice the 16-bit one, 8-bit tensors one byte an element and high precision two (FP16, what
-TensorRT runs outside Q/DQ), outputs written in 16 bits either way. Measured costs come as
+TensorRT runs outside Q/DQ), outputs written in 16 bits either way; a layer's float side MACs
+(split outlier channels, online rotations) run at the float peak whatever its precision. Measured costs come as
 ``{layer or node name: {precision: cost}}`` (e.g. from a TensorRT profile); node costs are summed
 per layer.
 """
@@ -36,15 +37,17 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
     """MACs and element counts per layer for one sample, from the shapes the model runs with.
 
     Uses the shapes a local sweep recorded; otherwise runs ``feed`` once through a copy of the
-    model with Shape outputs. ``split``: {node: share of its input channels in a float side
-    product} (SmoothQuant's split outliers), whose MACs are the layer's ``split_macs``.
+    model with Shape outputs. The layer's ``float_side_macs``: ``split`` ({node: share of its
+    input channels in a float side product}, SmoothQuant's split outliers) of its MatMul MACs,
+    and the MatMuls the plan's online rotation inserts before its nodes.
     """
+    online = base.rotation.online_macs() if base.rotation is not None else {}
     by_name = {n.name: n for n in model.graph}
     if any("shapes" not in layer.extra for layer in layers) and feed is not None:
         _record_shapes(model, layers, feed)
     for layer in layers:
         recorded = layer.extra.get("shapes", {})
-        layer.macs = layer.matmul_macs = layer.split_macs = layer.weight_elements = layer.activation_elements = layer.output_elements = 0
+        layer.macs = layer.matmul_macs = layer.float_side_macs = layer.weight_elements = layer.activation_elements = layer.output_elements = 0
         for name in layer.nodes:
             node = by_name[name]
             if node.op_type not in LINEAR_OPS:
@@ -55,11 +58,12 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
             layer.macs += macs
             if node.op_type in MATMUL_OPS:
                 layer.matmul_macs += macs
-                layer.split_macs += round(macs * (split or {}).get(name, 0.0))
+                layer.float_side_macs += round(macs * (split or {}).get(name, 0.0))
+            if name in online:
+                sizes = (_elements(v, shapes) for v in node.inputs[:2])
+                layer.float_side_macs += sum(size * per for size, per in zip(sizes, online[name]))
             for index, kind in base.nodes[name].inputs.items():
-                value = node.inputs[index]
-                shape = shapes.get(value.name) or ([d for d in value.shape] if value.shape is not None and all(isinstance(d, int) for d in value.shape) else None)
-                count = int(np.prod(shape)) if shape else 0
+                count = _elements(node.inputs[index], shapes)
                 if kind == "weight":
                     layer.weight_elements += count
                 elif kind == "activation":
@@ -68,6 +72,12 @@ def fill_costs(model: ir.Model, base: QuantPlan, layers: Sequence[Layer], feed: 
                 layer.activation_elements += int(np.prod(sa))
             if so:
                 layer.output_elements += int(np.prod(so))
+
+
+def _elements(value: ir.Value, shapes: Mapping[str, list[int]]) -> int:
+    """Elements of ``value`` for one sample: its recorded shape, else its static one, else 0."""
+    shape = shapes.get(value.name) or ([d for d in value.shape] if value.shape is not None and all(isinstance(d, int) for d in value.shape) else None)
+    return int(np.prod(shape)) if shape else 0
 
 
 def _record_shapes(model: ir.Model, layers: Sequence[Layer], feed: Mapping[str, np.ndarray]) -> None:
@@ -102,7 +112,8 @@ def roofline_cost(layer: Layer, precision: str) -> float:
     """Microseconds per sample on the nominal roofline."""
     size = ELEMENT_BYTES.get(precision, 1)
     moved = (layer.weight_elements + layer.activation_elements) * size + layer.output_elements * ELEMENT_BYTES["float"]
-    return 1e6 * max(layer.macs / PEAK_MACS.get(precision, PEAK_MACS["int8"]), moved / BANDWIDTH)
+    compute = layer.macs / PEAK_MACS.get(precision, PEAK_MACS["int8"]) + layer.float_side_macs / PEAK_MACS["float"]
+    return 1e6 * max(compute, moved / BANDWIDTH)
 
 
 def load_latency(path: str | os.PathLike, layers: list[Layer], precisions: list[str]) -> dict[str, dict[str, float]]:

@@ -32,7 +32,9 @@ class Layer:
     # Costs per sample, from the shapes the model runs with (filled by :func:`onnxq.mixed_precision.costs.fill_costs`):
     macs: int = 0
     matmul_macs: int = 0  # the part of ``macs`` in MatMul/Gemm
-    split_macs: int = 0  # MatMul MACs of float side products for split outlier channels (always float)
+    # MatMul MACs that stay float whatever the layer's precision: the side products of split
+    # outlier channels and the MatMuls an online rotation inserts before the layer's nodes
+    float_side_macs: int = 0
     weight_elements: int = 0
     activation_elements: int = 0  # quantized activation inputs of the layer's linear nodes
     output_elements: int = 0
@@ -45,7 +47,7 @@ class Layer:
 
     @classmethod
     def from_json(cls, d: dict) -> Layer:
-        return cls(**{k: d[k] for k in ("name", "nodes", "op_types", "macs", "matmul_macs", "weight_elements", "activation_elements", "output_elements")}, split_macs=d.get("split_macs", 0))
+        return cls(**{k: d[k] for k in ("name", "nodes", "op_types", "macs", "matmul_macs", "weight_elements", "activation_elements", "output_elements")}, float_side_macs=d.get("float_side_macs", d.get("split_macs", 0)))
 
 
 class _UnionFind:

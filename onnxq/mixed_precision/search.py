@@ -29,7 +29,7 @@ def promotion_order(layers: Sequence[str], sensitivity: Mapping[str, float], ext
 def apply_macs_floor(order: Sequence[str], matmul_macs: Mapping[str, int], always_high_macs: int, min_8bit_fraction: float) -> list[str]:
     """``order`` without the layers whose promotion would leave less than ``min_8bit_fraction`` of
     all MatMul/Gemm MACs in 8 bits, taken in order; ``always_high_macs`` are high precision in
-    every candidate (split-off outlier channels) and count against the floor."""
+    every candidate (split-off outlier channels, online rotations) and count against the floor."""
     total = sum(matmul_macs.values()) + always_high_macs
     budget = (1 - min_8bit_fraction) * total - always_high_macs
     kept = []

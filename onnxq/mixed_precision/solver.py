@@ -182,7 +182,7 @@ def _sweep_layers(float_model: ir.Model, base: QuantPlan, swept: SweepResult) ->
         raise SweepError("the sweep's layers differ from this model's; run onnxq sweep again with this onnxq version")
     for la in layers:  # costs come from the shapes the sweep ran with
         s = by_name[la.name]
-        la.macs, la.matmul_macs, la.split_macs, la.weight_elements, la.activation_elements, la.output_elements = s.macs, s.matmul_macs, s.split_macs, s.weight_elements, s.activation_elements, s.output_elements
+        la.macs, la.matmul_macs, la.float_side_macs, la.weight_elements, la.activation_elements, la.output_elements = s.macs, s.matmul_macs, s.float_side_macs, s.weight_elements, s.activation_elements, s.output_elements
     return layers
 
 
@@ -233,7 +233,7 @@ def _promotion(swept: SweepResult, layers: list[Layer], precisions: list[str], c
     extra = {n: costs[n][FLOAT] - costs[n][best8[n]] for n in names} if order_by == "per-cost" else None
     order = promotion_order(names, sens, extra)
     if min_8bit_macs is not None:  # skip promotions that would leave too few MACs in 8 bits
-        order = apply_macs_floor(order, {la.name: la.matmul_macs for la in layers}, sum(la.split_macs for la in layers), min_8bit_macs)
+        order = apply_macs_floor(order, {la.name: la.matmul_macs for la in layers}, sum(la.float_side_macs for la in layers), min_8bit_macs)
     return _Promotion(best8, sens, order, min_8bit_macs)
 
 
@@ -249,7 +249,7 @@ class _Candidates:
         self.by_count: dict[int, dict] = {}
         layers = problem.layers
         self.all8 = sum(costs[la.name][promotion.best8[la.name]] for la in layers)
-        self.always_high_macs = sum(la.split_macs for la in layers)  # split-off channels
+        self.always_high_macs = sum(la.float_side_macs for la in layers)  # split-off channels, online rotations
         self.total_macs = sum(la.matmul_macs for la in layers) + self.always_high_macs
         self.matmul_macs = {la.name: la.matmul_macs for la in layers}
 
