@@ -443,22 +443,26 @@ MATMULNBITS_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 @dataclass
 class MatMulNBitsPlan:
     """``nodes``: weight-only MatMul/Gemm whose blocked DequantizeLinear → node becomes
-    ``com.microsoft::MatMulNBits`` with ``accuracy_level``."""
+    ``com.microsoft::MatMulNBits``, at ``accuracy_level`` when its weight is 4-bit and at
+    ``accuracy_level_8bit`` when it is 8-bit."""
 
     accuracy_level: int = 0
     nodes: list[str] = field(default_factory=list)
+    accuracy_level_8bit: int = 4
 
     def to_json(self) -> dict:
-        return {"accuracy_level": self.accuracy_level, "nodes": list(self.nodes)}
+        return {"accuracy_level": self.accuracy_level, "accuracy_level_8bit": self.accuracy_level_8bit, "nodes": list(self.nodes)}
 
     @classmethod
     def from_json(cls, data: dict) -> MatMulNBitsPlan:
-        level, nodes = data.get("accuracy_level", 0), list(data.get("nodes", []))
-        if isinstance(level, bool) or level not in MATMULNBITS_ACCURACY_LEVELS:
-            raise ValueError(f"matmulnbits.accuracy_level is one of {list(MATMULNBITS_ACCURACY_LEVELS)}, got {level!r}")
+        levels = {key: data.get(key, default) for key, default in (("accuracy_level", 0), ("accuracy_level_8bit", 4))}
+        for key, level in levels.items():
+            if isinstance(level, bool) or level not in MATMULNBITS_ACCURACY_LEVELS:
+                raise ValueError(f"matmulnbits.{key} is one of {list(MATMULNBITS_ACCURACY_LEVELS)}, got {level!r}")
+        nodes = list(data.get("nodes", []))
         if not all(isinstance(name, str) for name in nodes):
             raise ValueError("matmulnbits.nodes is a list of node names")
-        return cls(accuracy_level=level, nodes=nodes)
+        return cls(nodes=nodes, **levels)
 
 
 @dataclass

@@ -53,7 +53,8 @@ def test_matmulnbits_equals_the_dq_form_and_replays(tmp_path, dtype):
     _quantize(tmp_path / "m.onnx", "-o", tmp_path / "first.onnx", "--precision", "w4a16", "--target", "ort", "--block-size", "32",
               "--quantize-head", "--ort-accuracy-level", "0", "--save-plan", tmp_path / "p.json")
     plan = json.loads((tmp_path / "p.json").read_text())
-    assert plan["matmulnbits"] == {"accuracy_level": 0, "nodes": ["mm", "gemm", "head"]}
+    assert plan["matmulnbits"] == {"accuracy_level": 0, "accuracy_level_8bit": 4, "nodes": ["mm", "gemm", "head"]}
+    plan["matmulnbits"]["accuracy_level_8bit"] = 0  # float compute for both widths: outputs exact
     for entry in plan["weights"].values():  # the plan is the contract: any blocked dtype executes
         entry["dtype"] = dtype
     nbits = _replay(tmp_path / "m.onnx", plan, tmp_path, "nbits")
@@ -64,6 +65,7 @@ def test_matmulnbits_equals_the_dq_form_and_replays(tmp_path, dtype):
     symmetric = dtype.startswith("int")
     assert all((len(n.input) < 4 or n.input[3] == "") == symmetric for n in fused)  # no zero points: implicit 2^(bits-1)
     assert {a.i for n in fused for a in n.attribute if a.name == "bits"} == {int(dtype[-1])}
+    assert {a.i for n in fused for a in n.attribute if a.name == "accuracy_level"} == {0}
     x = np.random.default_rng(1).normal(0, 1, (3, 72)).astype(np.float32)
     want, got = _run(dq, x), _run(nbits, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

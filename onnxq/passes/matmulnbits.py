@@ -5,7 +5,7 @@ Rule: for every node in ``plan.matmulnbits.nodes`` that the plan quantizes weigh
 ``alpha=beta=1`` and a 1-D bias), whose weight input is the blocked DequantizeLinear the Q/DQ
 pass wrote (constant 4- or 8-bit values, scales and optional zero points, blocks along the
 reduction axis), the DequantizeLinear → node pair becomes one ``MatMulNBits`` with the plan's
-``accuracy_level`` and the same values in ORT's layout (what its ``MatMulNBitsQuantizer`` writes):
+``accuracy_level`` (``accuracy_level_8bit`` for 8-bit weights) and the same values in ORT's layout (what its ``MatMulNBitsQuantizer`` writes):
 
 - B: unsigned values ``[N, k_blocks, block_size * bits / 8]`` (uint8), K padded to whole blocks
   with the block's zero point (a padded value dequantizes to 0), 4-bit values two per byte, low
@@ -55,7 +55,9 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
                 packed[id(dq)] = _packed_weight(model.graph, dq)
                 dequantizers.append(dq)
             inputs, attributes = packed[id(dq)]
-            _replace(node, inputs, {**attributes, "accuracy_level": self.plan.matmulnbits.accuracy_level})
+            levels = self.plan.matmulnbits
+            level = levels.accuracy_level if attributes["bits"] == 4 else levels.accuracy_level_8bit
+            _replace(node, inputs, {**attributes, "accuracy_level": level})
         for dq in dequantizers:
             _remove_if_unused(dq)
         if names:

@@ -22,9 +22,9 @@ Rules:
 - ort target, ``w4a16`` / ``w8a16`` with an ``accuracy_level`` (the recipe's
   ``--ort-accuracy-level``; ``--ort-weight-form dq`` gives none): each quantized MatMul, and each
   Gemm with ``transA=0``, ``alpha=beta=1`` and a 1-D bias, is emitted as ONNX Runtime's
-  ``com.microsoft::MatMulNBits`` at that level (``plan.matmulnbits``): ORT fuses the blocked DQ
-  form into the same kernel at level 4 only, and the level trades 1-token against 512-token
-  latency (measured in docs/weight-only.md);
+  ``com.microsoft::MatMulNBits`` at that level (``plan.matmulnbits``; 8-bit weights at level 4,
+  ``ACCURACY_LEVEL_8BIT``): ORT fuses the blocked DQ form into the same kernel at level 4 only,
+  and the level trades 1-token against 512-token latency (measured in docs/weight-only.md);
 - the opset is raised to 21 (``min_opset``): blocked DequantizeLinear and INT4 arrive there.
 """
 
@@ -39,6 +39,10 @@ from onnxq.weights import FLOAT_TYPES, weight_source
 
 # Blocked DequantizeLinear (the block_size attribute) and INT4 tensors arrive in opset 21.
 WEIGHT_ONLY_MIN_OPSET = 21
+# MatMulNBits' accuracy level for 8-bit weights (an INT8 head, --int8-share): ORT 1.32's CPU kernel
+# for 8 bits at levels 0-2 ran a 576x1536 product in 2.5-2.9 ms at M = 1 against 46-60 us at level 4
+# (and SmolLM2-6l's 1-token forward with an INT8 head 5-6x slower than at level 4)
+ACCURACY_LEVEL_8BIT = 4
 # Plan precision of a recipe's weight-only precision, and the weight dtype per target.
 NODE_PRECISION = {"w4a16": "w4", "w8a16": "w8", "w4a8": "w4a8"}
 WEIGHT_ONLY_DTYPE = {
@@ -112,5 +116,5 @@ def place(model: ir.Model, target: str, precision: str, block_size: int, *, quan
         plan.nodes[node.name] = weight_only_decision(node, plan, block_size, table_dtype(plan, head_bits) if head else None)
     if target == "ort" and accuracy_level is not None and plan.precision in ("w4", "w8"):
         fused = [node.name for node in rules.nodes(model, MATMUL_OPS) if plan.nodes[node.name].quantized and matmulnbits_fits(node)]
-        plan.matmulnbits = MatMulNBitsPlan(accuracy_level=accuracy_level, nodes=fused)
+        plan.matmulnbits = MatMulNBitsPlan(accuracy_level=accuracy_level, nodes=fused, accuracy_level_8bit=ACCURACY_LEVEL_8BIT)
     return plan
