@@ -83,14 +83,18 @@ def test_matmulnbits_equals_the_dq_form_and_replays(tmp_path, dtype):
 
 def test_accuracy_level_and_form_options(tmp_path):
     _model(tmp_path / "m.onnx")
-    _quantize(tmp_path / "m.onnx", "-o", tmp_path / "d.onnx", "--precision", "w8a16", "--target", "ort", "--save-plan", tmp_path / "p.json")
+    _quantize(tmp_path / "m.onnx", "-o", tmp_path / "d.onnx", "--precision", "w4a16", "--target", "ort", "--save-plan", tmp_path / "p.json")
     plan = json.loads((tmp_path / "p.json").read_text())
-    assert plan["matmulnbits"]["accuracy_level"] == Recipe().ort_accuracy_level and plan["matmulnbits"]["nodes"] == ["mm", "gemm"]
-    model = onnx.load(str(tmp_path / "d.onnx"))
-    assert sorted(n.op_type for n in model.graph.node) == ["MatMul", "MatMulNBits", "MatMulNBits", "Relu"]  # the head stays float
+    assert plan["matmulnbits"]["accuracy_level"] == Recipe().ort_accuracy_level and plan["matmulnbits"]["nodes"] == ["mm", "gemm", "head"]
+    model = onnx.load(str(tmp_path / "d.onnx"))  # the ort default quantizes the head (8-bit: level 4)
+    levels = {n.name: {a.name: a.i for a in n.attribute} for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert [(levels[n]["bits"], levels[n]["accuracy_level"]) for n in ("mm", "gemm", "head")] == [(4, Recipe().ort_accuracy_level)] * 2 + [(8, 4)]
+    _quantize(tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "--precision", "w8a16", "--target", "ort", "--no-quantize-head")
+    assert sorted(n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node) == ["MatMul", "MatMulNBits", "MatMulNBits", "Relu"]
     _quantize(tmp_path / "m.onnx", "-o", tmp_path / "t.onnx", "--precision", "w4a16", "--target", "ort", "--ort-weight-form", "dq", "--save-plan", tmp_path / "t.json")
     assert "matmulnbits" not in json.loads((tmp_path / "t.json").read_text())
     with pytest.raises(RecipeError, match="--ort-accuracy-level is for --precision w4a16 / w8a16 on the ort target"):
         Recipe.from_options({"precision": "w4a16", "target": "tensorrt", "ort_accuracy_level": 0})
+    assert Recipe.from_options({"precision": "w4a16", "target": "ort"}).quantize_embedding and not Recipe.from_options({"precision": "w4a16"}).quantize_head
     with pytest.raises(RecipeError, match="--ort-accuracy-level takes one of"):
         Recipe.from_options({"precision": "w4a16", "target": "ort", "ort_accuracy_level": 3})

@@ -86,7 +86,8 @@ def _float_reference(model_path, plan_path) -> onnx.ModelProto:
 @pytest.mark.parametrize("target, dtype", [("tensorrt", "int4"), ("ort", "uint4")])
 def test_w4a16_emits_blocked_dq_that_ort_runs_like_numpy(decoder_case, tmp_path, target, dtype):
     model, calib, _ = decoder_case
-    form = ["--ort-weight-form", "dq"] if target == "ort" else []  # the MatMulNBits form: test_matmulnbits.py
+    # the MatMulNBits form and the quantized head (the ort default): test_matmulnbits.py
+    form = ["--ort-weight-form", "dq", "--no-quantize-head"] if target == "ort" else []
     q = _quantize(model, tmp_path / "q.onnx", "--precision", "w4a16", "--block-size", "32", "--target", target, *form, "--save-plan", str(tmp_path / "p.json"))
     plan = json.loads((tmp_path / "p.json").read_text())
     assert {d["precision"] for d in plan["nodes"].values()} == {"w4", "float"}
@@ -180,7 +181,7 @@ def test_awq_folds_exactly_and_replays(decoder_case, tmp_path):
     from onnxq.plan import QuantPlan
 
     model, calib, evald = decoder_case
-    common = ["--precision", "w4a16", "--block-size", "32", "--target", "ort"]
+    common = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--no-quantize-head"]
     _quantize(model, tmp_path / "awq.onnx", *common, "--weight-method", "awq", "--calib", str(calib), "--save-plan", str(tmp_path / "p.json"))
     plan = QuantPlan.load(tmp_path / "p.json")
     assert plan.smoothquant.active() and all(g.absorber["kind"] != "inserted_mul" for g in plan.smoothquant.active())

@@ -43,23 +43,21 @@ class MatMulNBitsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         by_name = {node.name: node for node in model.graph.all_nodes()}
-        packed: dict[int, tuple[list[ir.Value | None], dict]] = {}
-        dequantizers = []
-        names = [n for n in self.plan.matmulnbits.nodes if n in self.plan.nodes and self.plan.nodes[n].precision in WEIGHT_ONLY_FUSED]
+        packed: dict[str, tuple[list[ir.Value | None], dict]] = {}  # by the DequantizeLinear's output
+        levels = self.plan.matmulnbits
+        names = [n for n in levels.nodes if n in self.plan.nodes and self.plan.nodes[n].precision in WEIGHT_ONLY_FUSED]
         for name in names:
             node = by_name.get(name)
             if node is None:
                 raise PlanError(f"the plan's matmulnbits names node {name!r}, which the model does not have; was the plan made for another model?")
             dq = _blocked_dequantizer(node)
-            if id(dq) not in packed:
-                packed[id(dq)] = _packed_weight(model.graph, dq)
-                dequantizers.append(dq)
-            inputs, attributes = packed[id(dq)]
-            levels = self.plan.matmulnbits
+            key = dq.outputs[0].name
+            if key not in packed:
+                packed[key] = _packed_weight(model.graph, dq)
+            inputs, attributes = packed[key]
             level = levels.accuracy_level if attributes["bits"] == 4 else levels.accuracy_level_8bit
             _replace(node, inputs, {**attributes, "accuracy_level": level})
-        for dq in dequantizers:
-            _remove_if_unused(dq)
+            _remove_if_unused(dq)  # freed as it goes: no second copy of every weight at the peak
         if names:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return ir.passes.PassResult(model, bool(names))

@@ -3,7 +3,7 @@ MatMulNBitsQuantizer on the same model and data, in one process.
 
     python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
         [--methods rtn awq gptq awq+gptq gptq-noact] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
-    python tools/bench/weight_only.py --prefill [--models smollm2-135m] [--rounds 7] [--no-metrics]
+    python tools/bench/weight_only.py --prefill [--models smollm2-135m] [--rounds 7] [--no-metrics] [--rows REGEX]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
@@ -184,7 +184,8 @@ PREFILL_LEVELS = (0, 1, 2, 4)
 def prefill_variants() -> list[tuple[str, str, dict]]:
     """(label, kind, options) of ``--prefill``'s rows after FP32."""
     rows = []
-    for extra, suffix in (({}, ""), ({"quantize_head": True, "quantize_embedding": True}, " +head +emb")):
+    for quantized, suffix in ((False, " (head, table float)"), (True, " +head +emb")):
+        extra = {"quantize_head": quantized, "quantize_embedding": quantized}
         rows += [(f"onnxq MatMulNBits acc{level}{suffix}", "onnxq", {"ort_accuracy_level": level, **extra}) for level in PREFILL_LEVELS]
         rows.append((f"onnxq DQ (ORT fuses, acc4){suffix}", "onnxq", {"ort_weight_form": "dq", **extra}))
     rows += [(f"ORT MatMulNBits sym acc{level}", "ort", {"accuracy_level": level}) for level in (0, 4)]
@@ -234,14 +235,17 @@ def interleaved_latency_ms(paths: list[Path], ids: np.ndarray, rounds: int) -> l
     return [{label: statistics.median(v) for label, v in per.items()} for per in times]
 
 
-def bench_prefill(name: str, rounds: int, metrics: bool, eval_n, work: Path) -> list[dict]:
-    """``--prefill``'s rows for zoo model ``name``."""
+def bench_prefill(name: str, rounds: int, metrics: bool, eval_n, work: Path, only: str | None = None) -> list[dict]:
+    """``--prefill``'s rows for zoo model ``name`` (those whose label matches ``only``, and
+    FP32 and ORT's level-0 model, the references)."""
     from onnxq import zoo
 
     entry = zoo.get(name)
     case = zoo.export_case(name, work / name, n_eval=eval_n)
     rows = [{"model": name, "row": "FP32", "path": case["model"], "seconds": 0.0}]
     for i, (label, kind, options) in enumerate(prefill_variants()):
+        if only and not re.search(only, label) and label != "ORT MatMulNBits sym acc0":
+            continue
         out = work / name / f"p{i}.onnx"
         rows.append({"model": name, "row": label, "path": out, "seconds": quantize_prefill_row(case, out, kind, options)})
         print(f"{name}: {label} written", file=sys.stderr, flush=True)
@@ -311,7 +315,7 @@ def main() -> int:
     if args.prefill:
         with tempfile.TemporaryDirectory(prefix="onnxq-prefill-") as tmp:
             for name in args.models:
-                rows = bench_prefill(name, args.rounds, not args.no_metrics, args.eval_samples, Path(tmp))
+                rows = bench_prefill(name, args.rounds, not args.no_metrics, args.eval_samples, Path(tmp), args.rows)
                 print_prefill_table(rows)
                 if args.out:
                     args.out.write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))
