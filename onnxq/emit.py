@@ -9,7 +9,8 @@ Stages, each an onnx_ir ``PassManager`` of passes that only execute the plan:
    runs before calibration (it changes the activations' ranges; SmoothQuant's fold needs them);
 1. ``fold``: SmoothQuant scales and split-off outlier channels (``plan.smoothquant``);
 2. ``quantize``: bias corrections (``plan.bias_correction``), the opset the plan asks for (``plan.min_opset``), then Q/DQ (nodes, activations,
-   weights);
+   weights), then ONNX Runtime's MatMulNBits for the weight-only products it names
+   (``plan.matmulnbits``);
 3. ``finish``: FP16 casts for the high-precision regions (``plan.high_precision``,
    ``plan.fp32_nodes``), unused nodes removed, topological order, the provenance metadata
    (:mod:`onnxq.passes.provenance`).
@@ -36,6 +37,7 @@ from onnxq.passes.bias_correction import BiasCorrectionPass
 from onnxq.passes.cast_fp16 import CastFloat16Pass
 from onnxq.passes.dynamic import DynamicQuantizePass, dynamic_nodes
 from onnxq.passes.equalize import EqualizePass
+from onnxq.passes.matmulnbits import MatMulNBitsPass
 from onnxq.passes.opset import RequireOpsetPass
 from onnxq.passes.provenance import RecordProvenancePass
 from onnxq.passes.qdq import InsertQDQPass
@@ -59,7 +61,8 @@ def stage_passes(plan: QuantPlan, stage: str) -> list[ir.passes.PassBase]:
     if stage == "quantize":
         corrections = [BiasCorrectionPass(plan.bias_correction)] if plan.bias_correction else []
         dynamic = [DynamicQuantizePass(plan)] if dynamic_nodes(plan) else []
-        return [*corrections, *([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), *dynamic, InsertQDQPass(plan)]
+        nbits = [MatMulNBitsPass(plan)] if plan.matmulnbits is not None and plan.matmulnbits.nodes else []
+        return [*corrections, *([RequireOpsetPass(plan.min_opset)] if plan.min_opset else []), *dynamic, InsertQDQPass(plan), *nbits]
     if stage == "finish":
         cast = []
         if plan.high_precision == "fp16":

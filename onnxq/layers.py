@@ -9,8 +9,13 @@ int8/uint8 → ``INT8``, int4/uint4 → ``INT4``, float8 → ``FP8`` (weights fi
 bfloat16 → ``BF16``, float → ``FP32``. Nodes that compute on no float tensor (shape arithmetic,
 index ops) are ``-``.
 
-MACs are counted for Conv, ConvTranspose, MatMul and Gemm from inferred shapes; dynamic dimensions
-count as given in ``dims`` (default 1 each).
+ONNX Runtime's ``com.microsoft::MatMulNBits`` is a layer like the MatMul it replaces: its packed
+weight reads as the weight input of a MatMul (``[K, N]``, blocks along axis 0: ``INT4``/``INT8``
+with no zero-point input — the kernel's implicit ``2^(bits-1)`` — else ``UINT4``/``UINT8`` with
+the zero points), its precision is the weight's, and it counts as a MatMul.
+
+MACs are counted for Conv, ConvTranspose, MatMul, Gemm and MatMulNBits from inferred shapes;
+dynamic dimensions count as given in ``dims`` (default 1 each).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ _QUANT_PRECISION = {
 }
 _FLOAT_PRECISION = {ir.DataType.FLOAT: "FP32", ir.DataType.FLOAT16: "FP16", ir.DataType.BFLOAT16: "BF16",
                     ir.DataType.DOUBLE: "FP64"}
+
+
+# ONNX Runtime's blocked 4/8-bit MatMul, as a layer's op_type (counted with the MatMuls)
+NBITS_OP = "com.microsoft::MatMulNBits"
 
 
 def _domain(node: ir.Node) -> bool:
@@ -107,7 +116,7 @@ class GraphLayers:
     def layers_by_precision(self, ops=LINEAR_OPS) -> dict[str, int]:
         out: dict[str, int] = {}
         for layer in self.layers.values():
-            if layer.op_type in ops:
+            if layer.op_type in ops or (layer.op_type == NBITS_OP and "MatMul" in ops):
                 out[layer.precision] = out.get(layer.precision, 0) + 1
         return dict(sorted(out.items(), key=lambda kv: precision_order(kv[0])))
 
@@ -246,6 +255,43 @@ def _macs(node: ir.Node, dims: Mapping[str, int]) -> int:
     return linear_macs(node, a, w, _shape(node.outputs[0], dims))
 
 
+def _nbits_weight(node: ir.Node) -> LayerInput:
+    """MatMulNBits' packed weight (input 1) as the weight input of the MatMul it computes:
+    ``[K, N]`` values, scales and zero points per block along axis 0, and the float weight."""
+    a = node.attributes
+    k, n, bits, block = a.get_int("K"), a.get_int("N"), a.get_int("bits", 4), a.get_int("block_size")
+    packed, scale = _const(node.inputs[1]), _const(node.inputs[2])
+    zero_value = node.inputs[3] if len(node.inputs) > 3 else None
+    zero = _const(zero_value)
+    if packed is None or scale is None or (zero_value is not None and zero is None) or packed.dtype != np.uint8:
+        return _trace(node.inputs[1], 1)
+    blocks = -(-k // block)
+    q = _unpack(packed.reshape(n, -1), bits)[:, :k].T.astype(np.int32)
+    if zero is None:  # implicit zero point 2^(bits-1): the signed grid
+        dtype, q = ("INT4" if bits == 4 else "INT8"), q - (1 << (bits - 1))
+    else:  # packed uint8 zero points, or unpacked ones in the activation's float type
+        dtype = "UINT4" if bits == 4 else "UINT8"
+        zero = (_unpack(zero.reshape(n, -1), bits) if zero.dtype == np.uint8 else zero.reshape(n, -1))[:, :blocks].T
+    params = QuantParams("weight", dtype, scale.reshape(n, blocks).T, zero, 0, node.inputs[1].name, block)
+    return LayerInput(1, node.inputs[1].name, None, params, _dequantize(q, params))
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values packed along the last axis as MatMulNBits packs them (4-bit: low nibble first)."""
+    flat = packed.reshape(packed.shape[0], -1)
+    if bits == 8:
+        return flat
+    return np.stack([flat & 0xF, flat >> 4], axis=-1).reshape(flat.shape[0], -1)
+
+
+def _nbits_macs(node: ir.Node, dims: Mapping[str, int]) -> int:
+    """M·K·N of a MatMulNBits: every dimension of its input but the last, times K and N."""
+    a = _shape(node.inputs[0], dims)
+    if a is None:
+        return 0
+    return int(np.prod(a[:-1], dtype=np.int64)) * node.attributes.get_int("K") * node.attributes.get_int("N")
+
+
 def _precision(node: ir.Node, inputs: list[LayerInput]) -> str:
     weights = [i.quant for i in inputs if i.quant is not None and i.quant.kind == "weight"]
     acts = [i.quant for i in inputs if i.quant is not None and i.quant.kind == "activation"]
@@ -309,12 +355,15 @@ def graph_layers(model: str | os.PathLike | ir.Model, dims: Mapping[str, int] | 
         if not name:
             unnamed += 1
             name = f"<{node.op_type} #{unnamed}>"
+        nbits = node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
         inputs = [_trace(v, i) for i, v in enumerate(node.inputs)]
+        if nbits:  # A, the weight as a MatMul's, then the bias when there is one
+            inputs = [inputs[0], _nbits_weight(node), *([_trace(node.inputs[5], 2)] if len(node.inputs) > 5 and node.inputs[5] is not None else [])]
         layers[name] = Layer(
             name=name, op_type=node.op_type if _domain(node) else f"{node.domain}::{node.op_type}",
             precision=_precision(node, inputs),
             attributes={k: _attr_value(a) for k, a in sorted(node.attributes.items())},
             inputs=inputs, output_shapes=[shape_list(o.shape) for o in node.outputs],
-            macs=_macs(node, dims),
+            macs=_nbits_macs(node, dims) if nbits else _macs(node, dims),
         )
     return GraphLayers(layers, dict(sorted(qdq.items())), model)

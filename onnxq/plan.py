@@ -52,6 +52,9 @@ The plan is the whole contract: besides the per-node decisions it carries
   size, seed and signs, and the embeddings, writers and norms it rewrites), folded into the float
   model before calibration;
 - ``min_opset``: the opset the model is raised to before Q/DQ insertion (FP8: 19), if any;
+- ``matmulnbits``: the weight-only MatMul/Gemm (ort target) emitted as ONNX Runtime's
+  ``com.microsoft::MatMulNBits`` instead of blocked DequantizeLinear → MatMul, and the kernel's
+  ``accuracy_level`` (:class:`MatMulNBitsPlan`; executed by :mod:`onnxq.passes.matmulnbits`);
 - ``recipe``: the request that produced the plan (for the record; replay does not read it).
 
 Weight entries are keyed by ``"<node>:<input index>"`` (a rewrite that renames an initializer
@@ -450,6 +453,37 @@ class AttentionPlan:
         return cls(unnormalized=pairs)
 
 
+# --- weight-only form on ONNX Runtime (decided by onnxq.placement.weight_only, executed by passes/matmulnbits.py) ---
+
+# MatMulNBits' accuracy_level: 0 unset (float compute), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+MATMULNBITS_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@dataclass
+class MatMulNBitsPlan:
+    """``nodes``: weight-only MatMul/Gemm whose blocked DequantizeLinear → node becomes
+    ``com.microsoft::MatMulNBits``, at ``accuracy_level`` when its weight is 4-bit and at
+    ``accuracy_level_8bit`` when it is 8-bit."""
+
+    accuracy_level: int = 0
+    nodes: list[str] = field(default_factory=list)
+    accuracy_level_8bit: int = 4
+
+    def to_json(self) -> dict:
+        return {"accuracy_level": self.accuracy_level, "accuracy_level_8bit": self.accuracy_level_8bit, "nodes": list(self.nodes)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> MatMulNBitsPlan:
+        levels = {key: data.get(key, default) for key, default in (("accuracy_level", 0), ("accuracy_level_8bit", 4))}
+        for key, level in levels.items():
+            if isinstance(level, bool) or level not in MATMULNBITS_ACCURACY_LEVELS:
+                raise ValueError(f"matmulnbits.{key} is one of {list(MATMULNBITS_ACCURACY_LEVELS)}, got {level!r}")
+        nodes = list(data.get("nodes", []))
+        if not all(isinstance(name, str) for name in nodes):
+            raise ValueError("matmulnbits.nodes is a list of node names")
+        return cls(nodes=nodes, **levels)
+
+
 @dataclass
 class QuantPlan:
     target: str
@@ -474,6 +508,7 @@ class QuantPlan:
     local_snr: dict[str, float] | None = None
     rotation: RotationPlan | None = None
     attention: AttentionPlan | None = None
+    matmulnbits: MatMulNBitsPlan | None = None
 
     def quantized_nodes(self) -> dict[str, NodeDecision]:
         return {name: d for name, d in self.nodes.items() if d.quantized}
@@ -561,6 +596,7 @@ class QuantPlan:
             **({"local_snr": self.local_snr} if self.local_snr is not None else {}),
             **({"rotation": self.rotation.to_json()} if self.rotation is not None else {}),
             **({"attention": self.attention.to_json()} if self.attention is not None else {}),
+            **({"matmulnbits": self.matmulnbits.to_json()} if self.matmulnbits is not None else {}),
         }
 
     @classmethod
@@ -598,6 +634,7 @@ class QuantPlan:
                 local_snr=data.get("local_snr"),
                 rotation=RotationPlan.from_json(data["rotation"]) if data.get("rotation") else None,
                 attention=AttentionPlan.from_json(data["attention"]) if data.get("attention") else None,
+                matmulnbits=MatMulNBitsPlan.from_json(data["matmulnbits"]) if data.get("matmulnbits") else None,
             )
             plan.check_values(source)
             return plan

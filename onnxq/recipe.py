@@ -36,6 +36,10 @@ WEIGHT_ONLY = ("w4a16", "w8a16", "w4a8")  # w4a8: the blocked INT4 weights of w4
 BLOCK_SIZES = (32, 64, 128)
 HEAD_BITS = (4, 8)  # weight-only LM head / embedding table: INT4 like the body, or INT8
 WEIGHT_METHODS = ("rtn", "awq", "gptq", "awq+gptq")
+# weight-only on the ort target: ONNX Runtime's MatMulNBits, or the blocked DequantizeLinear form
+# (ORT fuses it into MatMulNBits at accuracy level 4); and MatMulNBits' accuracy levels
+ORT_WEIGHT_FORMS = ("matmulnbits", "dq")
+ORT_ACCURACY_LEVELS = (0, 1, 2, 4)
 HIGH_PRECISIONS = ("fp32", "fp16")
 ATTENTION_PROBS = ("int8", "fp8", "float", "unnormalized")  # onnxq.placement.attention's choices for P·V
 PROVIDERS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime execution providers (onnxq.runtime.ort.PROVIDER_ALIASES)
@@ -70,12 +74,16 @@ class Recipe:
     bias_correction: bool = False  # per-channel bias shift by the measured mean output error
     depthwise_min_snr: float | None = None  # dB: depthwise convs whose own measured SNR is lower stay float
     block_size: int = 128  # weight-only: weights per scale along the reduction axis
-    quantize_head: bool = False  # weight-only: the LM head (a product writing a graph output) too
-    quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too
+    # weight-only: the LM head (a product writing a graph output) too; default: on for w4a16/w8a16
+    # on the ort target, off elsewhere (_default_head_and_embedding)
+    quantize_head: bool = False
+    quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too; default as quantize_head
     head_bits: int = 8  # weight-only: bits of the LM head's and the embedding table's weights when quantized
     weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
     gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
+    ort_weight_form: str = "matmulnbits"  # weight-only, ort target: MatMulNBits nodes or blocked DQ → MatMul
+    ort_accuracy_level: int = 1  # weight-only, ort target: MatMulNBits' accuracy_level for 4-bit weights (measured: docs/weight-only.md)
     int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
     attention_probs: str = "int8"  # attention's P·V products: "int8" (as every MatMul), "fp8", "float" or "unnormalized" (INT8 on exp(s - rowmax))
     _given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
@@ -151,6 +159,8 @@ class Recipe:
             "weight_method": _choice(self.weight_method, WEIGHT_METHODS, "weight-method", source),
             "gptq_act_order": _flag(self.gptq_act_order, "gptq-act-order", source),
             "int8_share": _share(self.int8_share, source),
+            "ort_weight_form": _choice(self.ort_weight_form, ORT_WEIGHT_FORMS, "ort-weight-form", source),
+            "ort_accuracy_level": _accuracy_level(self.ort_accuracy_level, source),
             "dynamic": _flag(self.dynamic, "dynamic", source),
             "attention_probs": _choice(self.attention_probs, ATTENTION_PROBS, "attention-probs", source),
         }
@@ -162,6 +172,7 @@ class Recipe:
         if values["precision"] in WEIGHT_ONLY and (values["per_tensor_weights"] or values["smoothquant"] is not None):
             option = "--per-tensor-weights" if values["per_tensor_weights"] else "--smoothquant"
             raise RecipeError(f"{_at(source)}{option} does not apply to weight-only --precision {values['precision']} (its weights are blocked along the reduction axis, activations stay float)")
+        _default_head_and_embedding(self, values)
         if values["quantize_embedding"] and (values["precision"] not in WEIGHT_ONLY or values["target"] != "ort"):
             raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
         if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
@@ -171,6 +182,7 @@ class Recipe:
         if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):
             raise RecipeError(f"{_at(source)}--dynamic is INT8 on the ort target with run-time activation scales: pass --target ort --precision int8, without --smoothquant / --bias-correction")
         _check_attention_probs(values, source)
+        _check_ort_weight_form(self, values, source)
         return dataclasses.replace(self, **values)
 
     @property
@@ -194,6 +206,29 @@ class Recipe:
             value = getattr(self, f.name)
             out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _default_head_and_embedding(recipe: Recipe, values: dict) -> None:
+    """Unless the recipe says otherwise, w4a16 / w8a16 on the ort target quantize the LM head and
+    the embedding table (INT8, --head-bits): SmolLM2-135M decodes a token 10-25 % faster (the
+    float head read 113 MB per token), its 512-token prefill no slower, perplexity +0.03, 0.235x
+    the FP32 bytes instead of 0.329x (docs/weight-only.md); other targets and precisions keep them
+    float (TensorRT has no quantized Gather in ONNX)."""
+    default = values["target"] == "ort" and values["precision"] in ("w4a16", "w8a16")
+    for name in ("quantize_head", "quantize_embedding"):
+        if not recipe.given(name):
+            values[name] = default
+
+
+def _check_ort_weight_form(recipe: Recipe, values: dict, source: str) -> None:
+    """--ort-weight-form / --ort-accuracy-level choose how ONNX Runtime runs weight-only products."""
+    # a recipe written out whole (to_json) carries the defaults: only a changed value is an error
+    changed = {name for name in ("ort_weight_form", "ort_accuracy_level") if recipe.given(name) and values[name] != getattr(Recipe, name)}
+    for name in sorted(changed):
+        if values["precision"] not in ("w4a16", "w8a16") or values["target"] != "ort":
+            raise RecipeError(f"{_at(source)}--{name.replace('_', '-')} is for --precision w4a16 / w8a16 on the ort target (ONNX Runtime's MatMulNBits)")
+    if "ort_accuracy_level" in changed and values["ort_weight_form"] == "dq":
+        raise RecipeError(f"{_at(source)}--ort-accuracy-level sets MatMulNBits' level; with --ort-weight-form dq ONNX Runtime fuses at level 4 (its session option session.qdq_matmulnbits_accuracy_level changes it)")
 
 
 def _at(source: str) -> str:
@@ -317,6 +352,12 @@ def _share(value, source: str) -> float:
     if share is None or isinstance(value, bool) or not 0.0 <= share <= 1.0:
         raise RecipeError(f"{_at(source)}--int8-share takes a fraction between 0 and 1 (e.g. 0.25), got {value!r}")
     return share
+
+
+def _accuracy_level(value, source: str) -> int:
+    if isinstance(value, bool) or value not in ORT_ACCURACY_LEVELS:
+        raise RecipeError(f"{_at(source)}--ort-accuracy-level takes one of {list(ORT_ACCURACY_LEVELS)}, got {value!r}")
+    return value
 
 
 def _head_bits(value, source: str) -> int:

@@ -95,7 +95,7 @@ def test_plan_offsets_outside_the_grid_are_refused(decoder_case, tmp_path, capsy
 
 def test_int8_share_keeps_the_worst_weights_at_8_bits_and_replays(decoder_case, tmp_path):
     model, calib, evald = decoder_case
-    common = ["quantize", str(model), "--no-eval", "-q", "--precision", "w4a16", "--block-size", "32", "--target", "ort", "--weight-method", "gptq", "--calib", str(calib)]
+    common = ["quantize", str(model), "--no-eval", "-q", "--precision", "w4a16", "--block-size", "32", "--target", "ort", "--no-quantize-head", "--weight-method", "gptq", "--calib", str(calib)]
     assert main([*common, "-o", str(tmp_path / "g.onnx")]) == 0
     assert main([*common, "-o", str(tmp_path / "s.onnx"), "--int8-share", "0.5", "--save-plan", str(tmp_path / "p.json")]) == 0
     plan = QuantPlan.load(tmp_path / "p.json")

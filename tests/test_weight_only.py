@@ -86,7 +86,9 @@ def _float_reference(model_path, plan_path) -> onnx.ModelProto:
 @pytest.mark.parametrize("target, dtype", [("tensorrt", "int4"), ("ort", "uint4")])
 def test_w4a16_emits_blocked_dq_that_ort_runs_like_numpy(decoder_case, tmp_path, target, dtype):
     model, calib, _ = decoder_case
-    q = _quantize(model, tmp_path / "q.onnx", "--precision", "w4a16", "--block-size", "32", "--target", target, "--save-plan", str(tmp_path / "p.json"))
+    # the MatMulNBits form and the quantized head (the ort default): test_matmulnbits.py
+    form = ["--ort-weight-form", "dq", "--no-quantize-head"] if target == "ort" else []
+    q = _quantize(model, tmp_path / "q.onnx", "--precision", "w4a16", "--block-size", "32", "--target", target, *form, "--save-plan", str(tmp_path / "p.json"))
     plan = json.loads((tmp_path / "p.json").read_text())
     assert {d["precision"] for d in plan["nodes"].values()} == {"w4", "float"}
     assert plan["nodes"]["head"]["precision"] == "float" and "LM head" in plan["nodes"]["head"]["reason"]
@@ -179,7 +181,7 @@ def test_awq_folds_exactly_and_replays(decoder_case, tmp_path):
     from onnxq.plan import QuantPlan
 
     model, calib, evald = decoder_case
-    common = ["--precision", "w4a16", "--block-size", "32", "--target", "ort"]
+    common = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--no-quantize-head"]
     _quantize(model, tmp_path / "awq.onnx", *common, "--weight-method", "awq", "--calib", str(calib), "--save-plan", str(tmp_path / "p.json"))
     plan = QuantPlan.load(tmp_path / "p.json")
     assert plan.smoothquant.active() and all(g.absorber["kind"] != "inserted_mul" for g in plan.smoothquant.active())
@@ -248,7 +250,7 @@ def test_quantized_embedding_and_tied_head_leave_no_float_table(tmp_path, head_b
     args = ["--precision", "w4a16", "--block-size", "32", "--target", "ort", "--quantize-head", "--quantize-embedding", "--head-bits", str(head_bits)]
     table = f"uint{head_bits}"
     q = _quantize(tmp_path / "lm.onnx", tmp_path / "q.onnx", *args, "--save-plan", str(tmp_path / "p.json"))
-    assert [n.op_type for n in q.graph.node if n.domain == "com.microsoft"] == ["GatherBlockQuantized"]
+    assert sorted(n.op_type for n in q.graph.node if n.domain == "com.microsoft") == ["GatherBlockQuantized", "MatMulNBits", "MatMulNBits"]
     floats = [int(np.prod(i.dims)) for i in q.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert max(floats) == 200  # only scales ([100, 2] of the table) are float: no float table is left
     ids = (np.arange(8) * 7).reshape(1, 8)

@@ -21,7 +21,8 @@ def test_smollm2_w4a16_awq_beats_rtn(tmp_path):
     entry = zoo.get("smollm2-6l")
     calib = entry.calib_data(4)
     np.savez(tmp_path / "calib.npz", input_ids=calib["input_ids"][:, None, :])
-    common = {"precision": "w4a16", "target": "ort", "block_size": 128, "report": False, "evaluate": False, "quiet": True}
+    # head and table float (not the ort default): the thresholds below were measured so
+    common = {"precision": "w4a16", "target": "ort", "block_size": 128, "quantize_head": False, "quantize_embedding": False, "report": False, "evaluate": False, "quiet": True}
     onnxq.quantize(entry.onnx_path(), tmp_path / "rtn.onnx", **common)
     result = onnxq.quantize(entry.onnx_path(), tmp_path / "awq.onnx", tmp_path / "calib.npz", weight_method="awq", **common)
     assert result.plan.smoothquant.active() and all(g.absorber["kind"] != "inserted_mul" for g in result.plan.smoothquant.active())

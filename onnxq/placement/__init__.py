@@ -40,7 +40,9 @@ def plan_for(model: ir.Model, recipe: Recipe) -> QuantPlan:
     elif recipe.weight_only:
         from onnxq.placement.weight_only import place as weight_only_place
 
-        plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding, head_bits=recipe.head_bits)
+        # MatMulNBits computes in the activation's type; FP16 plans keep the DQ form the Cast pass knows
+        level = recipe.ort_accuracy_level if recipe.ort_weight_form == "matmulnbits" and recipe.high_precision == "fp32" else None
+        plan = weight_only_place(model, recipe.target, recipe.precision, recipe.block_size, quantize_head=recipe.quantize_head, quantize_embedding=recipe.quantize_embedding, head_bits=recipe.head_bits, accuracy_level=level)
     else:
         plan = place(model, recipe.target, precision=recipe.precision)
         set_attention_probs(model, plan, recipe.attention_probs)

@@ -19,6 +19,12 @@ Rules:
   ``quantize_head`` too, or the float table stays for it;
 - products of two activations (attention), Convs and weights of rank other than 2 stay float;
   GEMV-like products are quantized too (memory-bound decoding is what weight-only is for);
+- ort target, ``w4a16`` / ``w8a16`` with an ``accuracy_level`` (the recipe's
+  ``--ort-accuracy-level``; ``--ort-weight-form dq`` gives none): each quantized MatMul, and each
+  Gemm with ``transA=0``, ``alpha=beta=1`` and a 1-D bias, is emitted as ONNX Runtime's
+  ``com.microsoft::MatMulNBits`` at that level (``plan.matmulnbits``; 8-bit weights at level 4,
+  ``ACCURACY_LEVEL_8BIT``): ORT fuses the blocked DQ form into the same kernel at level 4 only,
+  and the level trades 1-token against 512-token latency (measured in docs/weight-only.md);
 - the opset is raised to 21 (``min_opset``): blocked DequantizeLinear and INT4 arrive there.
 """
 
@@ -28,11 +34,15 @@ import onnx_ir as ir
 
 from onnxq.ops import MATMUL_OPS, weight_input_axis
 from onnxq.placement import rules
-from onnxq.plan import FLOAT, NodeDecision, QuantPlan, WeightQuant
+from onnxq.plan import FLOAT, MatMulNBitsPlan, NodeDecision, QuantPlan, WeightQuant
 from onnxq.weights import FLOAT_TYPES, weight_source
 
 # Blocked DequantizeLinear (the block_size attribute) and INT4 tensors arrive in opset 21.
 WEIGHT_ONLY_MIN_OPSET = 21
+# MatMulNBits' accuracy level for 8-bit weights (an INT8 head, --int8-share): ORT 1.32's CPU kernel
+# for 8 bits at levels 0-2 ran a 576x1536 product in 2.5-2.9 ms at M = 1 against 46-60 us at level 4
+# (and SmolLM2-6l's 1-token forward with an INT8 head 5-6x slower than at level 4)
+ACCURACY_LEVEL_8BIT = 4
 # Plan precision of a recipe's weight-only precision, and the weight dtype per target.
 NODE_PRECISION = {"w4a16": "w4", "w8a16": "w8", "w4a8": "w4a8"}
 WEIGHT_ONLY_DTYPE = {
@@ -79,9 +89,21 @@ def embedding_decision(node: ir.Node, plan: QuantPlan, block_size: int, dtype: s
     return NodeDecision(node.op_type, plan.precision, {0: "weight"}, f"embedding table {dtype}, blocks of {block_size} along the hidden axis (GatherBlockQuantized)")
 
 
-def place(model: ir.Model, target: str, precision: str, block_size: int, *, quantize_head: bool = False, quantize_embedding: bool = False, head_bits: int = 8) -> QuantPlan:
+def matmulnbits_fits(node: ir.Node) -> bool:
+    """Whether MatMulNBits computes ``node`` (with its weight blocked): a MatMul, or a Gemm
+    ``A·B + C`` with no transposed A, unit alpha and beta, and a bias of one value per column."""
+    if node.op_type == "MatMul":
+        return True
+    a = node.attributes
+    plain = node.op_type == "Gemm" and a.get_int("transA", 0) == 0 and a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return plain and (bias is None or (bias.shape is not None and len(bias.shape) == 1))
+
+
+def place(model: ir.Model, target: str, precision: str, block_size: int, *, quantize_head: bool = False, quantize_embedding: bool = False, head_bits: int = 8, accuracy_level: int | None = None) -> QuantPlan:
     """The weight-only plan of ``model``: ``precision`` is the recipe's ("w4a16" or "w8a16");
-    the head and the embedding table, when quantized, get ``head_bits``."""
+    the head and the embedding table, when quantized, get ``head_bits``; on the ort target with
+    an ``accuracy_level``, the quantized products become MatMulNBits at that level."""
     plan = QuantPlan(target=target, precision=NODE_PRECISION[precision], min_opset=WEIGHT_ONLY_MIN_OPSET)
     if quantize_embedding:
         for node in rules.nodes(model, ["Gather"]):
@@ -92,4 +114,7 @@ def place(model: ir.Model, target: str, precision: str, block_size: int, *, quan
             plan.nodes[node.name] = NodeDecision(node.op_type, FLOAT, {}, "LM head (writes a graph output): kept float; --quantize-head quantizes it")
             continue
         plan.nodes[node.name] = weight_only_decision(node, plan, block_size, table_dtype(plan, head_bits) if head else None)
+    if target == "ort" and accuracy_level is not None and plan.precision in ("w4", "w8"):
+        fused = [node.name for node in rules.nodes(model, MATMUL_OPS) if plan.nodes[node.name].quantized and matmulnbits_fits(node)]
+        plan.matmulnbits = MatMulNBitsPlan(accuracy_level=accuracy_level, nodes=fused, accuracy_level_8bit=ACCURACY_LEVEL_8BIT)
     return plan

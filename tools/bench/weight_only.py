@@ -3,6 +3,7 @@ MatMulNBitsQuantizer on the same model and data, in one process.
 
     python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
         [--methods rtn awq gptq awq+gptq gptq-noact] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
+    python tools/bench/weight_only.py --prefill [--models smollm2-135m] [--rounds 7] [--no-metrics] [--rows REGEX]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
 (asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
@@ -16,6 +17,15 @@ not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order
 next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
 to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
 and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
+
+``--prefill``: the ort target's form and MatMulNBits accuracy level (RTN, block 128): FP32; onnxq
+``--ort-accuracy-level`` 0, 1, 2, 4 and ``--ort-weight-form dq`` (ORT fuses it at level 4), each
+with the head float and with ``--quantize-head --quantize-embedding`` ("+head +emb"); ORT's
+``MatMulNBitsQuantizer`` (symmetric RTN) at accuracy level 0 (its default) and 4. Latency of a
+1-token and a full-window forward (one thread; pin the process with ``taskset -c N``), timed in
+``--rounds`` interleaved rounds (every session once per round, the order reversed every other
+round, so load that changes reaches all rows alike), median; ratios to FP32 and to ORT's model at
+level 0. The zoo metric (perplexity) per row unless ``--no-metrics``.
 """
 
 from __future__ import annotations
@@ -168,6 +178,101 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: 
     return rows
 
 
+PREFILL_LEVELS = (0, 1, 2, 4)
+
+
+def prefill_variants() -> list[tuple[str, str, dict]]:
+    """(label, kind, options) of ``--prefill``'s rows after FP32."""
+    rows = []
+    for quantized, suffix in ((False, " (head, table float)"), (True, " +head +emb")):
+        extra = {"quantize_head": quantized, "quantize_embedding": quantized}
+        rows += [(f"onnxq MatMulNBits acc{level}{suffix}", "onnxq", {"ort_accuracy_level": level, **extra}) for level in PREFILL_LEVELS]
+        rows.append((f"onnxq DQ (ORT fuses, acc4){suffix}", "onnxq", {"ort_weight_form": "dq", **extra}))
+    rows += [(f"ORT MatMulNBits sym acc{level}", "ort", {"accuracy_level": level}) for level in (0, 4)]
+    return rows
+
+
+def quantize_prefill_row(case, out: Path, kind: str, options: dict) -> float:
+    """Write one ``--prefill`` row's model (RTN, block 128); returns the seconds it took."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    import onnxq
+
+    t = time.perf_counter()
+    if kind == "onnxq":
+        onnxq.quantize(case["model"], out, None, precision="w4a16", target="ort", block_size=128, report=False, evaluate=False, quiet=True, **options)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=options["accuracy_level"])
+        quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(case["model"])), algo_config=config)
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(out))
+    return time.perf_counter() - t
+
+
+def interleaved_latency_ms(paths: list[Path], ids: np.ndarray, rounds: int) -> list[dict[str, float]]:
+    """Per model, the median ms of a 1-token and a full-window forward (one thread) over
+    ``rounds`` rounds; each round runs every session once (10 times for 1 token), the order
+    reversed every other round."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    sessions = [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+    feeds = {"1 token": (ids[:, :1], 10), f"{ids.shape[1]} tokens": (ids, 1)}
+    times: list[dict[str, list[float]]] = [{label: [] for label in feeds} for _ in sessions]
+    for session in sessions:
+        for feed, _ in feeds.values():
+            session.run(None, {"input_ids": feed})
+    for r in range(rounds):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            for label, (feed, reps) in feeds.items():
+                t = time.perf_counter()
+                for _ in range(reps):
+                    sessions[i].run(None, {"input_ids": feed})
+                times[i][label].append((time.perf_counter() - t) * 1e3 / reps)
+    return [{label: statistics.median(v) for label, v in per.items()} for per in times]
+
+
+def bench_prefill(name: str, rounds: int, metrics: bool, eval_n, work: Path, only: str | None = None) -> list[dict]:
+    """``--prefill``'s rows for zoo model ``name`` (those whose label matches ``only``, and
+    FP32 and ORT's level-0 model, the references)."""
+    from onnxq import zoo
+
+    entry = zoo.get(name)
+    case = zoo.export_case(name, work / name, n_eval=eval_n)
+    rows = [{"model": name, "row": "FP32", "path": case["model"], "seconds": 0.0}]
+    for i, (label, kind, options) in enumerate(prefill_variants()):
+        if only and not re.search(only, label) and label != "ORT MatMulNBits sym acc0":
+            continue
+        out = work / name / f"p{i}.onnx"
+        rows.append({"model": name, "row": label, "path": out, "seconds": quantize_prefill_row(case, out, kind, options)})
+        print(f"{name}: {label} written", file=sys.stderr, flush=True)
+    for row in rows:
+        row["bytes"] = file_bytes(Path(row["path"]))
+        row["metrics"] = entry.evaluate(str(row["path"]), str(case["model"]), n=eval_n) if metrics else {}
+    latencies = interleaved_latency_ms([Path(r["path"]) for r in rows], entry.eval_data(1)["input_ids"], rounds)
+    for row, latency in zip(rows, latencies, strict=True):
+        row["latency_ms"] = latency
+    return rows
+
+
+def print_prefill_table(rows: list[dict]) -> None:
+    fp32 = rows[0]
+    ort_ref = next(r for r in rows if r["row"] == "ORT MatMulNBits sym acc0")
+    keys = list(fp32["latency_ms"])
+    metric = next(iter(fp32["metrics"]), None) and ("perplexity" if "perplexity" in fp32["metrics"] else "top1_agreement")
+    print(f"\n{fp32['model']} (ratios: × FP32, × ORT MatMulNBits sym acc0)")
+    head = f"| {'variant':<34} | " + (f"{metric} | " if metric else "") + "× FP32 bytes | " + " | ".join(f"{k} ms (× FP32, × ORT acc0)" for k in keys) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        lat = " | ".join(f"{r['latency_ms'][k]:.2f} ({r['latency_ms'][k] / fp32['latency_ms'][k]:.2f}, {r['latency_ms'][k] / ort_ref['latency_ms'][k]:.2f})" for k in keys)
+        quality = f"{r['metrics'][metric]:.3f} | " if metric else ""
+        print(f"| {r['row']:<34} | {quality}{r['bytes'] / fp32['bytes']:.3f} | {lat} |")
+
+
 def print_table(rows: list[dict]) -> None:
     by_model: dict[str, list[dict]] = {}
     for r in rows:
@@ -203,7 +308,18 @@ def main() -> int:
     ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--rows", metavar="REGEX", help="only the variants whose label matches (FP32 always runs)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--prefill", action="store_true", help="the ort target's MatMulNBits accuracy levels and DQ form against ORT's model, 1 token and a full window")
+    ap.add_argument("--rounds", type=int, default=7, help="--prefill: interleaved latency rounds")
+    ap.add_argument("--no-metrics", action="store_true", help="--prefill: latency and bytes only")
     args = ap.parse_args()
+    if args.prefill:
+        with tempfile.TemporaryDirectory(prefix="onnxq-prefill-") as tmp:
+            for name in args.models:
+                rows = bench_prefill(name, args.rounds, not args.no_metrics, args.eval_samples, Path(tmp), args.rows)
+                print_prefill_table(rows)
+                if args.out:
+                    args.out.write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxq-wonly-") as tmp:
         for name in args.models:
