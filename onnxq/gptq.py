@@ -28,13 +28,15 @@ from __future__ import annotations
 import base64
 import zlib
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from onnxq import smoothquant as sq
 from onnxq.awq import encode_clip
-from onnxq.grids import CLIP_RATIOS, GRIDS, dequantize_blocked, fake_quant_blocked, quantize_blocked
-from onnxq.plan import QuantPlan, WeightQuant
+from onnxq import ops
+from onnxq.grids import CLIP_RATIOS, GRIDS, WEIGHT_GRIDS, dequantize_blocked, fake_quant_blocked, quantize_blocked, quantize_weight, to_fp8
+from onnxq.plan import WEIGHT_DTYPE, QuantPlan, WeightQuant
 from onnxq.weights import weight_source
 
 DAMPING = 0.01  # λ = DAMPING × mean(diag H) (the reference's percdamp)
@@ -105,24 +107,99 @@ def gptq_quantize(weight: np.ndarray, h: np.ndarray | HessianFactor, grid: str, 
     factor = h if isinstance(h, HessianFactor) else HessianFactor(h, act_order=act_order)
     w = np.asarray(weight, dtype=np.float32)
     _, scale, zero = quantize_blocked(w, 0, block, g, clip)
-    k = w.shape[0]
     w = w.astype(np.float64)
     w[factor.dead] = 0.0
-    order, u = factor.order, factor.u
+    order = factor.order
     w = w[order]
     row_scale = scale.astype(np.float64)[order // block]
     row_zero = zero.astype(np.float64)[order // block]
     lowest = -g.qmax if g.symmetric else g.qmin
+
+    def round_row(i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.clip(np.rint(x / row_scale[i]) + row_zero[i], lowest, g.qmax)
+        return q, (q - row_zero[i]) * row_scale[i]
+
+    return _rounding(w, factor.u, round_row)[np.argsort(order)].astype(g.numpy_type)
+
+
+def _rounding(w: np.ndarray, u: np.ndarray, round_row) -> np.ndarray:
+    """GPTQ's loop on ``w`` ``[K, N]`` (float64, rows in the factor's order; updated in place):
+    row ``i`` rounded by ``round_row(i, row) -> (codes, dequantized)``, its error spread over the
+    later rows through ``u``. Returns the codes ``[K, N]`` (float64) in the same order."""
+    k = w.shape[0]
     q = np.zeros(w.shape, dtype=np.float64)
     for i1 in range(0, k, UPDATE_BLOCK):
         i2 = min(i1 + UPDATE_BLOCK, k)
         err = np.zeros((i2 - i1, w.shape[1]))
         for i in range(i1, i2):
-            q[i] = np.clip(np.rint(w[i] / row_scale[i]) + row_zero[i], lowest, g.qmax)
-            err[i - i1] = (w[i] - (q[i] - row_zero[i]) * row_scale[i]) / u[i, i]
+            q[i], dequantized = round_row(i, w[i])
+            err[i - i1] = (w[i] - dequantized) / u[i, i]
             w[i + 1 : i2] -= u[i, i + 1 : i2, None] * err[i - i1]
         w[i2:] -= u[i1:i2, i2:].T @ err
-    return q[np.argsort(order)].astype(g.numpy_type)
+    return q
+
+
+def gptq_quantize_static(weight: np.ndarray, h: np.ndarray | HessianFactor, dtype: str, per_channel: bool = True, *, act_order: bool = True) -> np.ndarray:
+    """GPTQ's values (``dtype``'s numpy type: int8 integers or FP8 E4M3FN numbers) for ``weight``
+    ``[K, N]`` on the grid a W8A8 node's weight uses (:func:`~onnxq.grids.quantize_weight`):
+    symmetric, one scale per output column (one block spanning K) or per tensor. FP8 rounds each
+    value to its nearest E4M3FN number, the grid's "integer" step being one code."""
+    g = WEIGHT_GRIDS[dtype]
+    factor = h if isinstance(h, HessianFactor) else HessianFactor(h, act_order=act_order)
+    w = np.asarray(weight, dtype=np.float32)
+    rtn, scale32 = quantize_weight(w, 1 if per_channel else None, dtype)
+    scale = np.broadcast_to(scale32.astype(np.float64), (w.shape[1],))
+    # FP8: each value stays within 127 codes of round-to-nearest (what an int8 offset holds; the
+    # grid is fine near zero, where the spread error can move a small weight across many codes)
+    rtn_codes = fp8_ordinals(rtn)[factor.order] if g.is_float else None
+    w = w.astype(np.float64)
+    w[factor.dead] = 0.0
+    w = w[factor.order]
+
+    def round_row(i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if g.is_float:  # codes: the E4M3FN values themselves (exact in float64)
+            codes = np.clip(fp8_ordinals(to_fp8(x / scale)), rtn_codes[i] - 127, rtn_codes[i] + 127)
+            q = fp8_from_ordinals(codes).astype(np.float64)
+        else:
+            q = np.clip(np.rint(x / scale), -g.qmax, g.qmax)
+        return q, q * scale
+
+    q = _rounding(w, factor.u, round_row)[np.argsort(factor.order)]
+    return q.astype(np.float32).astype(g.numpy_type)
+
+
+def fp8_ordinals(values: np.ndarray) -> np.ndarray:
+    """E4M3FN values as int16 positions on the grid, monotonic in the value (sign and magnitude
+    bits: ±0 → 0, the smallest subnormal → ±1, 448 → ±126): what FP8 offsets count."""
+    bits = np.asarray(values).view(np.uint8).astype(np.int16)
+    return np.where(bits & 0x80, -(bits & 0x7F), bits & 0x7F).astype(np.int16)
+
+
+def fp8_from_ordinals(ordinals: np.ndarray) -> np.ndarray:
+    """The E4M3FN values at grid positions ``ordinals`` (inverse of :func:`fp8_ordinals`; 0 is +0)."""
+    o = np.asarray(ordinals, dtype=np.int16)
+    return np.where(o < 0, 0x80 | -o, o).astype(np.uint8).view(ml_dtypes.float8_e4m3fn)
+
+
+def grid_offsets(q: np.ndarray, rtn: np.ndarray, dtype: str) -> np.ndarray:
+    """``q``'s offsets from ``rtn`` in steps of the grid (FP8: codes, which
+    :func:`gptq_quantize_static` keeps within int8; saturated here as a guard)."""
+    if GRIDS[dtype].is_float:
+        return np.clip(fp8_ordinals(q) - fp8_ordinals(rtn), -127, 127)
+    return q.astype(np.int16) - rtn.astype(np.int16)
+
+
+def apply_offsets(q: np.ndarray, offsets: np.ndarray, dtype: str) -> np.ndarray | None:
+    """``q`` (round-to-nearest on ``dtype``'s grid) moved by ``offsets`` (the same shape), or
+    None when a result leaves the grid (a plan made for another model)."""
+    g = GRIDS[dtype]
+    if g.is_float:
+        moved = fp8_ordinals(q) + offsets
+        return fp8_from_ordinals(moved) if np.abs(moved).max(initial=0) <= 126 else None
+    values = q.astype(np.int16) + offsets
+    if values.min(initial=0) < (-g.qmax if g.symmetric else g.qmin) or values.max(initial=0) > g.qmax:
+        return None
+    return values.astype(g.numpy_type)
 
 
 def search_clip(weight: np.ndarray, h: np.ndarray, grid: str, block: int, columns: int = 2048) -> np.ndarray:
@@ -174,21 +251,27 @@ def entry_clip(entry: WeightQuant, shape: tuple[int, int]) -> np.ndarray | float
 
 
 def gptq_targets(model: ir.Model, plan: QuantPlan) -> dict[str, list[str]]:
-    """{input activation: weight-only MatMul/Gemm nodes reading it} of the plan's GPTQ candidates."""
+    """{input activation: MatMul/Gemm nodes reading it} of the plan's GPTQ candidates: weight-only
+    nodes, and W8A8 nodes whose weight (int8 / FP8, per channel or per tensor) no other node reads
+    (their DequantizeLinear would be shared, and one rounding cannot suit two Hessians)."""
     out: dict[str, list[str]] = {}
     for node in model.graph:
         decision = plan.nodes.get(node.name)
         entry = plan.weight(node.name, 1) if decision is not None and decision.quantized else None
         transposed_input = node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
-        if entry is not None and entry.block_size is not None and node.op_type in ("MatMul", "Gemm") and not transposed_input:
+        if entry is None or node.op_type not in ("MatMul", "Gemm") or transposed_input:
+            continue
+        static = entry.block_size is None and decision.inputs.get(1) == "weight" and entry.dtype == WEIGHT_DTYPE.get(decision.precision)
+        source = weight_source(node.inputs[1]) if static and len(node.inputs[1].uses()) == 1 else None
+        if entry.block_size is not None or (source is not None and len(source.initializer.shape or ()) == 2):
             out.setdefault(node.inputs[0].name, []).append(node.name)
     return out
 
 
 def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.ndarray, *, act_order: bool = True, clip_search: bool = True) -> dict[str, tuple[float, float]]:
     """Run GPTQ for ``nodes`` (readers of one activation with Hessian ``h``), storing the offsets
-    (and, without AWQ's, clip factors) in their weight entries. Returns {node: (RTN error, GPTQ
-    error)} relative output errors, both on the entry's (clipped) scales."""
+    (and, for weight-only blocks without AWQ's, clip factors) in their weight entries. Returns
+    {node: (RTN error, GPTQ error)} relative output errors, both on the entry's (clipped) scales."""
     by_name = {n.name: n for n in model.graph}
     errors = {}
     factor = HessianFactor(h, act_order=act_order)
@@ -197,16 +280,33 @@ def plan_gptq_nodes(model: ir.Model, plan: QuantPlan, nodes: list[str], h: np.nd
         w = sq.weight_matrix(by_name[name])
         if w.shape[0] != h.shape[0]:
             continue
-        g = GRIDS[entry.dtype]
-        if entry.clip is None and clip_search:  # plain GPTQ: the clip search on the Hessian
-            entry.clip = encode_clip(search_clip(w, h, entry.dtype, entry.block_size))  # [blocks, N] for any axis
-        clip = entry_clip(entry, w.shape)
-        rtn, scale, zero = quantize_blocked(w, 0, entry.block_size, g, clip)
-        q = gptq_quantize(w, factor, entry.dtype, entry.block_size, clip)
-        offsets = q.astype(np.int16) - rtn.astype(np.int16)
-        entry.offsets = encode_offsets(np.moveaxis(offsets, 0, entry.axis % 2))
-        errors[name] = tuple(layer_errors(w, [dequantize_blocked(v, scale, zero, 0, entry.block_size) for v in (rtn, q)], h))
+        if entry.block_size is None:
+            offsets, candidates = _static_gptq(w, factor, entry)
+        else:
+            offsets, candidates = _blocked_gptq(w, h, factor, entry, clip_search)
+        entry.offsets = encode_offsets(np.moveaxis(offsets, 0, ops.weight_input_axis(by_name[name])))  # as the node reads the weight
+        errors[name] = tuple(layer_errors(w, candidates, h))
     return errors
+
+
+def _blocked_gptq(w: np.ndarray, h: np.ndarray, factor: HessianFactor, entry: WeightQuant, clip_search: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(offsets ``[K, N]``, [RTN, GPTQ] dequantized) of a weight-only entry's blocks; the clip
+    search (plain GPTQ) stored in the entry."""
+    if entry.clip is None and clip_search:  # plain GPTQ: the clip search on the Hessian
+        entry.clip = encode_clip(search_clip(w, h, entry.dtype, entry.block_size))  # [blocks, N] for any axis
+    clip = entry_clip(entry, w.shape)
+    rtn, scale, zero = quantize_blocked(w, 0, entry.block_size, GRIDS[entry.dtype], clip)
+    q = gptq_quantize(w, factor, entry.dtype, entry.block_size, clip)
+    return q.astype(np.int16) - rtn.astype(np.int16), [dequantize_blocked(v, scale, zero, 0, entry.block_size) for v in (rtn, q)]
+
+
+def _static_gptq(w: np.ndarray, factor: HessianFactor, entry: WeightQuant) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(offsets ``[K, N]``, [RTN, GPTQ] dequantized) of a W8A8 entry: per output channel (the
+    entry has an axis) or per tensor, as the Q/DQ pass quantizes it."""
+    axis = 1 if entry.axis is not None else None
+    rtn, scale = quantize_weight(w, axis, entry.dtype)
+    offsets = grid_offsets(gptq_quantize_static(w, factor, entry.dtype, axis is not None), rtn, entry.dtype)
+    return offsets, [apply_offsets(rtn, o, entry.dtype).astype(np.float32) * scale for o in (np.zeros_like(offsets), offsets)]
 
 
 def promote_sensitive(model: ir.Model, plan: QuantPlan, readers: dict[str, tuple[list[str], np.ndarray]], share: float) -> list[str]:
@@ -243,7 +343,7 @@ def hessian_chunks(model: ir.Model, plan: QuantPlan, targets: dict[str, list[str
     used = 0
     for activation, nodes in targets.items():
         source = weight_source(by_name[nodes[0]].inputs[1])
-        k = source.initializer.shape[source.initializer_axis(plan.weight(nodes[0], 1).axis, 2)]
+        k = source.initializer.shape[source.initializer_axis(ops.weight_input_axis(by_name[nodes[0]]), 2)]
         size = 8 * int(k) ** 2
         if chunks[-1] and used + size > budget:
             chunks.append([])

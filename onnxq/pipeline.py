@@ -427,8 +427,11 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
 
 
 def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool, int8_share: float = 0.0) -> None:
-    """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, from the Hessians of
-    their inputs summed in calibration passes over the (AWQ-folded) model, a bounded set per pass."""
+    """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, and of the int8/FP8
+    weights of W8A8 ones (per channel or per tensor), from the Hessians of their inputs summed in
+    calibration passes over the folded (AWQ/SmoothQuant, rotation) model, a bounded set per pass.
+    The Hessians are of the float activations, also where the node's input is quantized: GPTQ
+    compensates the weight's rounding against the input the layer was trained on."""
     if data is None:
         raise OnnxqError("--weight-method gptq needs calibration data: pass --calib DATA (it sums each linear layer's input Hessian)")
     targets = gptq.gptq_targets(model, plan)

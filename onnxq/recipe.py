@@ -79,9 +79,9 @@ class Recipe:
     quantize_head: bool = False
     quantize_embedding: bool = False  # weight-only, ort target: the embedding Gather's table too; default as quantize_head
     head_bits: int = 8  # weight-only: bits of the LM head's and the embedding table's weights when quantized
-    weight_method: str = "rtn"  # weight-only: round-to-nearest, AWQ's scale and clip search, GPTQ, or both
+    weight_method: str = "rtn"  # round-to-nearest, GPTQ (any precision), or weight-only AWQ's scale and clip search, or both
     dynamic: bool = False  # ort target: MatMul/Gemm activations quantized at run time (DynamicQuantizeLinear)
-    gptq_act_order: bool = True  # weight-only GPTQ: quantize input channels in decreasing Hessian diagonal order
+    gptq_act_order: bool = True  # GPTQ: quantize input channels in decreasing Hessian diagonal order
     ort_weight_form: str = "matmulnbits"  # weight-only, ort target: MatMulNBits nodes or blocked DQ → MatMul
     ort_accuracy_level: int = 1  # weight-only, ort target: MatMulNBits' accuracy_level for 4-bit weights (measured: docs/weight-only.md)
     int8_share: float = 0.0  # weight-only GPTQ: share of the 4-bit weights' elements kept at 8 bits (largest output error first)
@@ -175,8 +175,10 @@ class Recipe:
         _default_head_and_embedding(self, values)
         if values["quantize_embedding"] and (values["precision"] not in WEIGHT_ONLY or values["target"] != "ort"):
             raise RecipeError(f"{_at(source)}--quantize-embedding is for weight-only precisions on the ort target (ONNX Runtime's GatherBlockQuantized): pass --precision w4a16 --target ort")
-        if values["weight_method"] != "rtn" and values["precision"] not in WEIGHT_ONLY:
-            raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16")
+        if values["weight_method"] not in ("rtn", "gptq") and values["precision"] not in WEIGHT_ONLY:
+            raise RecipeError(f"{_at(source)}--weight-method {values['weight_method']} is for weight-only precisions: pass --precision w4a16 or w8a16 (int8 and fp8 take rtn or gptq)")
+        if values["weight_method"] == "gptq" and values["dynamic"]:
+            raise RecipeError(f"{_at(source)}--weight-method gptq is for static weights: drop --dynamic (its weights are rounded to nearest)")
         if values["int8_share"] and (values["precision"] not in ("w4a16", "w4a8") or values["weight_method"] not in ("gptq", "awq+gptq")):
             raise RecipeError(f"{_at(source)}--int8-share ranks 4-bit weights by their Hessian output error: pass --precision w4a16 --weight-method gptq (or awq+gptq) with it")
         if values["dynamic"] and (values["target"] != "ort" or values["precision"] != "int8" or values["smoothquant"] is not None or values["bias_correction"]):

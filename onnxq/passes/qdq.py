@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from onnxq.calibrators.subgraphs import iter_graphs, subgraph_owners
 from onnxq.errors import PlanError
+from onnxq.gptq import apply_offsets
 from onnxq.grids import CLIP_RATIOS, GRIDS, WEIGHT_GRIDS, channel_scales, quantize_bias, quantize_blocked, quantize_weight
 from onnxq.passes.initializers import add_initializer
 from onnxq.plan import FP8_DTYPE, WEIGHT_DTYPE, WEIGHT_ONLY_PRECISIONS, ActivationQuant, NodeDecision, QuantPlan, WeightQuant, activation_precision
@@ -219,6 +220,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             q = np.ascontiguousarray(np.transpose(q, perm))
             axis = None if axis is None else list(perm).index(axis)
             name = value.name
+        q = _with_offsets(q, params, node, dtype)  # GPTQ's rounding, as the node reads the weight
         if any(k[0] == value.name and k[1] != precision for k in self._weight_dq):
             name = f"{name}_{precision}"
         name += self._scope_suffix(graph)
@@ -359,15 +361,16 @@ def _release_if_unused(source) -> None:
     init.const_value = None  # whatever still holds the Value object, the tensor is freed
 
 
-def _with_offsets(q: np.ndarray, entry: WeightQuant, node: str) -> np.ndarray:
-    """The blocked integers ``q`` with the plan's GPTQ offsets from round-to-nearest added."""
+def _with_offsets(q: np.ndarray, entry: WeightQuant, node: str, dtype: str | None = None) -> np.ndarray:
+    """The integers (FP8: values) ``q`` on grid ``dtype`` (default the entry's) with the plan's
+    GPTQ offsets from round-to-nearest added."""
     offsets = entry.offset_values()
     if offsets is None:
         return q
-    g = GRIDS[entry.dtype]
+    dtype = dtype or entry.dtype
     if offsets.size != q.size:
         raise PlanError(f"the plan's GPTQ offsets for {node!r} hold {offsets.size} values; its weight has {q.size}")
-    values = q.astype(np.int16) + offsets.reshape(q.shape)
-    if values.min() < (-g.qmax if g.symmetric else g.qmin) or values.max() > g.qmax:
-        raise PlanError(f"the plan's GPTQ offsets for {node!r} leave the {entry.dtype} range; was the plan made for another model?")
-    return values.astype(g.numpy_type)
+    values = apply_offsets(q, offsets.reshape(q.shape), dtype)
+    if values is None:
+        raise PlanError(f"the plan's GPTQ offsets for {node!r} leave the {dtype} range; was the plan made for another model?")
+    return values

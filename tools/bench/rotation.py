@@ -3,12 +3,12 @@ SmoothQuant, INT8 and FP8, next to ORT quantize_static in the same run, on the z
 
     python tools/bench/rotation.py [--models smollm2-6l smollm2-135m] [--precisions int8 fp8]
         [--rotate off on on+64] [--smoothquant none auto auto+16] [--methods minmax mse]
-        [--attention-probs int8 fp8 float unnormalized] [--calib-samples N] [--eval-samples N] [--tools onnxq ort]
+        [--attention-probs int8 fp8 float unnormalized] [--weight-method rtn gptq] [--calib-samples N] [--eval-samples N] [--tools onnxq ort]
         [--out bench.json]
 
 Rows per model: FP32; onnxq per (precision, range method, SmoothQuant setting — ``auto+16`` is
 ``--smoothquant auto --split-outliers 16`` —, rotation: ``on+64`` is ``--rotate
---rotate-online 64``, and ``--attention-probs``: attention's P·V at INT8, FP8, float, or INT8 on unnormalized exp(s - rowmax)), every
+--rotate-online 64``, ``--weight-method`` rtn or gptq, and ``--attention-probs``: attention's P·V at INT8, FP8, float, or INT8 on unnormalized exp(s - rowmax)), every
 MatMul/Gemm quantized (the
 ``tensorrt`` target's placement); ORT quantize_static (QDQ, MinMax, per-channel symmetric INT8
 weights, symmetric INT8 activations; its own process through tools/bench/_job.py).
@@ -43,7 +43,7 @@ def _smoothing(label: str):
     return (alpha if alpha == "auto" else float(alpha)), int(split or 0)
 
 
-def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None, attention_probs="int8"):
+def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None, attention_probs="int8", weight_method="rtn"):
     import onnxq
 
     alpha, split = _smoothing(label)
@@ -51,7 +51,7 @@ def quantize_onnxq(case, out, precision, method, label, rotate, calib_n=None, at
     t = time.perf_counter()
     onnxq.quantize(
         case["model"], out, case["calib"], target="tensorrt", precision=precision, method=method, smoothquant=alpha,
-        split_outliers=split, rotate=rotate == "on", rotate_online=int(online or 0), calib_samples=calib_n, attention_probs=attention_probs, report=False, evaluate=False, quiet=True,
+        split_outliers=split, rotate=rotate == "on", rotate_online=int(online or 0), calib_samples=calib_n, attention_probs=attention_probs, weight_method=weight_method, report=False, evaluate=False, quiet=True,
     )
     return {"seconds": round(time.perf_counter() - t, 1)}
 
@@ -102,8 +102,9 @@ def bench_model(name, args, work):
             for label in args.smoothquant:
                 for rotate in args.rotate:
                     for probs in args.attention_probs if precision == "int8" else ["int8"]:
-                        rows.append(onnxq_row(entry, case, work / name, args, precision, method, label, rotate, probs))
-                        print(json.dumps(rows[-1]), flush=True)
+                        for weights in args.weight_method:
+                            rows.append(onnxq_row(entry, case, work / name, args, precision, method, label, rotate, probs, weights))
+                            print(json.dumps(rows[-1]), flush=True)
     if "ort" in args.tools:
         out = work / name / "ort.onnx"
         row = {"model": name, "tool": "ort", "precision": "int8", "method": "minmax", "smoothquant": "none", "rotate": "off", **run_job("ort", case["model"], out, case["calib"], "tensorrt")}
@@ -114,11 +115,11 @@ def bench_model(name, args, work):
     return rows
 
 
-def onnxq_row(entry, case, work, args, precision, method, label, rotate, probs):
-    out = work / f"onnxq.{precision}.{method}.{label}.{rotate}.{probs}.onnx"
-    row = {"model": entry.name, "tool": "onnxq", "precision": precision, "method": method, "smoothquant": label, "rotate": rotate, "attention_probs": probs}
+def onnxq_row(entry, case, work, args, precision, method, label, rotate, probs, weights="rtn"):
+    out = work / f"onnxq.{precision}.{method}.{label}.{rotate}.{probs}.{weights}.onnx"
+    row = {"model": entry.name, "tool": "onnxq", "precision": precision, "method": method, "smoothquant": label, "rotate": rotate, "attention_probs": probs, "weights": weights}
     try:
-        row.update(quantize_onnxq(case, out, precision, method, label, rotate, args.calib_samples, probs))
+        row.update(quantize_onnxq(case, out, precision, method, label, rotate, args.calib_samples, probs, weights))
         row["metrics"] = entry.evaluate(out, n=args.eval_samples)
     except Exception as exc:  # a failing setting is a row, not the end of the benchmark
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -130,10 +131,10 @@ def print_table(rows):
         keys = KEY_METRICS.get(model, ())
         fp32 = next((r for r in rows if r["model"] == model and r["tool"] == "fp32"), None)
         print(f"\n{model}")
-        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}{'P·V':<13}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
+        print(f"  {'tool':<7}{'prec':<6}{'method':<8}{'SQ':<9}{'rotate':<8}{'P·V':<13}{'weights':<8}" + "".join(f"{k:>16}" for k in keys) + f"{'vs FP32':>10}")
         for r in (r for r in rows if r["model"] == model):
             m = r.get("metrics", {})
-            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}{r.get('attention_probs', '-'):<13}"
+            line = f"  {r['tool']:<7}{r.get('precision', '-'):<6}{r.get('method', '-'):<8}{r.get('smoothquant', '-'):<9}{r.get('rotate', '-'):<8}{r.get('attention_probs', '-'):<13}{r.get('weights', '-'):<8}"
             line += "".join(f"{m[k]:>16.4f}" if isinstance(m.get(k), (int, float)) else f"{'-':>16}" for k in keys)
             if "perplexity" in m and fp32 is not None and "perplexity" in fp32.get("metrics", {}):
                 line += f"{m['perplexity'] / fp32['metrics']['perplexity']:>9.3f}x"
@@ -153,6 +154,7 @@ def main():
     ap.add_argument("--smoothquant", nargs="+", default=["none", "auto"], help="none, an α, auto, with +N for --split-outliers N")
     ap.add_argument("--methods", nargs="+", default=["minmax"])
     ap.add_argument("--attention-probs", nargs="+", default=["int8"], choices=["int8", "fp8", "float", "unnormalized"], help="INT8 rows: P·V at int8, fp8, float or unnormalized (int8 on exp(s - rowmax))")
+    ap.add_argument("--weight-method", nargs="+", default=["rtn"], choices=["rtn", "gptq"], help="onnxq rows: weights rounded to nearest or by GPTQ (--weight-method)")
     ap.add_argument("--calib-samples", type=int)
     ap.add_argument("--eval-samples", type=int)
     ap.add_argument("--tools", nargs="+", default=["onnxq", "ort"])
