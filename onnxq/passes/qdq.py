@@ -220,7 +220,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             q = np.ascontiguousarray(np.transpose(q, perm))
             axis = None if axis is None else list(perm).index(axis)
             name = value.name
-        q = _with_offsets(q, params, node, dtype)  # GPTQ's rounding, as the node reads the weight
+        q = _with_offsets(q, self._weight_params(node, index, source)[0], node, dtype)  # GPTQ's rounding, as the node reads the weight
         if any(k[0] == value.name and k[1] != precision for k in self._weight_dq):
             name = f"{name}_{precision}"
         name += self._scope_suffix(graph)
