@@ -466,7 +466,7 @@ def _mixed_precision_parsers(sub) -> None:
     s.add_argument("--layers", metavar="NAME,...", help="measure only these layers (default: all)")
     _add_metric(s, "e2e mode: also compute this task metric per layer; solve repeats it")
     _add_eval_samples(s)
-    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize", "rotate", "rotate_online", "attention_probs"))
+    _add_recipe(s, ("target", *CALIBRATION, *SMOOTHING, "equalize", "rotate", "rotate_online", "attention_probs", "weight_method", "gptq_act_order"))
     _add_quiet(s, "no progress or table")
     s.set_defaults(func=_sweep)
 

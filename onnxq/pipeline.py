@@ -311,7 +311,7 @@ def build(
     emit.emit(model, plan, ["fold"])
     if recipe.weight_method in ("gptq", "awq+gptq") and not any(w.offsets for w in plan.weights.values()):
         t = time.perf_counter()
-        _decide_gptq(model, plan, data, recipe.gptq_act_order, recipe.int8_share)
+        decide_gptq(model, plan, data, recipe.gptq_act_order, recipe.int8_share)
         timings["gptq"] = time.perf_counter() - t
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
     _measured_placement(model, plan, recipe, data, timings)
@@ -426,7 +426,7 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
-def _decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool, int8_share: float = 0.0) -> None:
+def decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool, int8_share: float = 0.0) -> None:
     """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, and of the int8/FP8
     weights of W8A8 ones (per channel or per tensor), from the Hessians of their inputs summed in
     calibration passes over the folded (AWQ/SmoothQuant, rotation) model, a bounded set per pass.

@@ -80,3 +80,21 @@ def test_recipe_takes_gptq_for_static_precisions_only_where_it_means_something(d
     model, _, _ = decoder_case
     assert main(["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--precision", "int8", "--weight-method", "gptq", "-q"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_solver_candidates_get_gptq_from_the_sweeps_recipe(decoder_case, tmp_path):
+    """`onnxq sweep --weight-method gptq` records it; `onnxq solve` gives every candidate GPTQ's
+    rounding of its 8-bit weights (each node its own precision's), the plan replays to the model
+    the solver measured, and that model is closer to FP32 than the RTN solver's."""
+    model, calib, evald = decoder_case
+    for name, extra in (("rtn", []), ("g", ["--weight-method", "gptq"])):
+        assert main(["sweep", str(model), "--calib", str(calib), "--eval", str(evald), "--precisions", "int8", "-o", str(tmp_path / f"{name}.sweep.json"), "-q", *extra]) == 0
+        assert main(["solve", str(tmp_path / f"{name}.sweep.json"), str(model), "--calib", str(calib), "--eval", str(evald), "--max-high-precision-layers", "0", "-o", str(tmp_path / f"{name}.plan.json"), "--save-model", str(tmp_path / f"{name}.onnx"), "-q"]) == 0
+    plan = QuantPlan.load(tmp_path / "g.plan.json")
+    assert plan.recipe["weight-method"] == "gptq"
+    assert any(w.offsets is not None and np.any(w.offset_values()) for w in plan.weights.values())
+    assert all(w.offsets is None for w in QuantPlan.load(tmp_path / "rtn.plan.json").weights.values())
+    assert main(["quantize", str(model), "--no-eval", "-q", "-o", str(tmp_path / "replay.onnx"), "--plan", str(tmp_path / "g.plan.json")]) == 0
+    assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "g.onnx").read_bytes()
+    err = _logits_errors(model, evald, {name: tmp_path / f"{name}.onnx" for name in ("g", "rtn")})
+    assert err["g"] < err["rtn"], err

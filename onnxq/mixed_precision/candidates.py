@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnxq import emit, modelio
 from onnxq.passes.opset import require_opset
 from onnxq.passes.qdq import FP8_MIN_OPSET
-from onnxq.pipeline import fold_smoothquant
+from onnxq.pipeline import decide_gptq, fold_smoothquant
 from onnxq.plan import FLOAT, WEIGHT_DTYPE, ActivationQuant, NodeDecision, QuantPlan, WeightQuant, inputs_at
 from onnxq.progress import log
 
@@ -71,12 +71,13 @@ def _conv_output_owner(model: ir.Model, tensor: str) -> str | None:
     return None
 
 
-def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str], ranges: Ranges, reasons: Mapping[str, str] | None = None) -> QuantPlan:
+def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str], ranges: Ranges, reasons: Mapping[str, str] | None = None, offsets: Mapping[str, Mapping[str, str]] | None = None) -> QuantPlan:
     """The plan with each node of ``assignment`` at its precision and every other node in float.
 
     Float nodes keep their ``inputs``, so setting one back to a quantized precision in the JSON
     and replaying it (which calibrates again) is all a user needs to do; a node at FP8 keeps its
-    bias float (:func:`onnxq.plan.inputs_at`).
+    bias float (:func:`onnxq.plan.inputs_at`). ``offsets``: {precision: {weight key: GPTQ's
+    offsets}} (:func:`gptq_offsets`), given to each weight its reader's precision decided.
     """
     counts: dict[str, int] = {}
     for p in assignment.values():
@@ -98,10 +99,24 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
             elif kind == "weight":
                 entry = base.weight(name, index)
                 # the reader's precision picks the dtype
-                plan.set_weight(name, index, WeightQuant(WEIGHT_DTYPE[default], entry.axis if entry else None))
+                rounding = (offsets or {}).get(p, {}).get(QuantPlan.weight_key(name, index))
+                plan.set_weight(name, index, WeightQuant(WEIGHT_DTYPE[default], entry.axis if entry else None, offsets=rounding))
     for tensor in base.outputs:
         owner = _conv_output_owner(model, tensor)
         if owner and assignment.get(owner, FLOAT) != FLOAT:
             plan.outputs.append(tensor)
             plan.set_activation(tensor, default, ActivationQuant(**vars(ranges.params[default][tensor])))
     return plan
+
+
+def gptq_offsets(model: ir.Model, base: QuantPlan, data, ranges: Ranges, precisions: Iterable[str], act_order: bool) -> dict[str, dict[str, str]]:
+    """GPTQ's rounding of every W8A8 weight, once per precision (every node at it), on the folded
+    float ``model``: {precision: {weight key: offsets}} for :func:`assemble_plan`. A candidate's
+    node reads the offsets of its own precision; the Hessians are of the float inputs, the same for
+    every candidate, so one rounding per precision serves them all."""
+    out = {}
+    for p in precisions:
+        plan = assemble_plan(model, base, {name: p for name, d in base.nodes.items() if d.quantized}, ranges)
+        decide_gptq(model, plan, data, act_order)
+        out[p] = {key: w.offsets for key, w in plan.weights.items() if w.offsets}
+    return out

@@ -25,7 +25,9 @@ per layer and precision. The solver
 
 A sweep made with SmoothQuant (``--smoothquant``, ``--split-outliers``) is solved on the model
 smoothed the same way (the sweep records the settings and its range method); the MACs of
-split-off channels are float in every candidate.
+split-off channels are float in every candidate. A sweep whose recipe has ``--weight-method gptq``
+(measured with round-to-nearest weights) gets GPTQ's rounding in every candidate: decided once per
+8-bit precision on the folded model, each node reading its own precision's.
 
 Costs: :mod:`.costs` (measured with ``--latency-json``, else a nominal roofline). The search itself
 (steps 1 to 3) is :mod:`.search`, pure functions with no model.
@@ -57,7 +59,7 @@ from onnxq.recipe import Recipe
 from onnxq.runtime import ort as ort_rt
 from onnxq.task_metric import TaskMetric, load_metric
 
-from .candidates import apply_smoothing, assemble_plan, prepare_opset, qdq_proto
+from .candidates import apply_smoothing, assemble_plan, gptq_offsets, prepare_opset, qdq_proto
 from .costs import layer_costs
 from .e2e import Evaluator
 from .groups import Layer, layer_groups
@@ -196,6 +198,7 @@ class _Problem:
     calib: DataSource
     eval: DataSource
     timings: dict
+    gptq: dict[str, dict[str, str]] = field(default_factory=dict)  # {precision: {weight key: GPTQ offsets}}
 
 
 def _load_problem(swept: SweepResult, recipe: Recipe, model, calib, eval, eval_samples: int | None) -> _Problem:
@@ -258,7 +261,7 @@ class _Candidates:
         return {node: (FLOAT if la.name in promoted else self.promotion.best8[la.name]) for la in self.problem.layers for node in la.nodes}
 
     def plan(self, k: int, reasons: dict[str, str] | None = None) -> QuantPlan:
-        return assemble_plan(self.problem.model, self.problem.base, self.assignment(k), self.ranges, reasons)
+        return assemble_plan(self.problem.model, self.problem.base, self.assignment(k), self.ranges, reasons, self.problem.gptq)
 
     def evaluate(self, k: int) -> dict:
         if k not in self.by_count:
@@ -420,6 +423,10 @@ def solve(
         precisions = _solver_precisions(swept, precisions)
         costs = layer_costs(problem.layers, precisions, latency_json)
         ranges = calibrate_ranges(problem.model, problem.base, problem.calib, precisions, method=recipe.calib_method, percentile=recipe.percentile)
+        if recipe.weight_method == "gptq":
+            t = time.perf_counter()
+            problem.gptq = gptq_offsets(problem.model, problem.base, problem.calib, ranges, precisions, recipe.gptq_act_order)
+            problem.timings["gptq"] = time.perf_counter() - t
         float_proto = modelio.to_proto(problem.model)
         evaluator = Evaluator(float_proto, model, problem.eval, metric=task_metric, outputs=target.metric is None)
         families = _families(problem, ranges, evaluator, costs, target, swept, precisions, order_by, min_8bit_macs)
