@@ -47,8 +47,8 @@ def test_venv_without_the_package_says_what_cannot_be_imported(attention_case, t
 
 def test_unknown_modelopt_precision_is_refused(attention_case, tmp_path):
     model, calib, _ = attention_case
-    with pytest.raises(runners.CompetitorError, match="int8 or fp8"):
-        runners.run_modelopt(model, calib, tmp_path / "out.onnx", precision="int4")
+    with pytest.raises(runners.CompetitorError, match="int8, fp8 or int4"):
+        runners.run_modelopt(model, calib, tmp_path / "out.onnx", precision="nvfp4")
 
 
 def _bench_venv_has(module):

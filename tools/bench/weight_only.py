@@ -3,6 +3,7 @@ MatMulNBitsQuantizer on the same model and data, in one process.
 
     python tools/bench/weight_only.py [--models smollm2-6l smollm2-135m] [--blocks 128 64]
         [--methods rtn awq gptq awq+gptq gptq-noact] [--calib-samples N] [--eval-samples N] [--latency-runs N] [--rows REGEX] [--out bench.json]
+        [--competitors modelopt-awq_clip modelopt-rtn_dq]
     python tools/bench/weight_only.py --prefill [--models smollm2-135m] [--rounds 7] [--no-metrics] [--rows REGEX]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
@@ -13,7 +14,10 @@ and the embedding too (``--quantize-embedding``, "+emb": no float copy of the ti
 onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
 ORT's ``MatMulNBitsQuantizer`` (RTN symmetric and asymmetric, HQQ, GPTQ with act-order on the
 same calibration windows; it skips the tied head, whose weight is a Transpose of the embedding,
-not an initializer). A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``; ``gptq-s0.25`` is GPTQ with ``--int8-share 0.25``. Columns: the zoo metric (6 layers:
+not an initializer); with ``--competitors``, NVIDIA ModelOpt's ONNX INT4 weight-only
+(``modelopt.onnx.quantization.quantize(quantize_mode="int4", calibration_method=...)``: symmetric
+blocked INT4 DequantizeLinear, the tied head float as ORT's) run in the competitor venv
+(tools/bench/competitors/setup_env.py) on the same calib.npz. A method ending in ``-noact`` is GPTQ with ``gptq_act_order=False``; ``gptq-s0.25`` is GPTQ with ``--int8-share 0.25``. Columns: the zoo metric (6 layers:
 next-token top-1 agreement and KL vs FP32; full model: perplexity), file bytes and their ratio
 to FP32, and ORT CPU latency (one thread, median of ``--latency-runs``) for a 1-token forward
 and a full window, with the ratio to FP32 and to ORT's own MatMulNBits model.
@@ -45,6 +49,9 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "competitors"))
+import runners  # noqa: E402
 
 
 def file_bytes(path: Path) -> int:
@@ -107,6 +114,11 @@ def quantize_ort(case, out, *, block, symmetric, algo="default"):
     return time.perf_counter() - t
 
 
+def quantize_modelopt(case, out, *, block, method, calib_n=None):
+    """ModelOpt INT4 weight-only in the competitor venv; the seconds are its worker process's."""
+    return runners.run_modelopt(case["model"], case["calib"], out, "int4", calibration_method=method, block_size=block, calib_samples=calib_n)["seconds"]
+
+
 def latency_ms(path: Path, ids: np.ndarray, runs: int) -> dict[str, float]:
     """Median forward time (ms) for one token and for the whole window, one ORT thread."""
     import onnxruntime as ort
@@ -126,7 +138,7 @@ def latency_ms(path: Path, ids: np.ndarray, runs: int) -> dict[str, float]:
     return out
 
 
-def variants(model: str, blocks, methods):
+def variants(model: str, blocks, methods, competitors=()):
     """(label, kind, options) of every row after FP32."""
     rows = []
     for block in blocks:
@@ -141,19 +153,21 @@ def variants(model: str, blocks, methods):
         rows.append((f"ORT MatMulNBits RTN asym b{block}", "ort", {"block": block, "symmetric": False}))
         rows.append((f"ORT MatMulNBits HQQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "hqq"}))
         rows.append((f"ORT MatMulNBits GPTQ b{block}", "ort", {"block": block, "symmetric": False, "algo": "gptq"}))
+        for tool in competitors:  # modelopt-awq_clip -> ModelOpt int4 calibration_method awq_clip
+            rows.append((f"ModelOpt int4 {tool.removeprefix('modelopt-')} b{block}", "modelopt", {"block": block, "method": tool.removeprefix("modelopt-")}))
     rows.append(("onnxq w8a16 rtn ort b128 +head", "onnxq", {"precision": "w8a16", "target": "ort", "block": 128, "method": "rtn", "head": True}))
     rows.append(("onnxq fp8 (W8A8 FP8) tensorrt", "onnxq", {"precision": "fp8", "target": "tensorrt", "block": 128, "method": "rtn"}))
     return rows
 
 
-def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: str | None = None) -> list[dict]:
+def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: str | None = None, competitors=()) -> list[dict]:
     from onnxq import zoo
 
     entry = zoo.get(name)
     case = zoo.export_case(name, work / name, n_calib=calib_n, n_eval=eval_n)
     ids = entry.eval_data(1)["input_ids"]
     rows = [{"model": name, "row": "FP32", "path": case["model"], "seconds": 0.0}]
-    for i, (label, kind, opts) in enumerate(variants(name, blocks, methods)):
+    for i, (label, kind, opts) in enumerate(variants(name, blocks, methods, competitors)):
         if only and not re.search(only, label):
             continue
         out = work / name / f"v{i}.onnx"
@@ -161,6 +175,8 @@ def bench_model(name, blocks, methods, calib_n, eval_n, runs, work: Path, only: 
             if kind == "onnxq":
                 seconds = quantize_onnxq(case, out, precision=opts["precision"], target=opts["target"], block=opts["block"], method=opts["method"], head=opts.get("head", False),
                                          embedding=opts.get("embedding", False), head_bits=opts.get("head_bits", 8), calib_n=calib_n)
+            elif kind == "modelopt":
+                seconds = quantize_modelopt(case, out, block=opts["block"], method=opts["method"], calib_n=calib_n)
             else:
                 seconds = quantize_ort(case, out, block=opts["block"], symmetric=opts["symmetric"], algo=opts.get("algo", "default"))
             rows.append({"model": name, "row": label, "path": out, "seconds": seconds})
@@ -311,6 +327,8 @@ def main() -> int:
     ap.add_argument("--prefill", action="store_true", help="the ort target's MatMulNBits accuracy levels and DQ form against ORT's model, 1 token and a full window")
     ap.add_argument("--rounds", type=int, default=7, help="--prefill: interleaved latency rounds")
     ap.add_argument("--no-metrics", action="store_true", help="--prefill: latency and bytes only")
+    ap.add_argument("--competitors", nargs="+", default=[], choices=["modelopt-awq_clip", "modelopt-awq_lite", "modelopt-rtn_dq"],
+                    help="ModelOpt INT4 rows (needs the competitor venv: tools/bench/competitors/setup_env.py --only modelopt)")
     args = ap.parse_args()
     if args.prefill:
         with tempfile.TemporaryDirectory(prefix="onnxq-prefill-") as tmp:
@@ -323,7 +341,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxq-wonly-") as tmp:
         for name in args.models:
-            rows += bench_model(name, args.blocks, args.methods, args.calib_samples, args.eval_samples, args.latency_runs, Path(tmp), args.rows)
+            rows += bench_model(name, args.blocks, args.methods, args.calib_samples, args.eval_samples, args.latency_runs, Path(tmp), args.rows, args.competitors)
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps([{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows], indent=1))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +49,26 @@ def _reader(model, calib, n):
 
 
 def run_modelopt(model, out, calib, opts):
+    # ModelOpt rewrites its input file in place (node names): give it a copy, so the FP32 model the
+    # benchmark scores against stays the file every other tool read
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as private:
+        _modelopt_quantize(_copy_model(model, private), out, calib, opts)
+
+
+def _copy_model(model, folder) -> str:
+    """Copy the .onnx file and its external data files (not the rest of its folder) into folder."""
+    import onnx
+
+    src = Path(model)
+    graph = onnx.load(src, load_external_data=False).graph
+    files = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    for name in (src.name, *files):
+        (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / name, Path(folder) / name)
+    return str(Path(folder) / src.name)
+
+
+def _modelopt_quantize(model, out, calib, opts):
     from modelopt.onnx.quantization import quantize
 
     kwargs = dict(
@@ -59,6 +81,8 @@ def run_modelopt(model, out, calib, opts):
     )
     if opts.get("calibration_method"):
         kwargs["calibration_method"] = opts["calibration_method"]
+    if opts["precision"] == "int4":  # weight-only: MatMul weights blocked INT4 (DQ), activations float
+        kwargs["block_size"] = opts.get("block_size") or 128
     quantize(model, **kwargs)
 
 

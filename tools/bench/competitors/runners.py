@@ -74,19 +74,23 @@ def run_modelopt(
     calib_samples: int | None = None,
     calibration_method: str | None = None,
     high_precision: str = "fp32",
+    block_size: int = 128,
     venv=None,
 ) -> dict:
     """NVIDIA ModelOpt's ONNX PTQ (``modelopt.onnx.quantization.quantize``) calibrated on the CPU EP.
 
     precision: "int8" or "fp8" (ModelOpt's FP8 takes the INT8 calibration ranges and rescales
-    them by 448/127). calibration_method: None for ModelOpt's default (entropy for int8 and fp8),
-    or "max". high_precision: "fp32" keeps the unquantized ops in FP32, so the comparison is of
-    quantization alone; "fp16" is ModelOpt's own default (ops outside Q/DQ converted to FP16).
+    them by 448/127), or "int4": weight-only INT4 (W4A16), MatMul weights as symmetric blocked
+    INT4 DequantizeLinear (opset 21) of ``block_size``, activations float. calibration_method:
+    None for ModelOpt's default (entropy for int8 and fp8, awq_clip for int4), "max" (int8/fp8),
+    or for int4 "awq_clip", "awq_lite", "awq_full", "rtn_dq". high_precision: "fp32" keeps the
+    unquantized ops in FP32, so the comparison is of quantization alone; "fp16" is ModelOpt's own
+    default (ops outside Q/DQ converted to FP16; int4 keeps the model's float type either way).
     """
-    if precision not in ("int8", "fp8"):
-        raise CompetitorError(f"ModelOpt precision must be int8 or fp8, got {precision!r}")
+    if precision not in ("int8", "fp8", "int4"):
+        raise CompetitorError(f"ModelOpt precision must be int8, fp8 or int4, got {precision!r}")
     python = _python(venv, "modelopt.onnx.quantization", "modelopt")
-    options = {"precision": precision, "calib_samples": calib_samples, "calibration_method": calibration_method, "high_precision": high_precision}
+    options = {"precision": precision, "calib_samples": calib_samples, "calibration_method": calibration_method, "high_precision": high_precision, "block_size": block_size}
     return _worker("modelopt", python, model_path, calib_npz, output_path, options)
 
 
