@@ -7,8 +7,9 @@ MatMulNBitsQuantizer on the same model and data, in one process.
     python tools/bench/weight_only.py --prefill [--models smollm2-135m] [--rounds 7] [--no-metrics] [--rows REGEX]
 
 Rows per model and block size: FP32; onnxq ``--precision w4a16`` per method, ort target
-(asymmetric UINT4 blocked DequantizeLinear, which ORT fuses into MatMulNBits) and tensorrt target
-(symmetric INT4), with the LM head float (the default) and quantized (``--quantize-head``, "+head", INT8 by default),
+(asymmetric UINT4 MatMulNBits at accuracy level 1, its defaults) and tensorrt target
+(symmetric INT4 blocked DequantizeLinear), with the LM head float (passed explicitly: the ort
+target's default quantizes it) and quantized (``--quantize-head``, "+head", INT8 by default),
 and the embedding too (``--quantize-embedding``, "+emb": no float copy of the tied table left;
 "+head4 +emb4": both INT4, ``--head-bits 4``);
 onnxq w4a8 (INT4 weights, FP8 activations; tensorrt target) next to onnxq fp8 (W8A8); onnxq w8a16;
