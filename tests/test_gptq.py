@@ -22,6 +22,14 @@ def _correlated_layer(seed: int = 0, k: int = 256, n: int = 64, rows: int = 2048
     return x, rng.normal(0, 0.05, (k, n)).astype(np.float32)
 
 
+def _fit_and_held_out():
+    """A correlated layer's weight, the Hessian of its first 1024 rows (what GPTQ fits on) and
+    the Hessian of the other rows (what the test scores on)."""
+    x, w = _correlated_layer()
+    train, held_out = x[:1024].astype(np.float64), x[1024:].astype(np.float64)
+    return w, train.T @ train, held_out.T @ held_out
+
+
 def test_hessian_accumulator_sums_rows_over_batches():
     x, _ = _correlated_layer(rows=96, k=16)
     acc = HessianAccumulator(-1)
@@ -35,15 +43,12 @@ def test_hessian_accumulator_sums_rows_over_batches():
 @pytest.mark.parametrize("grid", ["int4", "uint4"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_held_out_rows(grid, act_order):
-    x, w = _correlated_layer()
-    train, held_out = x[:1024], x[1024:]
-    h = train.astype(np.float64).T @ train
+    w, h, h_held = _fit_and_held_out()
     rtn, scale, zero = quantize_blocked(w, 0, 64, GRIDS[grid])
     q = gptq_quantize(w, h, grid, 64, act_order=act_order)
     assert q.dtype == rtn.dtype and q.shape == w.shape
     lowest = -GRIDS[grid].qmax if GRIDS[grid].symmetric else GRIDS[grid].qmin
     assert q.astype(int).min() >= lowest and q.astype(int).max() <= GRIDS[grid].qmax
-    h_held = held_out.astype(np.float64).T @ held_out
     errors = [layer_error(w, dequantize_blocked(v, scale, zero, 0, 64), h_held) for v in (rtn, q)]
     assert errors[1] < 0.7 * errors[0], errors
     assert np.array_equal(q, gptq_quantize(w, h, grid, 64, act_order=act_order))  # deterministic

@@ -11,21 +11,18 @@ from onnxq.gptq import apply_offsets, fp8_from_ordinals, fp8_ordinals, gptq_quan
 from onnxq.grids import FP8_MAX, GRIDS, fake_quant_weight, quantize_weight, to_fp8
 from onnxq.plan import QuantPlan
 from onnxq.recipe import Recipe, RecipeError
-from tests.test_gptq import _correlated_layer, _logits_errors
+from tests.test_gptq import _correlated_layer, _fit_and_held_out, _logits_errors
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8e4m3fn"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_static_gptq_beats_rtn_on_held_out_rows(dtype, per_channel):
-    x, w = _correlated_layer()
-    train, held_out = x[:1024], x[1024:]
-    h = train.astype(np.float64).T @ train
+    w, h, h_held = _fit_and_held_out()
     axis = 1 if per_channel else None
     rtn, scale = quantize_weight(w, axis, dtype)
     q = gptq_quantize_static(w, h, dtype, per_channel)
     assert q.dtype == rtn.dtype and q.shape == w.shape
     assert np.abs(q.astype(np.float32)).max() <= GRIDS[dtype].qmax
-    h_held = held_out.astype(np.float64).T @ held_out
     moved = apply_offsets(rtn, grid_offsets(q, rtn, dtype), dtype)
     assert np.array_equal(moved.astype(np.float32), q.astype(np.float32))  # the offsets rebuild GPTQ's values
     errors = [layer_error(w, v.astype(np.float32) * scale, h_held) for v in (rtn, q)]
