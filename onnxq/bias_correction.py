@@ -68,7 +68,8 @@ def _add_twins(model: ir.Model, plan: QuantPlan, nodes: list[ir.Node]) -> tuple[
         for index, kind in decision.inputs.items():
             if kind == "weight":
                 entry = plan.weight(node.name, index, node.inputs[index].name)
-                twin_plan.set_weight(twin.name, index, WeightQuant(WEIGHT_DTYPE[decision.precision], entry.axis if entry else None))
+                # GPTQ's offsets too: the correction is of the error the emitted weight makes
+                twin_plan.set_weight(twin.name, index, WeightQuant(WEIGHT_DTYPE[decision.precision], entry.axis if entry else None, offsets=entry.offsets if entry else None))
         twin_plan.nodes[twin.name] = NodeDecision(node.op_type, decision.precision, inputs, f"bias-correction twin of {node.name}")
         diff = ir.node("Sub", [twin.outputs[0], ref], name=f"{node.name}/bias_error")
         diff.outputs[0].name, diff.outputs[0].dtype = f"{node.name}/bias_error", ref.dtype

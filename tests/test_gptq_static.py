@@ -95,3 +95,33 @@ def test_solver_candidates_get_gptq_from_the_sweeps_recipe(decoder_case, tmp_pat
     assert (tmp_path / "replay.onnx").read_bytes() == (tmp_path / "g.onnx").read_bytes()
     err = _logits_errors(model, evald, {name: tmp_path / f"{name}.onnx" for name in ("g", "rtn")})
     assert err["g"] < err["rtn"], err
+
+
+def test_bias_correction_measures_the_gptq_rounded_weight(tmp_path):
+    """--bias-correction with --weight-method gptq corrects the error of the weights as emitted
+    (GPTQ's rounding): with the head the only quantized node, its mean output error on the
+    calibration data falls (measured: 0.0032 -> 0.0023); measured on the RTN weight instead, the
+    correction made it 0.022, seven times worse than none."""
+    import onnxruntime as ort
+
+    from tests.synthetic import random_npz, save
+    from tests.test_ort_qgemm import classifier
+
+    path = save(classifier(), tmp_path / "cls.onnx")
+    calib = random_npz(tmp_path / "calib.npz", "x", (1, 16, 8, 8), 16)
+    x = np.load(calib)["x"]
+
+    def mean_error(extra):
+        out = tmp_path / f"q{len(extra)}.onnx"
+        common = ["--target", "ort", "--exclude", "c1", "--weight-method", "gptq", "--calib-method", "minmax", "--no-eval", "-q"]
+        assert main(["quantize", str(path), "-o", str(out), "--calib", str(calib), *common, "--save-plan", str(tmp_path / f"p{len(extra)}.json"), *extra]) == 0
+        runs = []
+        for p in (out, path):
+            session = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+            runs.append(np.concatenate([session.run(["y"], {"x": x[i : i + 1]})[0] for i in range(len(x))]))
+        return float(np.abs((runs[0] - runs[1]).mean(axis=0)).max())
+
+    plain, corrected = mean_error([]), mean_error(["--bias-correction"])
+    plan = QuantPlan.load(tmp_path / "p1.json")
+    assert plan.weight("head", 1).offsets is not None and "head" in plan.bias_correction
+    assert corrected < plain, (plain, corrected)
