@@ -293,3 +293,12 @@ def loop_matmul(seed: int = 0, hidden: int = 32, steps: int = 3, rows: int = 4) 
         [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [rows, hidden])], [helper.make_tensor_value_info("h", TensorProto.FLOAT, [rows, hidden])], inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: the disposition a terminal's
+    Ctrl-C meets. A child inherits an ignored SIGINT from a shell that started the test run in the
+    background (``cmd &`` without job control), and Python then installs no handler for it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -302,7 +302,7 @@ def test_sigint(work, point):
     before = snapshot(work)
     COUNTS["signal"]["tried"] += 1
     proc = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", "m.onnx", *data, "-o", "out.onnx", "--save-plan", "out.plan.json", "-q"],
-                            cwd=work, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            cwd=work, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, preexec_fn=synthetic.default_sigint)
     deadline = time.monotonic() + 60
     while not _started(proc, work, point):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()

@@ -185,7 +185,7 @@ def test_a_run_writing_the_outputs_of_a_running_one_is_refused(files):
         "    for _ in range(4):\n"
         "        yield {'x': np.ones((1, 16, 8, 8), np.float32)}\n"
     )
-    first = subprocess.Popen([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--eval", "held:data"], cwd=files, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--eval", "held:data"], cwd=files, stderr=subprocess.PIPE, text=True, preexec_fn=synthetic.default_sigint)
     deadline = time.monotonic() + 120
     while not (files / "evaluating").exists():
         assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
@@ -222,7 +222,7 @@ def test_a_signal_during_evaluation_stops_the_run_and_leaves_nothing(files, sig)
     before = set(snapshot(files))
     proc = subprocess.Popen(
         [sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx", "--save-plan", "q.plan.json", "--eval", "slow:data"],
-        cwd=files, stderr=subprocess.PIPE, text=True,
+        cwd=files, stderr=subprocess.PIPE, text=True, preexec_fn=synthetic.default_sigint,
     )
     deadline = time.monotonic() + 120
     while not (files / "evaluating").exists():
@@ -256,7 +256,7 @@ def test_a_signal_right_after_start_up_is_an_interruption(files, sig, delay):
     """Signals from the moment main() runs (the imports of onnx, onnx_ir, ORT and polygraphy
     happen inside it): exit 130, no traceback, nothing written."""
     before = set(snapshot(files))
-    proc = subprocess.Popen([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx"], cwd=files, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxq", *Q, "-o", "q.onnx"], cwd=files, stderr=subprocess.PIPE, text=True, preexec_fn=synthetic.default_sigint)
     deadline = time.monotonic() + 60
     while not _catches_sigterm(proc.pid):
         assert proc.poll() is None and time.monotonic() < deadline
