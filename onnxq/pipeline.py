@@ -13,7 +13,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,7 +311,7 @@ def build(
     emit.emit(model, plan, ["fold"])
     if recipe.weight_method in ("gptq", "awq+gptq") and not any(w.offsets for w in plan.weights.values()):
         t = time.perf_counter()
-        decide_gptq(model, plan, data, recipe.gptq_act_order, recipe.int8_share)
+        decide_gptq(model, [plan], data, recipe.gptq_act_order, recipe.int8_share)
         timings["gptq"] = time.perf_counter() - t
     table = _fill_ranges(model, plan, recipe, data, table, decided_sq=decide_sq, fp16_extra=fp16_extra)
     _measured_placement(model, plan, recipe, data, timings)
@@ -426,25 +426,30 @@ def _decide_awq(model: ir.Model, plan: QuantPlan, data) -> None:
     log(f"onnxq: AWQ: {len(plan.smoothquant.active())} of {len(groups)} groups scaled; clip factors searched for {sum(w.clip is not None for w in plan.weights.values())} weights")
 
 
-def decide_gptq(model: ir.Model, plan: QuantPlan, data, act_order: bool, int8_share: float = 0.0) -> None:
+def decide_gptq(model: ir.Model, plans: Sequence[QuantPlan], data, act_order: bool, int8_share: float = 0.0) -> None:
     """GPTQ's rounding (:mod:`onnxq.gptq`) of every weight-only MatMul/Gemm, and of the int8/FP8
     weights of W8A8 ones (per channel or per tensor), from the Hessians of their inputs summed in
     calibration passes over the folded (AWQ/SmoothQuant, rotation) model, a bounded set per pass.
     The Hessians are of the float activations, also where the node's input is quantized: GPTQ
-    compensates the weight's rounding against the input the layer was trained on."""
+    compensates the weight's rounding against the input the layer was trained on. So one set of
+    Hessians serves every plan of ``plans`` (the solver's one plan per precision), each rounded
+    on its own grids."""
     if data is None:
         raise OnnxqError("--weight-method gptq needs calibration data: pass --calib DATA (it sums each linear layer's input Hessian)")
-    targets = gptq.gptq_targets(model, plan)
+    targets = [gptq.gptq_targets(model, plan) for plan in plans]
+    union = {activation: nodes for t in targets for activation, nodes in t.items()}
     errors: dict[str, tuple[float, float]] = {}
-    for chunk in gptq.hessian_chunks(model, plan, targets):
+    for chunk in gptq.hessian_chunks(model, plans[0], union):
         hessians = {name: gptq.HessianAccumulator(-1) for name in chunk}
         collect(model, chunk, data, progress=True, reservoirs=hessians)
-        if int8_share:  # per pass: one pass holds every Hessian of a model up to ~1.5B parameters
-            promoted = gptq.promote_sensitive(model, plan, {a: (targets[a], hessians[a].h) for a in chunk if hessians[a].h is not None}, int8_share)
-            log(f"onnxq: GPTQ: {len(promoted)} weights with the largest 4-bit output error kept at 8 bits (--int8-share {int8_share:g})")
-        for name in chunk:
-            if hessians[name].h is not None:
-                errors.update(gptq.plan_gptq_nodes(model, plan, targets[name], hessians.pop(name).h, act_order=act_order))
+        for plan, plan_targets in zip(plans, targets):
+            if int8_share:  # per pass: one pass holds every Hessian of a model up to ~1.5B parameters
+                promoted = gptq.promote_sensitive(model, plan, {a: (plan_targets[a], hessians[a].h) for a in chunk if a in plan_targets and hessians[a].h is not None}, int8_share)
+                log(f"onnxq: GPTQ: {len(promoted)} weights with the largest 4-bit output error kept at 8 bits (--int8-share {int8_share:g})")
+            for name in chunk:
+                if name in plan_targets and hessians[name].h is not None:
+                    errors.update(gptq.plan_gptq_nodes(model, plan, plan_targets[name], hessians[name].h, act_order=act_order))
+        hessians.clear()
     rtn, ours = (float(np.mean([e[i] for e in errors.values()])) if errors else 0.0 for i in (0, 1))
     log(f"onnxq: GPTQ: {len(errors)} weights; mean relative layer output error {ours:.4g} (round-to-nearest: {rtn:.4g})")
     for name, (before, after) in sorted(errors.items(), key=lambda kv: -kv[1][1])[:5]:

@@ -125,3 +125,22 @@ def test_bias_correction_measures_the_gptq_rounded_weight(tmp_path):
     plan = QuantPlan.load(tmp_path / "p1.json")
     assert plan.weight("head", 1).offsets is not None and "head" in plan.bias_correction
     assert corrected < plain, (plain, corrected)
+
+
+def test_one_hessian_pass_rounds_every_precision_as_its_own_pass_would(decoder_case):
+    """The solver's GPTQ collects the Hessians once for int8 and fp8 together: each precision's
+    offsets are the ones a pass for that precision alone decides."""
+    from onnxq.mixed_precision.candidates import gptq_offsets
+    from onnxq.mixed_precision.ranges import calibrate_ranges
+    from onnxq.passes.preprocess import load_and_preprocess
+    from onnxq.placement import place
+
+    model_path, calib, _ = decoder_case
+    model = load_and_preprocess(model_path)
+    base = place(model, "tensorrt")
+    data = [{"x": x[None]} for x in np.load(calib)["x"]]
+    ranges = calibrate_ranges(model, base, data, ["int8", "fp8"])
+    together = gptq_offsets(model, base, data, ranges, ["int8", "fp8"], True)
+    alone = {p: gptq_offsets(model, base, data, ranges, [p], True)[p] for p in ("int8", "fp8")}
+    assert together == alone and together["int8"] and together["fp8"]
+    assert together["int8"] != together["fp8"]

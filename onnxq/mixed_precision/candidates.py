@@ -110,13 +110,10 @@ def assemble_plan(model: ir.Model, base: QuantPlan, assignment: Mapping[str, str
 
 
 def gptq_offsets(model: ir.Model, base: QuantPlan, data, ranges: Ranges, precisions: Iterable[str], act_order: bool) -> dict[str, dict[str, str]]:
-    """GPTQ's rounding of every W8A8 weight, once per precision (every node at it), on the folded
-    float ``model``: {precision: {weight key: offsets}} for :func:`assemble_plan`. A candidate's
-    node reads the offsets of its own precision; the Hessians are of the float inputs, the same for
-    every candidate, so one rounding per precision serves them all."""
-    out = {}
-    for p in precisions:
-        plan = assemble_plan(model, base, {name: p for name, d in base.nodes.items() if d.quantized}, ranges)
-        decide_gptq(model, plan, data, act_order)
-        out[p] = {key: w.offsets for key, w in plan.weights.items() if w.offsets}
-    return out
+    """GPTQ's rounding of every W8A8 weight per precision (every node at it), on the folded float
+    ``model``: {precision: {weight key: offsets}} for :func:`assemble_plan`. A candidate's node
+    reads the offsets of its own precision; the Hessians are of the float inputs, the same for
+    every candidate, so they are collected once and one rounding per precision serves them all."""
+    plans = {p: assemble_plan(model, base, {name: p for name, d in base.nodes.items() if d.quantized}, ranges) for p in precisions}
+    decide_gptq(model, list(plans.values()), data, act_order)
+    return {p: {key: w.offsets for key, w in plan.weights.items() if w.offsets} for p, plan in plans.items()}
